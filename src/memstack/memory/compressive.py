@@ -1,0 +1,168 @@
+"""Layer 2, short-term memory: Infini-attention's compressive memory.
+
+Munkhdalai, Faruqui, Gopal (2024), "Leave No Context Behind: Efficient Infinite Context
+Transformers with Infini-attention", https://arxiv.org/abs/2404.07143, section 2.1.2.
+Equation numbers below are the paper's (3: retrieval, 4: linear update and z, 5: delta rule,
+6: gate).
+
+Per layer and KV head the memory is a matrix ``M`` (d_k x d_v) and a normaliser ``z`` (d_k),
+both float32 whatever the autocast dtype, so its size does not depend on how much was written.
+The memory is read with the segment's queries *before* it is updated with the segment's keys and
+values. Q and K here are position-free (the rotary rotation undone), as in the paper.
+
+The state is explicit: :class:`CompressiveState` goes in, a new one comes out; nothing is hidden
+in module buffers, so the same module serves any number of streams.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+from torch import nn
+
+# sigma(Q) z is a sum of strictly positive terms once anything is written; the guard only
+# matters for float32 underflow with huge negative logits.
+_DENOMINATOR_EPS = 1e-6
+
+
+class CompressiveState(NamedTuple):
+    """Memory of one layer for a batch of streams."""
+
+    M: torch.Tensor  # (B, H_kv, d_k, d_v) float32
+    z: torch.Tensor  # (B, H_kv, d_k) float32
+
+    def detach(self) -> CompressiveState:
+        """Same values, cut from the autograd graph (truncated BPTT)."""
+        return CompressiveState(self.M.detach(), self.z.detach())
+
+    def to(self, device: torch.device | str) -> CompressiveState:
+        """Move to ``device`` (stays float32)."""
+        return CompressiveState(self.M.to(device), self.z.to(device))
+
+    def is_empty(self) -> torch.Tensor:
+        """``(B, H_kv)`` bool: nothing has been written to this row and head yet (z = 0)."""
+        return self.z.sum(dim=-1) == 0
+
+
+def init_state(batch: int, kv_heads: int, d_k: int, d_v: int, device: torch.device | str) -> CompressiveState:
+    """Empty memory, M_0 = 0 and z_0 = 0 (float32)."""
+    return CompressiveState(
+        torch.zeros(batch, kv_heads, d_k, d_v, dtype=torch.float32, device=device),
+        torch.zeros(batch, kv_heads, d_k, dtype=torch.float32, device=device),
+    )
+
+
+def feature_map(x: torch.Tensor) -> torch.Tensor:
+    """sigma(x) = ELU(x) + 1, the paper's non-linearity (from Katharopoulos et al. 2020)."""
+    return F.elu(x) + 1.0
+
+
+def retrieve(state: CompressiveState, query: torch.Tensor) -> torch.Tensor:
+    """Eq. (3): A_mem = sigma(Q) M / (sigma(Q) z).
+
+    Args:
+        state: memory with ``H_kv`` heads.
+        query: ``(B, H, T, d_k)`` position-free queries; query head ``h`` reads KV head
+            ``h // (H // H_kv)`` (grouped-query attention, the order of HF's ``repeat_kv``).
+
+    Returns:
+        ``(B, H, T, d_v)`` float32. Rows whose memory is empty return 0 (callers use
+        :meth:`CompressiveState.is_empty` to fall back to local attention).
+    """
+    h_kv = state.M.shape[1]
+    sq = rearrange(feature_map(query.float()), "b (hkv g) t k -> b hkv g t k", hkv=h_kv)
+    num = einsum(sq, state.M, "b hkv g t k, b hkv k v -> b hkv g t v")
+    den = einsum(sq, state.z, "b hkv g t k, b hkv k -> b hkv g t")[..., None]
+    out = num / den.clamp_min(_DENOMINATOR_EPS)
+    return rearrange(out, "b hkv g t v -> b (hkv g) t v")
+
+
+def update(
+    state: CompressiveState,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    rule: str = "linear",
+) -> CompressiveState:
+    """Write one segment into memory.
+
+    - linear, eq. (4): M_s = M_{s-1} + sigma(K)^T V
+    - delta,  eq. (5): M_s = M_{s-1} + sigma(K)^T (V - sigma(K) M_{s-1} / (sigma(K) z_{s-1}))
+    - z_s = z_{s-1} + sum_t sigma(K_t), eq. (4)
+
+    Args:
+        state: memory before the segment.
+        key: ``(B, H_kv, T, d_k)`` position-free keys.
+        value: ``(B, H_kv, T, d_v)``.
+        valid: ``(B, T)`` bool, False at padded positions, which are never written.
+        rule: ``"linear"`` or ``"delta"``.
+
+    Returns:
+        The memory after the segment (float32).
+    """
+    sk = feature_map(key.float())  # (B, H_kv, T, d_k)
+    v = value.float()
+    if valid is not None:
+        keep = valid[:, None, :, None]
+        # where(), not a product: a padded position may hold anything, even inf.
+        sk = torch.where(keep, sk, 0.0)
+        v = torch.where(keep, v, 0.0)
+    if rule == "delta":
+        num = einsum(sk, state.M, "b h t k, b h k v -> b h t v")
+        den = einsum(sk, state.z, "b h t k, b h k -> b h t")[..., None]
+        # While memory is empty (z = 0) there is nothing to subtract.
+        v = v - num / den.clamp_min(_DENOMINATOR_EPS)
+    elif rule != "linear":
+        raise ValueError(f"update rule must be 'linear' or 'delta', got {rule!r}")
+    M = state.M + einsum(sk, v, "b h t k, b h t v -> b h k v")
+    z = state.z + sk.sum(dim=2)
+    return CompressiveState(M, z)
+
+
+class CompressiveMemory(nn.Module):
+    """The learned part of one layer's compressive memory: the gate, one scalar per query head.
+
+    Eq. (6): A = sigmoid(beta) * A_mem + (1 - sigmoid(beta)) * A_local.
+    """
+
+    def __init__(self, num_heads: int, gate_init: float = 0.0, update_rule: str = "linear"):
+        super().__init__()
+        if update_rule not in ("linear", "delta"):
+            raise ValueError(f"update_rule must be 'linear' or 'delta', got {update_rule!r}")
+        # float32 whatever the model's dtype: the gate is a tiny, sensitive parameter.
+        self.gate = nn.Parameter(torch.full((num_heads,), float(gate_init), dtype=torch.float32))
+        self.update_rule = update_rule
+
+    def read(self, state: CompressiveState, query: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """Mix memory retrieval into the local attention output.
+
+        Args:
+            state: memory before this segment.
+            query: ``(B, H, T, d_k)`` position-free queries.
+            local: ``(B, T, H, d_v)`` local attention output (the registry's layout).
+
+        Returns:
+            ``(B, T, H, d_v)`` in ``local``'s dtype; exactly ``local`` for rows whose memory is
+            still empty.
+        """
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            mem = retrieve(state, query).transpose(1, 2)  # (B, T, H, d_v)
+            g = torch.sigmoid(self.gate.float())[:, None]  # (H, 1)
+            mixed = g * mem + (1.0 - g) * local.float()
+            groups = query.shape[1] // state.M.shape[1]
+            empty = state.is_empty().repeat_interleave(groups, dim=1)  # (B, H)
+            out = torch.where(empty[:, None, :, None], local.float(), mixed)
+        return out.to(local.dtype)
+
+    def write(
+        self, state: CompressiveState, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None
+    ) -> CompressiveState:
+        """Update ``state`` with one segment's position-free keys and values (float32)."""
+        with torch.autocast(device_type=key.device.type, enabled=False):
+            return update(state, key, value, valid, self.update_rule)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.gate.numel()}, update_rule={self.update_rule}"
