@@ -1,8 +1,8 @@
 """memstack: four layers of memory around any Hugging Face causal LM.
 
-    from memstack import MemoryStack, StackConfig
-    stack = MemoryStack(model, StackConfig(segment_len=512))
-    out = stack(input_ids, labels=input_ids)
+from memstack import MemoryStack, StackConfig
+stack = MemoryStack(model, StackConfig(segment_len=512))
+out = stack(input_ids, labels=input_ids)
 """
 
 from .attention import ATTENTION_NAME, SegmentContext

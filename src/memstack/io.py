@@ -87,5 +87,7 @@ def read_manifest(path: str | os.PathLike, kind: str, version: int) -> dict[str,
     if not isinstance(data, dict) or data.get("format") != kind:
         raise ValueError(f"{path} is not a {kind} manifest (format={data.get('format')!r})")
     if not isinstance(data.get("version"), int) or data["version"] > version:
-        raise ValueError(f"{path} has {kind} version {data.get('version')!r}; this memstack reads <= {version}")
+        raise ValueError(
+            f"{path} has {kind} version {data.get('version')!r}; this memstack reads <= {version}"
+        )
     return data

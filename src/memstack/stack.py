@@ -83,8 +83,10 @@ class StackState:
                 raise ValueError(f"{path} is not a memstack state file (format={meta.get('format')!r})")
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
         layers = sorted({int(k.split(".")[1]) for k in tensors})
-        state = {layer: CompressiveState(tensors[f"compressive.{layer}.M"], tensors[f"compressive.{layer}.z"])
-                 for layer in layers}
+        state = {
+            layer: CompressiveState(tensors[f"compressive.{layer}.M"], tensors[f"compressive.{layer}.z"])
+            for layer in layers
+        }
         return cls(state, int(meta.get("segments", 0)))
 
 
@@ -185,7 +187,9 @@ class MemoryStack(nn.Module):
         out_layers: list[int] = []
 
         def run(*flat_state: torch.Tensor):
-            states = {layer: CompressiveState(*flat_state[2 * i : 2 * i + 2]) for i, layer in enumerate(layers)}
+            states = {
+                layer: CompressiveState(*flat_state[2 * i : 2 * i + 2]) for i, layer in enumerate(layers)
+            }
             ctx = SegmentContext(
                 self.config, states, valid=mask.bool() if has_padding else None, rotary=rotary
             )
@@ -249,14 +253,18 @@ class MemoryStack(nn.Module):
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         for name, t in (("attention_mask", attention_mask), ("labels", labels)):
             if t is not None and t.shape != input_ids.shape:
-                raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+                raise ValueError(
+                    f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}"
+                )
         device = self.device
         input_ids = input_ids.to(device)
         attention_mask = attention_mask.to(device) if attention_mask is not None else None
         targets = next_token_targets(labels.to(device), attention_mask) if labels is not None else None
         state = state if state is not None else StackState()
         if state.compressive and next(iter(state.compressive.values())).M.shape[0] != input_ids.shape[0]:
-            raise ValueError("state batch size differs from input_ids'; call reset() or pass a matching state")
+            raise ValueError(
+                "state batch size differs from input_ids'; call reset() or pass a matching state"
+            )
 
         seg = self.config.segment_len
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
@@ -401,6 +409,22 @@ class MemoryStack(nn.Module):
         out = self.model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, memstack=ctx)
         return out.logits[:, -1]
 
+    @torch.no_grad()
+    def position_free_qk(self, segment_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Queries and keys as memory sees them (rotary rotation undone), for one segment.
+
+        Args:
+            segment_ids: ``(B, T)``, ``T <= segment_len``, read with empty memory.
+
+        Returns:
+            ``{layer: (query (B, H, T, D), key (B, H_kv, T, D))}`` for every memory layer, float32.
+        """
+        pos, rotary = self._positions(0, segment_ids.shape[1])
+        capture: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        ctx = SegmentContext(self.config, {}, rotary=rotary, capture=capture)
+        self.model(input_ids=segment_ids.to(self.device), position_ids=pos, use_cache=False, memstack=ctx)
+        return capture
+
     # ------------------------------------------------------------------ training helpers
 
     def gate_parameters(self) -> list[nn.Parameter]:
@@ -409,11 +433,12 @@ class MemoryStack(nn.Module):
 
     def gate_values(self) -> dict[int, torch.Tensor]:
         """sigmoid(beta) per layer and head: the share of each head's output that comes from memory."""
-        return {layer: torch.sigmoid(self._memories[layer].gate.detach().float()).cpu() for layer in self.memory_layers}
+        return {
+            layer: torch.sigmoid(self._memories[layer].gate.detach().float()).cpu()
+            for layer in self.memory_layers
+        }
 
-    def param_groups(
-        self, lr: float, weight_decay: float = 0.0, gate_lr_mult: float = 100.0
-    ) -> list[dict]:
+    def param_groups(self, lr: float, weight_decay: float = 0.0, gate_lr_mult: float = 100.0) -> list[dict]:
         """Optimizer parameter groups: gates apart, with their own learning rate and no decay.
 
         With a normal learning rate the gates barely move (about 0.03 over a whole run in public
@@ -450,8 +475,10 @@ class MemoryStack(nn.Module):
             "num_heads": self.model.config.num_attention_heads,
             "stack": self.config.to_dict(),
         }
-        tensors = {f"layers.{layer}.gate": self._memories[layer].gate.detach().cpu().contiguous()
-                   for layer in self.memory_layers}
+        tensors = {
+            f"layers.{layer}.gate": self._memories[layer].gate.detach().cpu().contiguous()
+            for layer in self.memory_layers
+        }
         with atomic_directory(path) as tmp:
             (tmp / CONFIG_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
             save_file(tensors, str(tmp / WEIGHTS_FILE))
@@ -478,7 +505,9 @@ class MemoryStack(nn.Module):
             for layer in stack.memory_layers:
                 gate, saved = stack._memories[layer].gate, tensors[f"layers.{layer}.gate"]
                 if saved.shape != gate.shape:
-                    raise ValueError(f"{path}: gate of layer {layer} has shape {tuple(saved.shape)}, "
-                                     f"the model needs {tuple(gate.shape)}")
+                    raise ValueError(
+                        f"{path}: gate of layer {layer} has shape {tuple(saved.shape)}, "
+                        f"the model needs {tuple(gate.shape)}"
+                    )
                 gate.copy_(saved)
         return stack
