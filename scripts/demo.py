@@ -97,7 +97,7 @@ def main() -> None:
         opt = torch.optim.AdamW(stack.param_groups(lr=3e-3, weight_decay=0.01, gate_lr_mult=10))
         gen = torch.Generator().manual_seed(args.seed)
         t0 = time.perf_counter()
-        for step, ids in zip(range(args.steps), batches(train, 16, length, gen)):
+        for step, ids in zip(range(args.steps), batches(train, 16, length, gen), strict=False):
             loss = stack(ids, labels=ids, return_logits=False).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -49,3 +49,62 @@ def test_stack_config_dict_round_trip_and_unknown_keys():
     assert StackConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="valid keys"):
         StackConfig.from_dict({"segment_len": 8, "segmnt": 3})
+
+
+# ---------------------------------------------------------------------- training configs
+
+from memstack.config import Config, apply_overrides, load_config, valid_keys  # noqa: E402
+
+
+def test_overrides_parse_to_the_field_type():
+    cfg = apply_overrides(
+        Config(),
+        [
+            "optim.lr=3e-4",
+            "stack.bptt_segments=4",
+            "stack.window=none",
+            "eval.passkey_lengths=[512,2048]",
+            "optim.betas=0.8,0.99",
+            "run.resume=false",
+            "model.path=/models/x",
+        ],
+    )
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.stack.bptt_segments == 4 and cfg.stack.window is None
+    assert cfg.eval.passkey_lengths == [512, 2048]
+    assert cfg.optim.betas == (0.8, 0.99)
+    assert cfg.run.resume is False and cfg.model.path == "/models/x"
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("optim.lrr=1", "unknown config key 'optim.lrr'; valid keys: .*optim.lr"),
+        ("stack.segment_len=abc", "expected int"),
+        ("run.resume=maybe", "expected a bool"),
+        ("optim.lr", "must look like key.sub=value"),
+        ("stack.update_rule=hebbian", "update_rule"),  # the dataclass's own validation still runs
+    ],
+)
+def test_bad_overrides_are_rejected(override, match):
+    with pytest.raises(ValueError, match=match):
+        apply_overrides(Config(), [override])
+
+
+def test_config_dict_round_trip():
+    cfg = apply_overrides(Config(), ["optim.betas=0.8,0.9", "stack.segment_len=64"])
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    assert "stack.segment_len" in valid_keys(cfg)
+
+
+def test_load_config_file(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text(
+        "from memstack.config import Config, StackConfig\n"
+        "config = Config(stack=StackConfig(segment_len=32))\n"
+    )
+    cfg = load_config(str(path), ["run.seed=7"])
+    assert cfg.stack.segment_len == 32 and cfg.run.seed == 7
+    path.write_text("x = 1\n")
+    with pytest.raises(ValueError, match="must define `config"):
+        load_config(str(path))

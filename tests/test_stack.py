@@ -317,3 +317,22 @@ def test_model_called_directly_after_wrapping_is_plain_causal_attention():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
         a, b = model(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
         torch.testing.assert_close(a[:, 3:], b[:, 3:], atol=1e-5, rtol=1e-5)
+
+
+def test_memory_off_context_runs_the_same_weights_without_memory():
+    model, ref = model_pair("llama")
+    stack = MemoryStack(model, StackConfig(segment_len=SEG, gate_init=2.0))
+    ids = torch.randint(0, 256, (1, 3 * SEG))
+    with torch.no_grad():
+        with stack.memory_off():
+            off = stack(ids).logits
+            gen_off = stack.generate(ids[:, : SEG + 2], max_new_tokens=SEG)
+        on = stack(ids).logits
+        torch.testing.assert_close(off, segments_alone(ref, ids, SEG), atol=1e-5, rtol=1e-5)
+        assert (on - off).abs().max() > 1e-3 and stack.use_memory
+        expected = ids[:, : SEG + 2]
+        for _ in range(SEG):  # greedy with the reference model on the open segment only
+            start = ((expected.shape[1] - 1) // SEG) * SEG  # segment of the last token
+            nxt = ref(expected[:, start:]).logits[:, -1].argmax(-1, keepdim=True)
+            expected = torch.cat([expected, nxt], dim=1)
+    assert torch.equal(gen_off, expected)

@@ -50,6 +50,8 @@ class SegmentContext:
     writes them when the segment is full."""
     new_states: dict[int, CompressiveState] = field(default_factory=dict)
     pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    use_memory: bool = True
+    """False: local attention only, nothing read or written (the same weights without memory)."""
     capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     """When a dict: each memory layer stores its position-free (query, key) here (for tests and
     analysis)."""
@@ -87,7 +89,7 @@ def memstack_attention(
         dropout=dropout,
     )
     memory = getattr(module, "memstack_memory", None)
-    if memstack is None or memory is None:
+    if memstack is None or memory is None or not memstack.use_memory:
         return local, None
 
     layer = module.layer_idx

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import runpy
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,3 +133,229 @@ def parse_layers(spec: str, num_layers: int | None) -> list[int]:
         if bad:
             raise ValueError(f"memory_layers {spec!r}: layers {bad} do not exist (model has {num_layers})")
     return layers
+
+
+# ---------------------------------------------------------------------- training configs
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to wrap."""
+
+    path: str | None = None
+    """A local checkpoint directory (or a hub id where the user has access) loaded with
+    ``AutoModelForCausalLM.from_pretrained``. None: build a random model from the fields below
+    with ``from_config`` (tiny configs; nothing is downloaded)."""
+    arch: str = "llama"
+    """``model_type`` for a model built from a config."""
+    vocab_size: int = 256
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    """None: as many as query heads."""
+    max_position_embeddings: int = 8192
+    dtype: str = "float32"
+    """Weights' dtype when loading a checkpoint: float32, bfloat16 or float16 (training on CUDA
+    uses bf16 autocast either way)."""
+
+
+@dataclass
+class DataConfig:
+    """What the model is trained on."""
+
+    task: str = "passkey"
+    """``passkey`` (synthetic, see memstack.data.tasks) or ``text`` (a corpus at ``path``)."""
+    path: str | None = None
+    """Text corpus: a file, a directory or a hub dataset name (``task=text``)."""
+    tokenizer: str = "bytes"
+    """``bytes`` (built in) or a local tokenizer directory."""
+    seq_len: int = 1024
+    """Tokens per training sequence (the longest curriculum stage for passkey)."""
+    curriculum: list[int] = dataclasses.field(default_factory=list)
+    """Passkey: sequence lengths to train on in order, one stage per entry, each for
+    ``curriculum_steps`` steps; the last stage (``seq_len``) runs to the end. Empty: no curriculum."""
+    curriculum_steps: int = 100
+    answer_weight: float = 5.0
+    """Passkey: extra weight of the loss on the answer tokens (loss = LM + w * answer)."""
+    repeat_fraction: float = 0.0
+    """Passkey: share of each batch made of repeated random strings (pure copy signal that
+    helps small models form induction heads; see memstack.train.batches)."""
+    instruction: bool = False
+    """Passkey: open prompts with the papers' instruction sentence (costs ~170 bytes)."""
+    doc_separator: str | None = None
+    """Text: regex that splits one big text file into documents (None: a file is a document)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with the stack's parameter groups."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    gate_lr_mult: float = 100.0
+    """Gates learn this many times faster, with no weight decay (see MemoryStack.param_groups)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step."""
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warmup, then cosine decay to ``min_lr_ratio * lr``."""
+
+    max_steps: int = 1000
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class RunConfig:
+    """Where and how a run happens."""
+
+    out_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"
+    """``auto`` (CUDA if available), ``cpu`` or ``cuda``."""
+    batch_size: int = 16
+    log_every: int = 10
+    ckpt_every: int = 200
+    """Save a checkpoint every this many steps (0: only at the end)."""
+    resume: bool = True
+    """Continue from the latest checkpoint in ``out_dir`` if there is one."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation after training (and by scripts/eval_*.py)."""
+
+    passkey_lengths: list[int] = dataclasses.field(default_factory=lambda: [1024, 4096])
+    passkey_depths: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    samples_per_cell: int = 5
+    memory_off: bool = True
+    """Also evaluate the same weights with compressive memory switched off."""
+
+
+@dataclass
+class Config:
+    """One training run: every section above. Built by a ``configs/*.py`` file."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    stack: StackConfig = dataclasses.field(default_factory=StackConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """Inverse of :meth:`to_dict`; unknown keys are errors."""
+        return _from_dict(cls, data, prefix="")
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config keys {[prefix + k for k in unknown]}; valid: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _dataclass_type(cls, name)
+        if sub is not None:
+            kwargs[name] = _from_dict(sub, value, prefix=f"{prefix}{name}.")
+        elif isinstance(value, list) and name == "betas":
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _dataclass_type(cls: type, name: str) -> type | None:
+    hints = typing.get_type_hints(cls)
+    t = hints[name]
+    return t if dataclasses.is_dataclass(t) else None
+
+
+def valid_keys(config: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a (nested) config dataclass, e.g. ``optim.lr``."""
+    keys = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += valid_keys(value, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _parse_value(raw: str, type_hint: Any, key: str) -> Any:
+    """Parse a command-line string into ``type_hint`` (int, float, bool, str, lists, Optional)."""
+    origin, args = typing.get_origin(type_hint), typing.get_args(type_hint)
+    if origin in (typing.Union, types.UnionType):
+        if raw.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse_value(raw, inner[0], key)
+    if origin in (list, tuple):
+        items = [x for x in raw.strip("[]()").split(",") if x.strip()]
+        elem = args[0] if args else str
+        parsed = [_parse_value(x.strip(), elem, key) for x in items]
+        return tuple(parsed) if origin is tuple else parsed
+    if type_hint is bool:
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"{key}: expected a bool (true/false), got {raw!r}")
+    if type_hint in (int, float):
+        try:
+            return type_hint(raw)
+        except ValueError:
+            raise ValueError(f"{key}: expected {type_hint.__name__}, got {raw!r}") from None
+    return raw
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Apply ``a.b=value`` overrides, each parsed to the field's declared type.
+
+    Raises:
+        ValueError: for a malformed override, an unknown key (the message lists the valid keys)
+            or a value that does not parse as the field's type.
+    """
+    data = config.to_dict()
+    keys = valid_keys(config)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        if key not in keys:
+            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(keys)}")
+        *path, leaf = key.split(".")
+        owner = config
+        node = data
+        for part in path:
+            owner = getattr(owner, part)
+            node = node[part]
+        hint = typing.get_type_hints(type(owner))[leaf]
+        node[leaf] = _parse_value(raw, hint, key)
+    return Config.from_dict(data)
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> Config:
+    """Run a ``configs/*.py`` file (plain Python that builds ``config``) and apply overrides."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} not found")
+    namespace = runpy.run_path(path)
+    config = namespace.get("config")
+    if not isinstance(config, Config):
+        raise ValueError(f"{path} must define `config = Config(...)`, got {type(config).__name__}")
+    return apply_overrides(config, overrides or [])

@@ -7,8 +7,10 @@ from segment to segment, and computes the loss over all of them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,6 +157,19 @@ class MemoryStack(nn.Module):
         model.set_attn_implementation(ATTENTION_NAME)
         self.state: StackState | None = None
         """The stream's memory, used by :meth:`step` (and by :meth:`generate` when asked)."""
+        self.use_memory = True
+        """False: the same weights with compressive memory neither read nor written, i.e. each
+        segment alone (see :meth:`memory_off`)."""
+
+    @contextlib.contextmanager
+    def memory_off(self) -> Iterator[MemoryStack]:
+        """Run the same weights without compressive memory inside a ``with`` block, to measure
+        what memory contributes."""
+        previous, self.use_memory = self.use_memory, False
+        try:
+            yield self
+        finally:
+            self.use_memory = previous
 
     # ------------------------------------------------------------------ segments
 
@@ -191,7 +206,11 @@ class MemoryStack(nn.Module):
                 layer: CompressiveState(*flat_state[2 * i : 2 * i + 2]) for i, layer in enumerate(layers)
             }
             ctx = SegmentContext(
-                self.config, states, valid=mask.bool() if has_padding else None, rotary=rotary
+                self.config,
+                states,
+                valid=mask.bool() if has_padding else None,
+                rotary=rotary,
+                use_memory=self.use_memory,
             )
             logits = self.model(
                 input_ids=ids,
@@ -373,7 +392,11 @@ class MemoryStack(nn.Module):
         n_closed = (ids.shape[1] // seg) * seg
         logits = None
         if n_closed:
-            out = self.forward(ids[:, :n_closed], state=state)
+            # Only the last closed segment's logits can be needed: a million-token prompt's
+            # logits would not fit in memory.
+            if n_closed > seg:
+                state = self.forward(ids[:, : n_closed - seg], state=state, return_logits=False).state
+            out = self.forward(ids[:, n_closed - seg : n_closed], state=state)
             state, logits = out.state, out.logits[:, -1]
         # The open segment: prefill its tokens into a fresh cache, memory read-only.
         cache, pending, fill = DynamicCache(), {}, ids.shape[1] - n_closed
@@ -405,7 +428,14 @@ class MemoryStack(nn.Module):
     ) -> torch.Tensor:
         """Feed tokens at segment positions ``start..`` through the cache; return the last logits."""
         pos, rotary = self._positions(start, ids.shape[1])
-        ctx = SegmentContext(self.config, state.compressive, rotary=rotary, write=False, pending=pending)
+        ctx = SegmentContext(
+            self.config,
+            state.compressive,
+            rotary=rotary,
+            write=False,
+            pending=pending,
+            use_memory=self.use_memory,
+        )
         out = self.model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, memstack=ctx)
         return out.logits[:, -1]
 

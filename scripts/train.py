@@ -1,0 +1,63 @@
+"""Train a MemoryStack from a config file.
+
+    python scripts/train.py configs/tiny_passkey.py
+    python scripts/train.py configs/tiny_passkey.py schedule.max_steps=50 run.out_dir=runs/try
+    torchrun --nproc_per_node 2 scripts/train.py configs/tiny_text.py    # DDP
+
+Overrides ``a.b=value`` are parsed to the field's type; an unknown key is an error that lists the
+valid ones. The resolved config is saved as ``config.json`` in the run directory, metrics as
+``metrics.jsonl``, checkpoints as ``step-NNNNNN/``. A passkey run ends with the evaluation table
+(memory on and off) in ``passkey.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from memstack.config import load_config
+from memstack.io import write_json
+from memstack.train.batches import make_batches
+from memstack.train.evaluate import format_passkey_table, passkey_accuracy
+from memstack.train.loop import train
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="a configs/*.py file")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    args = p.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    tokenizer, batches = make_batches(config)
+    summary = train(config, batches)
+    stack = summary.pop("stack")
+    result = {"train": summary}
+    if config.data.task == "passkey" and not args.no_eval and os.environ.get("RANK", "0") == "0":
+        e = config.eval
+        stack.eval()
+        for on in [True, False] if e.memory_off else [True]:
+            table = passkey_accuracy(
+                stack,
+                tokenizer,
+                e.passkey_lengths,
+                e.passkey_depths,
+                e.samples_per_cell,
+                seed=10_000,
+                use_memory=on,
+            )
+            result["memory_on" if on else "memory_off"] = table
+            print(format_passkey_table(table))
+        write_json(Path(config.run.out_dir) / "passkey.json", result)
+    print(json.dumps(result["train"]))
+    return result
+
+
+if __name__ == "__main__":
+    main()

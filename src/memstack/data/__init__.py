@@ -1,0 +1,1 @@
+"""Data: tokenizers (tokenizer), synthetic long-context tasks (tasks), real text corpora (text)."""

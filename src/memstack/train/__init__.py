@@ -1,0 +1,1 @@
+"""Training and evaluation: the loop, checkpoints with exact resume, passkey and perplexity evals."""

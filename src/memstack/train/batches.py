@@ -1,0 +1,118 @@
+"""Batch sources for the training loop.
+
+A source is a pure function of (step, micro-batch, rank): ``batch(step, micro, rank, world)``
+returns a dict with ``input_ids``, ``labels`` and, for tasks with an answer, ``answer_mask``.
+Resuming at any step draws exactly the batches an uninterrupted run would have drawn, and each
+DDP rank draws its own.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from ..config import Config
+from ..data.tasks import IGNORE_INDEX, passkey_batch
+from ..data.text import load_text_dataset, pack, tokenize_dataset
+from ..data.tokenizer import load_tokenizer
+
+_REPEAT_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def _seed(*parts: int) -> int:
+    return random.Random(" ".join(map(str, parts))).getrandbits(63)
+
+
+def curriculum_length(step: int, curriculum: list[int], steps_per_stage: int, final: int) -> int:
+    """Sequence length at ``step``: each curriculum entry for ``steps_per_stage`` steps, then ``final``."""
+    stage = step // max(1, steps_per_stage)
+    return curriculum[stage] if stage < len(curriculum) else final
+
+
+class PasskeyBatches:
+    """Pass-key retrieval batches (memstack.data.tasks), with a length curriculum.
+
+    A fraction ``repeat_fraction`` of each batch can be "repeated random string" rows: a random
+    string of 8-24 characters repeated to the row's length. They carry the pure copy signal that
+    makes small models form induction heads early, the circuit a pass key is read with.
+    """
+
+    def __init__(self, config: Config, tokenizer: Any):
+        self.config, self.tokenizer = config, tokenizer
+        self.batch_size = config.run.batch_size
+
+    def length(self, step: int) -> int:
+        d = self.config.data
+        return curriculum_length(step, d.curriculum, d.curriculum_steps, d.seq_len)
+
+    def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        d, seed = self.config.data, self.config.run.seed
+        length = self.length(step)
+        n_repeat = round(self.batch_size * d.repeat_fraction)
+        pk = passkey_batch(
+            self.tokenizer,
+            self.batch_size - n_repeat,
+            length,
+            seed=_seed(seed, step, micro, rank),
+            instruction=d.instruction,
+        )
+        out = {"input_ids": pk.input_ids, "labels": pk.labels, "answer_mask": pk.answer_mask}
+        if n_repeat:
+            rng = random.Random(_seed(seed, step, micro, rank, 1))
+            width = pk.input_ids.shape[1]
+            rows = []
+            for _ in range(n_repeat):
+                unit = "".join(rng.choice(_REPEAT_ALPHABET) for _ in range(rng.randint(8, 24))) + " "
+                ids = self.tokenizer.encode(unit * (width // len(unit) + 2))[:width]
+                rows.append(ids)
+            rep = torch.tensor(rows, dtype=torch.long)
+            out = {
+                "input_ids": torch.cat([out["input_ids"], rep]),
+                "labels": torch.cat([out["labels"], rep]),
+                "answer_mask": torch.cat([out["answer_mask"], torch.zeros_like(rep, dtype=torch.bool)]),
+            }
+        return out
+
+
+class TextBatches:
+    """Packed sequences of a text corpus, visited in a seeded random order (epochs reshuffle)."""
+
+    def __init__(self, config: Config, tokenizer: Any):
+        d = config.data
+        if d.path is None:
+            raise ValueError("data.task=text needs data.path (a text file, a directory or a dataset name)")
+        ds = load_text_dataset(d.path, doc_separator=d.doc_separator)
+        packed = pack(tokenize_dataset(ds, tokenizer), d.seq_len)
+        self.sequences = torch.tensor(packed["input_ids"], dtype=torch.long)
+        if len(self.sequences) == 0:
+            raise ValueError(f"{d.path} holds fewer than seq_len={d.seq_len} tokens")
+        self.batch_size, self.seed, self.accum = (
+            config.run.batch_size,
+            config.run.seed,
+            config.optim.grad_accum,
+        )
+
+    def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        n = len(self.sequences)
+        # consecutive micro-batches of all ranks tile the shuffled stream without overlap
+        flat = ((step * self.accum + micro) * world + rank) * self.batch_size
+        epoch = flat // n
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(self.seed, epoch)))
+        idx = [order[(flat + i) % n].item() for i in range(self.batch_size)]
+        ids = self.sequences[idx]
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def make_batches(config: Config) -> tuple[Any, Any]:
+    """(tokenizer, batch source) for ``config.data``."""
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    if config.data.task == "passkey":
+        return tokenizer, PasskeyBatches(config, tokenizer)
+    if config.data.task == "text":
+        return tokenizer, TextBatches(config, tokenizer)
+    raise ValueError(f"data.task must be 'passkey' or 'text', got {config.data.task!r}")
+
+
+__all__ = ["IGNORE_INDEX", "PasskeyBatches", "TextBatches", "curriculum_length", "make_batches"]

@@ -1,0 +1,133 @@
+"""Evaluations that say what memory buys: passkey accuracy by length x depth, and loss by
+segment index on long documents. Each runs the same weights with memory on and off."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..config import Config
+from ..data.tasks import passkey_sample
+from ..data.tokenizer import load_tokenizer
+from ..stack import MemoryStack
+from .checkpoint import latest_checkpoint, load_weights
+from .loop import build_model, resolve_device
+
+
+@torch.no_grad()
+def passkey_accuracy(
+    stack: MemoryStack,
+    tokenizer: Any,
+    lengths: list[int],
+    depths: list[float],
+    samples: int = 5,
+    seed: int = 0,
+    use_memory: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Greedy passkey retrieval accuracy for every (length, depth) cell.
+
+    A sample counts as correct when the generated tokens equal the answer tokens exactly. Samples
+    are drawn with seeds ``seed + 1000 * i`` so every system sees the same prompts.
+
+    Returns:
+        ``{"lengths", "depths", "accuracy": [[acc per depth] per length], "use_memory",
+        "samples"}`` (JSON-serialisable).
+    """
+    table = []
+    cells = [(length, depth) for length in lengths for depth in depths]
+    previous = stack.use_memory
+    stack.use_memory = use_memory
+    try:
+        accs: dict[tuple[int, float], float] = {}
+        for length, depth in tqdm(cells, disable=not progress, desc="passkey"):
+            batch = [passkey_sample(tokenizer, length, depth, seed + 1000 * i) for i in range(samples)]
+            prompts = torch.tensor([s.prompt_ids for s in batch])
+            # subword tokenizers can give answers of different lengths: compare each one's prefix
+            longest = max(len(s.answer_ids) for s in batch)
+            out = stack.generate(prompts, max_new_tokens=longest)[:, prompts.shape[1] :].cpu().tolist()
+            hits = [o[: len(s.answer_ids)] == s.answer_ids for o, s in zip(out, batch, strict=True)]
+            accs[(length, depth)] = sum(hits) / len(hits)
+        for length in lengths:
+            table.append([accs[(length, depth)] for depth in depths])
+    finally:
+        stack.use_memory = previous
+    return {
+        "lengths": lengths,
+        "depths": depths,
+        "accuracy": table,
+        "use_memory": use_memory,
+        "samples": samples,
+    }
+
+
+@torch.no_grad()
+def loss_by_segment(stack: MemoryStack, input_ids: torch.Tensor, use_memory: bool = True) -> list[float]:
+    """Mean next-token loss (nats/token) of each segment index over a batch of long documents.
+
+    Does the loss fall further into a document when memory is on? Compare ``use_memory`` True
+    and False on the same weights.
+    """
+    previous = stack.use_memory
+    stack.use_memory = use_memory
+    try:
+        seg = stack.config.segment_len
+        state, sums, counts = None, [], []
+        for start in range(0, input_ids.shape[1], seg):
+            # one segment at a time: only that segment's logits are ever held
+            chunk = input_ids[:, start : start + seg + 1]
+            out = stack(chunk[:, :seg], state=state)
+            state = out.state
+            logits = out.logits[:, : chunk.shape[1] - 1]
+            loss = F.cross_entropy(
+                logits.flatten(0, 1).float(), chunk[:, 1:].flatten().to(logits.device), reduction="sum"
+            )
+            sums.append(loss.item())
+            counts.append(chunk[:, 1:].numel())
+    finally:
+        stack.use_memory = previous
+    return [s / max(c, 1) for s, c in zip(sums, counts, strict=True)]
+
+
+def format_passkey_table(table: dict) -> str:
+    """Markdown: one row per length, one column per depth, plus the mean."""
+    depths = table["depths"]
+    head = (
+        f"memory {'on' if table['use_memory'] else 'off'}: passkey accuracy ({table['samples']} samples/cell)"
+    )
+    lines = [
+        head,
+        "| length | " + " | ".join(f"depth {d:g}" for d in depths) + " | mean |",
+        "|---" * (len(depths) + 2) + "|",
+    ]
+    for length, row in zip(table["lengths"], table["accuracy"], strict=True):
+        lines.append(
+            f"| {length} | " + " | ".join(f"{a:.0%}" for a in row) + f" | {sum(row) / len(row):.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def load_run(run_dir: str | Path) -> tuple[Config, MemoryStack, Any]:
+    """(config, stack with the latest checkpoint's weights, tokenizer) of a training run.
+
+    Raises:
+        FileNotFoundError: if the directory has no config.json or no checkpoint.
+    """
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.json: is it a scripts/train.py run directory?")
+    config = Config.from_dict(json.loads(cfg_path.read_text()))
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint (step-NNNNNN/)")
+    device = resolve_device(config.run.device)
+    stack = MemoryStack(build_model(config.model, config.run.seed), config.stack).to(device)
+    load_weights(ckpt, stack)
+    stack.eval()
+    return config, stack, load_tokenizer(config.data.tokenizer)
