@@ -37,7 +37,15 @@ def main(argv: list[str] | None = None) -> dict:
     result = {}
     for on in [True] if args.no_memory_off else [True, False]:
         table = passkey_accuracy(
-            stack, tokenizer, lengths, depths, samples, args.seed, use_memory=on, progress=True
+            stack,
+            tokenizer,
+            lengths,
+            depths,
+            samples,
+            args.seed,
+            use_memory=on,
+            progress=True,
+            instruction=config.data.instruction,
         )
         result["memory_on" if on else "memory_off"] = table
         print(format_passkey_table(table))

@@ -23,14 +23,17 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path)
     p.add_argument("--data", required=True, help="text file, directory or dataset name")
-    p.add_argument("--doc-separator", default=None, help="regex splitting one file into documents")
+    p.add_argument(
+        "--doc-separator", default=None, help="regex splitting a file into documents (default: the run's)"
+    )
     p.add_argument("--doc-len", type=int, default=8192, help="tokens per document (longer ones are cut)")
     p.add_argument("--docs", type=int, default=8, help="documents (those of at least doc-len tokens)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
 
     config, stack, tokenizer = load_run(args.run_dir)
-    docs = tokenize_dataset(load_text_dataset(args.data, doc_separator=args.doc_separator), tokenizer)
+    separator = args.doc_separator or config.data.doc_separator
+    docs = tokenize_dataset(load_text_dataset(args.data, doc_separator=separator), tokenizer)
     long_docs = [d[: args.doc_len] for d in docs["input_ids"] if len(d) >= args.doc_len][: args.docs]
     if not long_docs:
         raise SystemExit(f"error: no document in {args.data} has {args.doc_len} tokens; lower --doc-len")

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
                 e.samples_per_cell,
                 seed=10_000,
                 use_memory=on,
+                instruction=config.data.instruction,
             )
             result["memory_on" if on else "memory_off"] = table
             print(format_passkey_table(table))

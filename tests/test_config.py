@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from memstack.config import StackConfig, parse_layers
@@ -108,3 +110,14 @@ def test_load_config_file(tmp_path):
     path.write_text("x = 1\n")
     with pytest.raises(ValueError, match="must define `config"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).resolve().parents[1].glob("configs/*.py")), ids=lambda p: p.name
+)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(str(path))
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    assert cfg.data.task in ("passkey", "text")
+    if cfg.model.path is None:  # tiny configs: built from a config, byte tokenizer, nothing downloaded
+        assert cfg.data.tokenizer == "bytes" and cfg.model.vocab_size == 256

@@ -87,18 +87,24 @@ def test_schedule_and_curriculum():
 
 
 def test_passkey_batches_follow_the_curriculum_and_are_deterministic(tmp_path):
-    cfg = Config(
-        data=DataConfig(
-            task="passkey", seq_len=512, curriculum=[160, 256], curriculum_steps=5, repeat_fraction=0.5
-        ),
-        run=RunConfig(batch_size=4),
+    data = DataConfig(
+        task="passkey",
+        seq_len=512,
+        curriculum=[160, 256],
+        curriculum_steps=5,
+        repeat_fraction=0.5,
+        copy_steps=2,
     )
-    _, batches = make_batches(cfg)
-    b0, b0_again, b7 = batches.batch(0, 0, 0, 1), batches.batch(0, 0, 0, 1), batches.batch(7, 0, 0, 1)
-    assert torch.equal(b0["input_ids"], b0_again["input_ids"])
-    assert b0["input_ids"].shape[1] == 160 + 6 and b7["input_ids"].shape[1] == 256 + 6
-    assert b0["answer_mask"][:2].sum() == 2 * 6 and b0["answer_mask"][2:].sum() == 0  # 2 repeat rows
-    assert not torch.equal(batches.batch(0, 0, 1, 2)["input_ids"], b0["input_ids"])  # ranks differ
+    _, batches = make_batches(Config(data=data, run=RunConfig(batch_size=4)))
+    copy = batches.batch(1, 0, 0, 1)  # copy warm-up: repeated strings only, no answer
+    assert copy["input_ids"].shape == (4, 160) and not copy["answer_mask"].any()
+    assert torch.equal(copy["labels"], copy["input_ids"])
+    b2, b2_again, b9, b12 = (batches.batch(s, 0, 0, 1) for s in (2, 2, 9, 12))
+    assert torch.equal(b2["input_ids"], b2_again["input_ids"])
+    assert b2["input_ids"].shape[1] == 160 + 6 and b9["input_ids"].shape[1] == 256 + 6
+    assert b12["input_ids"].shape[1] == 512 + 6
+    assert b2["answer_mask"][:2].sum() == 2 * 6 and b2["answer_mask"][2:].sum() == 0  # 2 repeat rows
+    assert not torch.equal(batches.batch(2, 0, 1, 2)["input_ids"], b2["input_ids"])  # ranks differ
 
 
 def _free_port() -> int:

@@ -179,6 +179,10 @@ class DataConfig:
     curriculum_steps: int = 100
     answer_weight: float = 5.0
     """Passkey: extra weight of the loss on the answer tokens (loss = LM + w * answer)."""
+    copy_steps: int = 0
+    """Passkey: first train this many steps on repeated random strings only (at the first
+    curriculum length), so induction heads, the circuit a pass key is copied with, form before
+    the task starts. The passkey curriculum starts after them."""
     repeat_fraction: float = 0.0
     """Passkey: share of each batch made of repeated random strings (pure copy signal that
     helps small models form induction heads; see memstack.train.batches)."""

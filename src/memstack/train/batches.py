@@ -32,11 +32,14 @@ def curriculum_length(step: int, curriculum: list[int], steps_per_stage: int, fi
 
 
 class PasskeyBatches:
-    """Pass-key retrieval batches (memstack.data.tasks), with a length curriculum.
+    """Pass-key retrieval batches (memstack.data.tasks) after an optional copy warm-up, with a
+    length curriculum.
 
-    A fraction ``repeat_fraction`` of each batch can be "repeated random string" rows: a random
-    string of 8-24 characters repeated to the row's length. They carry the pure copy signal that
-    makes small models form induction heads early, the circuit a pass key is read with.
+    Steps ``< data.copy_steps`` are made of "repeated random string" rows only; afterwards a
+    fraction ``data.repeat_fraction`` of each batch still is. A row repeats a random string of
+    8-24 characters drawn from a random alphabet of 2-36 symbols: the pure copy signal that makes
+    small models form induction heads, and small alphabets make them match on several previous
+    tokens, as telling "the pass key is" from "the sky is" needs.
     """
 
     def __init__(self, config: Config, tokenizer: Any):
@@ -45,11 +48,28 @@ class PasskeyBatches:
 
     def length(self, step: int) -> int:
         d = self.config.data
-        return curriculum_length(step, d.curriculum, d.curriculum_steps, d.seq_len)
+        stage_step = max(0, step - d.copy_steps)
+        return curriculum_length(stage_step, d.curriculum, d.curriculum_steps, d.seq_len)
+
+    def _repeat_rows(self, n: int, width: int, rng: random.Random) -> torch.Tensor:
+        rows = []
+        for _ in range(n):
+            alphabet = rng.sample(_REPEAT_ALPHABET, rng.randint(2, len(_REPEAT_ALPHABET)))
+            unit = "".join(rng.choice(alphabet) for _ in range(rng.randint(8, 24))) + " "
+            rows.append(self.tokenizer.encode(unit * (width // len(unit) + 2))[:width])
+        return torch.tensor(rows, dtype=torch.long)
 
     def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
         d, seed = self.config.data, self.config.run.seed
         length = self.length(step)
+        rng = random.Random(_seed(seed, step, micro, rank, 1))
+        if step < d.copy_steps:
+            rep = self._repeat_rows(self.batch_size, length, rng)
+            return {
+                "input_ids": rep,
+                "labels": rep.clone(),
+                "answer_mask": torch.zeros_like(rep, dtype=torch.bool),
+            }
         n_repeat = round(self.batch_size * d.repeat_fraction)
         pk = passkey_batch(
             self.tokenizer,
@@ -60,14 +80,7 @@ class PasskeyBatches:
         )
         out = {"input_ids": pk.input_ids, "labels": pk.labels, "answer_mask": pk.answer_mask}
         if n_repeat:
-            rng = random.Random(_seed(seed, step, micro, rank, 1))
-            width = pk.input_ids.shape[1]
-            rows = []
-            for _ in range(n_repeat):
-                unit = "".join(rng.choice(_REPEAT_ALPHABET) for _ in range(rng.randint(8, 24))) + " "
-                ids = self.tokenizer.encode(unit * (width // len(unit) + 2))[:width]
-                rows.append(ids)
-            rep = torch.tensor(rows, dtype=torch.long)
+            rep = self._repeat_rows(n_repeat, pk.input_ids.shape[1], rng)
             out = {
                 "input_ids": torch.cat([out["input_ids"], rep]),
                 "labels": torch.cat([out["labels"], rep]),

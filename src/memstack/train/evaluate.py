@@ -29,11 +29,14 @@ def passkey_accuracy(
     seed: int = 0,
     use_memory: bool = True,
     progress: bool = False,
+    instruction: bool = True,
 ) -> dict[str, Any]:
     """Greedy passkey retrieval accuracy for every (length, depth) cell.
 
     A sample counts as correct when the generated tokens equal the answer tokens exactly. Samples
     are drawn with seeds ``seed + 1000 * i`` so every system sees the same prompts.
+    ``instruction`` says whether prompts open with the papers' instruction sentence (use what
+    the model was trained with).
 
     Returns:
         ``{"lengths", "depths", "accuracy": [[acc per depth] per length], "use_memory",
@@ -46,7 +49,10 @@ def passkey_accuracy(
     try:
         accs: dict[tuple[int, float], float] = {}
         for length, depth in tqdm(cells, disable=not progress, desc="passkey"):
-            batch = [passkey_sample(tokenizer, length, depth, seed + 1000 * i) for i in range(samples)]
+            batch = [
+                passkey_sample(tokenizer, length, depth, seed + 1000 * i, instruction=instruction)
+                for i in range(samples)
+            ]
             prompts = torch.tensor([s.prompt_ids for s in batch])
             # subword tokenizers can give answers of different lengths: compare each one's prefix
             longest = max(len(s.answer_ids) for s in batch)

@@ -73,7 +73,7 @@ def lr_lambda(step: int, warmup: int, max_steps: int, min_ratio: float) -> float
 def weighted_loss(out_logits: torch.Tensor, batch: dict[str, torch.Tensor], lm_loss: torch.Tensor, w: float):
     """LM loss plus ``w`` times the mean loss on the answer tokens (when the batch marks them)."""
     mask = batch.get("answer_mask")
-    if mask is None or w == 0:
+    if mask is None or w == 0 or not bool(mask.any()):
         return lm_loss, None
     # position t predicts token t+1: the answer token at t+1 is scored by logits[t]
     pred = out_logits[:, :-1][mask[:, 1:].to(out_logits.device)]

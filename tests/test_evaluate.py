@@ -1,0 +1,58 @@
+"""Evaluations against the stack's own forward pass and a brute-force pass-key check."""
+
+import re
+
+import torch
+import torch.nn.functional as F
+
+from memstack import MemoryStack, StackConfig
+from memstack.data.tasks import passkey_sample
+from memstack.data.tokenizer import ByteTokenizer
+from memstack.train.evaluate import format_passkey_table, loss_by_segment, passkey_accuracy
+from tests.conftest import make_model
+
+
+def test_loss_by_segment_matches_one_long_forward():
+    stack = MemoryStack(make_model("llama"), StackConfig(segment_len=8, gate_init=1.0))
+    ids = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        logits = stack(ids).logits
+    per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(
+        2, -1
+    )
+    expected = [per_token[:, s : s + 8].mean().item() for s in range(0, 29, 8)]
+    got = loss_by_segment(stack, ids)
+    assert len(got) == len(expected) == 4
+    for a, b in zip(got, expected, strict=True):
+        assert abs(a - b) < 1e-5
+    off = loss_by_segment(stack, ids, use_memory=False)
+    assert abs(off[0] - got[0]) < 1e-6 and abs(off[2] - got[2]) > 1e-6  # memory only changes later segments
+    assert stack.use_memory
+
+
+class OracleStack:
+    """Answers a prompt's pass key right when its last digit is even, wrong otherwise."""
+
+    use_memory = True
+
+    def generate(self, prompts, max_new_tokens):
+        rows = []
+        for p in prompts.tolist():
+            key = re.search(r"pass key is (\d+)", bytes(p).decode()).group(1)
+            answer = key if int(key[-1]) % 2 == 0 else key[::-1] + "x"
+            rows.append(p + list((" " + answer).encode())[:max_new_tokens])
+        return torch.tensor(rows)
+
+
+def test_passkey_accuracy_counts_exact_answers():
+    tok = ByteTokenizer()
+    table = passkey_accuracy(OracleStack(), tok, [120, 200], [0.0, 1.0], samples=6, seed=5, instruction=False)
+    for i, length in enumerate([120, 200]):
+        for j, depth in enumerate([0.0, 1.0]):
+            keys = [
+                passkey_sample(tok, length, depth, 5 + 1000 * k, instruction=False).passkey for k in range(6)
+            ]
+            expected = sum(int(k[-1]) % 2 == 0 for k in keys) / 6
+            assert table["accuracy"][i][j] == expected
+    assert 0 < sum(map(sum, table["accuracy"])) < 4  # the oracle is neither always right nor always wrong
+    assert "| 120 |" in format_passkey_table(table)

@@ -1,0 +1,58 @@
+"""End-to-end runs of the scripts on a tiny config, as a user would type them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "schedule.max_steps=2",
+    "schedule.warmup_steps=1",
+    "data.curriculum=[120]",
+    "data.curriculum_steps=1",
+    "data.seq_len=160",
+    "run.batch_size=2",
+    "run.log_every=1",
+    "stack.segment_len=64",
+    "eval.passkey_lengths=[160,320]",
+    "eval.passkey_depths=[0.0,1.0]",
+    "eval.samples_per_cell=1",
+]
+
+
+def run(*args, check=True):
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, check=check, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_train_then_eval_passkey_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    run("scripts/train.py", "configs/tiny_passkey.py", f"run.out_dir={out}", *TINY)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["stack"]["segment_len"] == 64 and saved["eval"]["passkey_lengths"] == [160, 320]
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and set(metrics[0]["gates"]) == {"0", "1", "2", "3"}
+    assert (out / "step-000002" / "model.safetensors").is_file()
+    trained = json.loads((out / "passkey.json").read_text())
+    for key in ("memory_on", "memory_off"):
+        assert len(trained[key]["accuracy"]) == 2 and len(trained[key]["accuracy"][0]) == 2
+
+    run("scripts/eval_passkey.py", str(out))
+    evaluated = json.loads((out / "passkey_eval.json").read_text())
+    assert (
+        evaluated["memory_on"]["accuracy"] == trained["memory_on"]["accuracy"]
+    )  # same weights, same prompts
+    assert (out / "passkey_heatmap.png").stat().st_size > 1000
+    run("scripts/plot.py", str(out))
+    assert (out / "curves.png").stat().st_size > 1000
+
+
+def test_train_rejects_unknown_keys_with_the_valid_ones(tmp_path):
+    res = run("scripts/train.py", "configs/tiny_passkey.py", "optim.learning_rate=1", check=False)
+    assert res.returncode != 0
+    assert "unknown config key 'optim.learning_rate'" in res.stderr and "optim.lr" in res.stderr
