@@ -151,10 +151,11 @@ class CompressiveMemory(nn.Module):
         with torch.autocast(device_type=query.device.type, enabled=False):
             mem = retrieve(state, query).transpose(1, 2)  # (B, T, H, d_v)
             g = torch.sigmoid(self.gate.float())[:, None]  # (H, 1)
-            mixed = g * mem + (1.0 - g) * local.float()
-            groups = query.shape[1] // state.M.shape[1]
-            empty = state.is_empty().repeat_interleave(groups, dim=1)  # (B, H)
-            out = torch.where(empty[:, None, :, None], local.float(), mixed)
+            out = torch.lerp(local.float(), mem, g)  # g * mem + (1 - g) * local, one kernel
+            empty = state.is_empty()  # (B, H_kv)
+            if bool(empty.any()):  # only early segments or padded rows: skip the select otherwise
+                empty = empty.repeat_interleave(query.shape[1] // state.M.shape[1], dim=1)  # (B, H)
+                out = torch.where(empty[:, None, :, None], local.float(), out)
         return out.to(local.dtype)
 
     def write(
