@@ -3,11 +3,12 @@
 A naive recipe (1M parameters, 512-byte prompts, loss = LM + 5 x answer) stays at chance: the
 model never forms the induction heads the pass key is copied with. So this one goes in stages:
 
-1. ``copy_steps``: repeated random strings only, until induction heads form (the loss on them
-   drops sharply after a few hundred steps);
-2. pass keys at 128 bytes, one segment: the needle is read by local attention;
-3. 256 and 512 bytes, then 1024 (the training length): the needle now sits segments before the
-   question and has to come back through compressive memory.
+1. ``copy_steps``: repeated random strings only, so induction heads can start to form;
+2. pass keys with 128-byte prompts: the prompt fills the first segment and the 6 answer bytes
+   (" NNNNN") fall in the second, so the digits have to come back through compressive memory
+   from the very first pass-key step, over a single segment boundary;
+3. 256 and 512 bytes, then 1024 (the training length): the needle sits up to 7 segments before
+   the answer.
 
 A quarter of each pass-key batch stays repeated strings, so the copy circuit is kept. Evaluated
 at 1x, 4x, 16x and 32x the training length, with memory on and off.
