@@ -51,6 +51,14 @@ def test_train_then_eval_passkey_end_to_end(tmp_path):
     run("scripts/plot.py", str(out))
     assert (out / "curves.png").stat().st_size > 1000
 
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("In the beginning was the word. " * 20)  # one 620-byte document
+    run("scripts/eval_ppl.py", str(out), "--data", str(corpus), "--doc-len", "200", "--docs", "1")
+    ppl = json.loads((out / "ppl_by_segment.json").read_text())
+    assert len(ppl["memory_on"]) == len(ppl["memory_off"]) == 4  # ceil(199 predictions / 64)
+    assert ppl["memory_on"][0] == ppl["memory_off"][0]  # the first segment never reads memory
+    assert (out / "ppl_by_segment.png").stat().st_size > 1000
+
 
 def test_train_rejects_unknown_keys_with_the_valid_ones(tmp_path):
     res = run("scripts/train.py", "configs/tiny_passkey.py", "optim.learning_rate=1", check=False)
