@@ -14,7 +14,8 @@ A quarter of each pass-key batch stays repeated strings, so the copy circuit is 
 at 1x, 4x, 16x and 32x the training length, with memory on and off.
 
     python scripts/train.py configs/tiny_passkey.py
-    python scripts/train.py configs/tiny_passkey.py stack.compressive=false run.out_dir=runs/tiny_passkey_nomem
+    python scripts/train.py configs/tiny_passkey.py stack.compressive=false \
+        run.out_dir=runs/tiny_passkey_nomem
 """
 
 from memstack.config import (
