@@ -336,3 +336,15 @@ def test_memory_off_context_runs_the_same_weights_without_memory():
             nxt = ref(expected[:, start:]).logits[:, -1].argmax(-1, keepdim=True)
             expected = torch.cat([expected, nxt], dim=1)
     assert torch.equal(gen_off, expected)
+
+
+def test_state_load_rejects_foreign_or_incomplete_files(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a memstack state file"):
+        StackState.load(tmp_path / "other.safetensors")
+    meta = {"format": "memstack-state", "version": "1", "segments": "2"}
+    save_file({"compressive.0.M": torch.zeros(1, 1, 2, 2)}, str(tmp_path / "half.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=r"missing \['compressive.0.z'\]"):
+        StackState.load(tmp_path / "half.safetensors")

@@ -72,6 +72,8 @@ class StackState:
         meta = {"format": STATE_FORMAT, "version": str(FORMAT_VERSION), "segments": str(self.segments)}
         tmp = path.with_name(f".{path.name}.tmp")
         save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb") as f:  # on disk before the rename makes it visible
+            os.fsync(f.fileno())
         os.replace(tmp, path)
 
     @classmethod
@@ -83,8 +85,16 @@ class StackState:
             meta = f.metadata() or {}
             if meta.get("format") != STATE_FORMAT:
                 raise ValueError(f"{path} is not a memstack state file (format={meta.get('format')!r})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
         layers = sorted({int(k.split(".")[1]) for k in tensors})
+        missing = [
+            f"compressive.{i}.{n}"
+            for i in layers
+            for n in ("M", "z")
+            if f"compressive.{i}.{n}" not in tensors
+        ]
+        if missing:
+            raise ValueError(f"{path} is an incomplete memstack state: missing {missing}")
         state = {
             layer: CompressiveState(tensors[f"compressive.{layer}.M"], tensors[f"compressive.{layer}.z"])
             for layer in layers
