@@ -1,5 +1,6 @@
 """Evaluations against the stack's own forward pass and a brute-force pass-key check."""
 
+import contextlib
 import re
 
 import torch
@@ -34,6 +35,9 @@ class OracleStack:
     """Answers a prompt's pass key right when its last digit is even, wrong otherwise."""
 
     use_memory = True
+
+    def memory_enabled(self, enabled=True):
+        return contextlib.nullcontext(self)
 
     def generate(self, prompts, max_new_tokens):
         rows = []

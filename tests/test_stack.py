@@ -348,3 +348,13 @@ def test_state_load_rejects_foreign_or_incomplete_files(tmp_path):
     save_file({"compressive.0.M": torch.zeros(1, 1, 2, 2)}, str(tmp_path / "half.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match=r"missing \['compressive.0.z'\]"):
         StackState.load(tmp_path / "half.safetensors")
+
+
+def test_softcapping_is_rejected_with_a_clear_error():
+    from memstack.attention import memstack_attention
+
+    model = make_model("llama")
+    MemoryStack(model, StackConfig(segment_len=SEG))
+    q = torch.randn(1, 4, 3, 16)
+    with pytest.raises(ValueError, match="LlamaAttention uses attention logit soft-capping"):
+        memstack_attention(model.model.layers[0].self_attn, q, q, q, None, softcap=30.0)

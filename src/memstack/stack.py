@@ -172,14 +172,18 @@ class MemoryStack(nn.Module):
         segment alone (see :meth:`memory_off`)."""
 
     @contextlib.contextmanager
-    def memory_off(self) -> Iterator[MemoryStack]:
-        """Run the same weights without compressive memory inside a ``with`` block, to measure
-        what memory contributes."""
-        previous, self.use_memory = self.use_memory, False
+    def memory_enabled(self, enabled: bool = True) -> Iterator[MemoryStack]:
+        """Inside a ``with`` block, read and write compressive memory or not (then restore)."""
+        previous, self.use_memory = self.use_memory, enabled
         try:
             yield self
         finally:
             self.use_memory = previous
+
+    def memory_off(self) -> contextlib.AbstractContextManager[MemoryStack]:
+        """Run the same weights without compressive memory inside a ``with`` block, to measure
+        what memory contributes."""
+        return self.memory_enabled(False)
 
     # ------------------------------------------------------------------ segments
 

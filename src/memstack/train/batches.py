@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..config import Config
-from ..data.tasks import IGNORE_INDEX, passkey_batch
+from ..data.tasks import passkey_batch
 from ..data.text import load_text_dataset, pack, tokenize_dataset
 from ..data.tokenizer import load_tokenizer
 
@@ -126,6 +126,3 @@ def make_batches(config: Config) -> tuple[Any, Any]:
     if config.data.task == "text":
         return tokenizer, TextBatches(config, tokenizer)
     raise ValueError(f"data.task must be 'passkey' or 'text', got {config.data.task!r}")
-
-
-__all__ = ["IGNORE_INDEX", "PasskeyBatches", "TextBatches", "curriculum_length", "make_batches"]

@@ -44,9 +44,7 @@ def passkey_accuracy(
     """
     table = []
     cells = [(length, depth) for length in lengths for depth in depths]
-    previous = stack.use_memory
-    stack.use_memory = use_memory
-    try:
+    with stack.memory_enabled(use_memory):
         accs: dict[tuple[int, float], float] = {}
         for length, depth in tqdm(cells, disable=not progress, desc="passkey"):
             batch = [
@@ -61,8 +59,6 @@ def passkey_accuracy(
             accs[(length, depth)] = sum(hits) / len(hits)
         for length in lengths:
             table.append([accs[(length, depth)] for depth in depths])
-    finally:
-        stack.use_memory = previous
     return {
         "lengths": lengths,
         "depths": depths,
@@ -79,9 +75,7 @@ def loss_by_segment(stack: MemoryStack, input_ids: torch.Tensor, use_memory: boo
     Does the loss fall further into a document when memory is on? Compare ``use_memory`` True
     and False on the same weights.
     """
-    previous = stack.use_memory
-    stack.use_memory = use_memory
-    try:
+    with stack.memory_enabled(use_memory):
         seg = stack.config.segment_len
         state, sums, counts = None, [], []
         for start in range(0, input_ids.shape[1], seg):
@@ -95,8 +89,6 @@ def loss_by_segment(stack: MemoryStack, input_ids: torch.Tensor, use_memory: boo
             )
             sums.append(loss.item())
             counts.append(chunk[:, 1:].numel())
-    finally:
-        stack.use_memory = previous
     return [s / max(c, 1) for s, c in zip(sums, counts, strict=True)]
 
 
