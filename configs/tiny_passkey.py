@@ -4,14 +4,18 @@ A naive recipe (1M parameters, 512-byte prompts, loss = LM + 5 x answer) stays a
 model never forms the induction heads the pass key is copied with. So this one goes in stages:
 
 1. ``copy_steps``: repeated random strings only, so induction heads can start to form;
-2. pass keys with 128-byte prompts: the prompt fills the first segment and the 6 answer bytes
-   (" NNNNN") fall in the second, so the digits have to come back through compressive memory
-   from the very first pass-key step, over a single segment boundary;
-3. 256 and 512 bytes, then 1024 (the training length): the needle sits up to 7 segments before
-   the answer.
+2. pass keys whose prompts grow from 128 to 1024 bytes (the training length) in steps of 64
+   bytes every 45 steps: the needle starts inside the current segment and moves up to 7
+   segments back. A gradual ramp, because a full-attention baseline that jumped from 512 to
+   1024 bytes at once (positions it had never seen) fell to chance and did not recover;
+3. the training length, 1024 bytes, to the end.
 
-A quarter of each pass-key batch stays repeated strings, so the copy circuit is kept. Evaluated
-at 1x, 4x, 16x and 32x the training length, with memory on and off.
+Each batch's prompt is shortened by a random 0-127 bytes (``length_jitter``), so the answer
+lands at every position of a 128-byte segment, with the question in local context. A quarter of
+each pass-key batch stays repeated strings, so the copy circuit is kept. Evaluated at 1x, 4x, 16x
+and 32x the training length, 64 bytes short of the segment grid (answer mid-segment); run
+``scripts/eval_passkey.py`` with ``--lengths 1024 4096 ...`` for the grid, where the answer opens
+a fresh segment and even the question must come back from memory.
 
     python scripts/train.py configs/tiny_passkey.py
     python scripts/train.py configs/tiny_passkey.py stack.compressive=false \
@@ -34,18 +38,19 @@ config = Config(
     data=DataConfig(
         task="passkey",
         seq_len=1024,
-        copy_steps=700,
-        curriculum=[128, 256, 512],
-        curriculum_steps=300,
+        copy_steps=600,
+        curriculum=list(range(128, 1024, 64)),
+        curriculum_steps=45,
+        length_jitter=127,
         answer_weight=5.0,
         repeat_fraction=0.25,
     ),
     stack=StackConfig(segment_len=128, update_rule="delta", gate_init=0.0),
     optim=OptimConfig(lr=3e-3, weight_decay=0.01, gate_lr_mult=10.0),
-    schedule=ScheduleConfig(max_steps=1900, warmup_steps=50),
+    schedule=ScheduleConfig(max_steps=1650, warmup_steps=50),
     run=RunConfig(out_dir="runs/tiny_passkey", batch_size=16, log_every=10, ckpt_every=100),
     eval=EvalConfig(
-        passkey_lengths=[1024, 4096, 16384, 32768],
+        passkey_lengths=[960, 4032, 16320, 32704],
         passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0],
         samples_per_cell=5,
     ),

@@ -21,6 +21,7 @@ from memstack.data.tasks import (
     PASSKEY_QUESTION,
     multi_needle_sample,
     passkey_batch,
+    passkey_min_length,
     passkey_sample,
 )
 from memstack.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
@@ -130,6 +131,16 @@ def test_passkey_without_instruction(tok):
     assert s.needle_start == 0
     assert tok.decode(s.prompt_ids).startswith(" " + needle_text(s.passkey))
     assert min_length(tok, seed=1, instruction=False) < min_length(tok, seed=1)
+
+
+@pytest.mark.parametrize("instruction", [False, True])
+def test_passkey_min_length_is_the_shortest_accepted_prompt(instruction):
+    tok = ByteTokenizer()
+    shortest = passkey_min_length(tok, instruction=instruction)
+    for seed in range(5):
+        assert min_length(tok, seed=seed, instruction=instruction) == shortest
+    s = passkey_sample(tok, shortest, 0.5, seed=0, instruction=instruction)
+    assert tok.decode(s.prompt_ids).endswith(needle_text(s.passkey) + " " + PASSKEY_QUESTION)
 
 
 def test_passkey_errors(tok):

@@ -107,6 +107,26 @@ def test_passkey_batches_follow_the_curriculum_and_are_deterministic(tmp_path):
     assert not torch.equal(batches.batch(2, 0, 1, 2)["input_ids"], b2["input_ids"])  # ranks differ
 
 
+def test_length_jitter_moves_the_answer_through_the_segment():
+    """Prompt lengths spread over [L - jitter, L], clamped at the shortest pass-key prompt; the
+    answer follows the prompt of each batch; draws are reproducible."""
+    data = DataConfig(task="passkey", seq_len=256, curriculum=[112], curriculum_steps=50, length_jitter=63)
+    _, batches = make_batches(Config(data=data, run=RunConfig(batch_size=2)))
+    shortest = batches.min_length
+    seen = {0: set(), 1: set()}
+    for step in range(120):
+        b = batches.batch(step, 0, 0, 1)
+        prompt = b["input_ids"].shape[1] - 6
+        stage = 0 if step < 50 else 1
+        assert (max(112 - 63, shortest) if stage == 0 else 256 - 63) <= prompt <= (112, 256)[stage]
+        assert b["answer_mask"][0].nonzero()[0].item() == prompt
+        seen[stage].add(prompt)
+    assert shortest in seen[0] and len(seen[1]) > 30  # the clamp is hit; the lengths really vary
+    assert torch.equal(batches.batch(77, 0, 0, 1)["input_ids"], batches.batch(77, 0, 0, 1)["input_ids"])
+    with pytest.raises(ValueError, match="length_jitter"):
+        make_batches(Config(data=DataConfig(task="passkey", length_jitter=-1)))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -186,6 +186,11 @@ class DataConfig:
     repeat_fraction: float = 0.0
     """Passkey: share of each batch made of repeated random strings (pure copy signal that
     helps small models form induction heads; see memstack.train.batches)."""
+    length_jitter: int = 0
+    """Passkey: shorten each batch's prompts by a random 0..``length_jitter`` tokens (never below
+    the shortest prompt the task can build). With ``stack.segment_len - 1`` the answer lands at
+    every position of a segment, with the question in local context, instead of always opening
+    a fresh segment (the hardest case, where the question too must come back from memory)."""
     instruction: bool = False
     """Passkey: open prompts with the papers' instruction sentence (costs ~170 bytes)."""
     doc_separator: str | None = None

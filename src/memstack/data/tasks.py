@@ -177,6 +177,16 @@ def _random_number(rng: random.Random, digits: int) -> str:
     return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
 
 
+def passkey_min_length(tokenizer: Tokenizer, digits: int = 5, *, instruction: bool = True) -> int:
+    """Shortest prompt :func:`passkey_sample` can build: head, needle and question with no filler.
+
+    Measured with a key of ``digits`` nines; a subword tokenizer may split other keys into more
+    tokens, so leave a few tokens of margin there.
+    """
+    needle = _piece(tokenizer, PASSKEY_NEEDLE.format(key="9" * digits))
+    return len(_head(tokenizer, instruction)) + len(needle) + len(_piece(tokenizer, PASSKEY_QUESTION))
+
+
 def passkey_sample(
     tokenizer: Tokenizer, length: int, depth: float, seed: int, digits: int = 5, *, instruction: bool = True
 ) -> PasskeySample:

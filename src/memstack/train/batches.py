@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..config import Config
-from ..data.tasks import passkey_batch
+from ..data.tasks import passkey_batch, passkey_min_length
 from ..data.text import load_text_dataset, pack, tokenize_dataset
 from ..data.tokenizer import load_tokenizer
 
@@ -45,11 +45,23 @@ class PasskeyBatches:
     def __init__(self, config: Config, tokenizer: Any):
         self.config, self.tokenizer = config, tokenizer
         self.batch_size = config.run.batch_size
+        if config.data.length_jitter < 0:
+            raise ValueError(f"data.length_jitter must be >= 0, got {config.data.length_jitter}")
+        self.min_length = passkey_min_length(tokenizer, instruction=config.data.instruction)
 
     def length(self, step: int) -> int:
+        """Prompt length of the curriculum stage at ``step`` (before ``length_jitter``)."""
         d = self.config.data
         stage_step = max(0, step - d.copy_steps)
         return curriculum_length(stage_step, d.curriculum, d.curriculum_steps, d.seq_len)
+
+    def prompt_length(self, step: int, rng: random.Random) -> int:
+        """The stage length shortened by a random 0..``length_jitter``, never below the task's minimum."""
+        length = self.length(step)
+        jitter = self.config.data.length_jitter
+        if not jitter:
+            return length
+        return max(min(length, self.min_length), length - rng.randint(0, jitter))
 
     def _repeat_rows(self, n: int, width: int, rng: random.Random) -> torch.Tensor:
         rows = []
@@ -74,7 +86,7 @@ class PasskeyBatches:
         pk = passkey_batch(
             self.tokenizer,
             self.batch_size - n_repeat,
-            length,
+            self.prompt_length(step, rng),
             seed=_seed(seed, step, micro, rank),
             instruction=d.instruction,
         )
