@@ -2,14 +2,21 @@
 
 import contextlib
 import re
+from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from memstack import MemoryStack, StackConfig
 from memstack.data.tasks import passkey_sample
 from memstack.data.tokenizer import ByteTokenizer
-from memstack.train.evaluate import format_passkey_table, loss_by_segment, passkey_accuracy
+from memstack.train.evaluate import (
+    format_passkey_table,
+    loss_by_segment,
+    passkey_accuracy,
+    passkey_by_offset,
+)
 from tests.conftest import make_model
 
 
@@ -60,3 +67,33 @@ def test_passkey_accuracy_counts_exact_answers():
             assert table["accuracy"][i][j] == expected
     assert 0 < sum(map(sum, table["accuracy"])) < 4  # the oracle is neither always right nor always wrong
     assert "| 120 |" in format_passkey_table(table)
+
+
+class RecordingOracle(OracleStack):
+    """The oracle above, with a segment length, keeping every prompt it was given."""
+
+    def __init__(self, segment_len: int):
+        self.config = SimpleNamespace(segment_len=segment_len)
+        self.prompts: list[str] = []
+
+    def generate(self, prompts, max_new_tokens):
+        self.prompts += [bytes(p).decode() for p in prompts.tolist()]
+        return super().generate(prompts, max_new_tokens)
+
+
+@pytest.mark.parametrize("instruction", [False, True])
+def test_passkey_by_offset_puts_the_needle_at_each_offset(instruction):
+    tok, seg, offsets = ByteTokenizer(), 64, [0, 17, 63]
+    oracle = RecordingOracle(seg)
+    result = passkey_by_offset(oracle, tok, 700, offsets, samples=3, seed=2, instruction=instruction)
+    assert len(oracle.prompts) == 9
+    for j, off in enumerate(offsets):
+        prompts = oracle.prompts[3 * j : 3 * j + 3]
+        starts = [p.index(" The pass key is") for p in prompts]  # the needle opens with a space
+        assert all(st % seg == off for st in starts)
+        assert len(set(starts)) == 3  # spread over different segments
+        keys = [re.search(r"pass key is (\d+)", p).group(1) for p in prompts]
+        assert result["accuracy"][j] == sum(int(k[-1]) % 2 == 0 for k in keys) / 3
+    assert 0 < sum(result["accuracy"]) < 3
+    with pytest.raises(ValueError, match="offsets must be in"):
+        passkey_by_offset(oracle, tok, 700, [64])

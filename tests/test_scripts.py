@@ -48,6 +48,12 @@ def test_train_then_eval_passkey_end_to_end(tmp_path):
         evaluated["memory_on"]["accuracy"] == trained["memory_on"]["accuracy"]
     )  # same weights, same prompts
     assert (out / "passkey_heatmap.png").stat().st_size > 1000
+    run("scripts/eval_passkey.py", str(out), "--by-offset", "320", "--offset-stride", "16", "--samples", "2")
+    by_offset = json.loads((out / "passkey_offsets.json").read_text())
+    assert by_offset["memory_on"]["offsets"] == [0, 16, 32, 48]  # segment 64 of the tiny run
+    starts = by_offset["memory_off"]["needle_starts"]
+    assert all(s % 64 == o for o, ss in zip([0, 16, 32, 48], starts, strict=True) for s in ss)
+    assert (out / "passkey_offsets.png").stat().st_size > 1000
     run("scripts/plot.py", str(out))
     assert (out / "curves.png").stat().st_size > 1000
 

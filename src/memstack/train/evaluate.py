@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..config import Config
-from ..data.tasks import passkey_sample
+from ..data.tasks import passkey_min_length, passkey_sample
 from ..data.tokenizer import load_tokenizer
 from ..stack import MemoryStack
 from .checkpoint import latest_checkpoint, load_weights
@@ -63,6 +63,72 @@ def passkey_accuracy(
         "lengths": lengths,
         "depths": depths,
         "accuracy": table,
+        "use_memory": use_memory,
+        "samples": samples,
+    }
+
+
+@torch.no_grad()
+def passkey_by_offset(
+    stack: MemoryStack,
+    tokenizer: Any,
+    length: int,
+    offsets: list[int],
+    samples: int = 4,
+    seed: int = 0,
+    use_memory: bool = True,
+    instruction: bool = True,
+) -> dict[str, Any]:
+    """Greedy passkey accuracy by the needle's offset inside its segment, at one prompt length.
+
+    A segment boundary that cuts the needle (worst: through the key's digits) leaves part of it
+    without its local context when its keys and values are computed, so retrieval may depend on
+    where in a segment the needle starts. For each offset ``o`` the needle starts at
+    ``o + k * segment_len`` for ``samples`` values of ``k`` spread over the prompt (the samples'
+    seeds are ``seed + 1000 * i``, as in :func:`passkey_accuracy`).
+
+    Returns:
+        ``{"length", "segment_len", "offsets", "accuracy": [per offset], "needle_starts":
+        [[per sample] per offset], "use_memory", "samples"}``.
+
+    Raises:
+        ValueError: if an offset is outside ``[0, segment_len)`` or the prompt holds no needle
+            start at some offset.
+    """
+    seg = stack.config.segment_len
+    bad = [o for o in offsets if not 0 <= o < seg]
+    if bad:
+        raise ValueError(f"offsets must be in [0, segment_len={seg}), got {bad}")
+    head = passkey_sample(tokenizer, length, 0.0, seed, instruction=instruction).needle_start
+    n_filler = length - passkey_min_length(tokenizer, instruction=instruction)
+    accuracy, starts_by_offset = [], []
+    with stack.memory_enabled(use_memory):
+        for off in offsets:
+            # needle starts head..head+n_filler; pick `samples` of those that sit at this offset
+            first = head + (off - head) % seg
+            candidates = list(range(first, head + n_filler + 1, seg))
+            if not candidates:
+                raise ValueError(f"a {length}-token prompt has no needle start at segment offset {off}")
+            spread = (len(candidates) - 1) / max(1, samples - 1)
+            picks = [candidates[round(i * spread)] for i in range(samples)]
+            batch = [
+                passkey_sample(
+                    tokenizer, length, (p - head) / max(1, n_filler), seed + 1000 * i, instruction=instruction
+                )
+                for i, p in enumerate(picks)
+            ]
+            prompts = torch.tensor([s.prompt_ids for s in batch])
+            longest = max(len(s.answer_ids) for s in batch)
+            out = stack.generate(prompts, max_new_tokens=longest)[:, length:].cpu().tolist()
+            hits = [o[: len(s.answer_ids)] == s.answer_ids for o, s in zip(out, batch, strict=True)]
+            accuracy.append(sum(hits) / len(hits))
+            starts_by_offset.append([s.needle_start for s in batch])
+    return {
+        "length": length,
+        "segment_len": seg,
+        "offsets": list(offsets),
+        "accuracy": accuracy,
+        "needle_starts": starts_by_offset,
         "use_memory": use_memory,
         "samples": samples,
     }

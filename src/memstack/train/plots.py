@@ -37,6 +37,25 @@ def passkey_heatmap(result: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def passkey_offset_plot(result: dict[str, Any], path: str | Path) -> Path:
+    """Accuracy against the needle's offset inside its segment, one line per system."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for name, t in result.items():
+        if isinstance(t, dict) and "offsets" in t:
+            ax.plot(t["offsets"], t["accuracy"], marker=".", label=name.replace("_", " "))
+            seg, length = t["segment_len"], t["length"]
+    ax.set_xlim(0, seg)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel(f"needle start inside its segment (segment = {seg} tokens)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"pass key at {length} tokens")
+    ax.legend()
+    path = Path(path)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def loss_by_segment_plot(result: dict[str, Any], path: str | Path) -> Path:
     """Loss per segment index, memory on vs off."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
