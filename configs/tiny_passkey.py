@@ -6,8 +6,7 @@ model never forms the induction heads the pass key is copied with. So this one g
 1. ``copy_steps``: repeated random strings only, so induction heads can start to form;
 2. pass keys whose prompts grow from 128 to 1024 bytes (the training length) in steps of 64
    bytes every 45 steps: the needle starts inside the current segment and moves up to 7
-   segments back. A gradual ramp, because a full-attention baseline that jumped from 512 to
-   1024 bytes at once (positions it had never seen) fell to chance and did not recover;
+   segments back;
 3. the training length, 1024 bytes, to the end.
 
 Each batch's prompt is shortened by a random 0-127 bytes (``length_jitter``), so the answer
@@ -20,6 +19,10 @@ a fresh segment and even the question must come back from memory.
     python scripts/train.py configs/tiny_passkey.py
     python scripts/train.py configs/tiny_passkey.py stack.compressive=false \
         run.out_dir=runs/tiny_passkey_nomem
+
+For a full-attention baseline make the segment longer than prompt + answer
+(``stack.segment_len=2048 stack.compressive=false``): with ``segment_len=1024`` a 1024-byte
+prompt puts its answer in a second segment that sees nothing of the first.
 """
 
 from memstack.config import (
