@@ -12,11 +12,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..config import Config
-from ..data.tasks import passkey_min_length, passkey_sample
+from ..data.tasks import PasskeySample, passkey_min_length, passkey_sample
 from ..data.tokenizer import load_tokenizer
 from ..stack import MemoryStack
 from .checkpoint import latest_checkpoint, load_weights
 from .loop import build_model, resolve_device
+
+
+def _greedy_hits(stack: MemoryStack, batch: list[PasskeySample]) -> list[bool]:
+    """Whether greedy decoding reproduces each sample's answer exactly (prompts of equal length)."""
+    prompts = torch.tensor([s.prompt_ids for s in batch])
+    # subword tokenizers can give answers of different lengths: compare each one's prefix
+    longest = max(len(s.answer_ids) for s in batch)
+    out = stack.generate(prompts, max_new_tokens=longest)[:, prompts.shape[1] :].cpu().tolist()
+    return [o[: len(s.answer_ids)] == s.answer_ids for o, s in zip(out, batch, strict=True)]
 
 
 @torch.no_grad()
@@ -51,11 +60,7 @@ def passkey_accuracy(
                 passkey_sample(tokenizer, length, depth, seed + 1000 * i, instruction=instruction)
                 for i in range(samples)
             ]
-            prompts = torch.tensor([s.prompt_ids for s in batch])
-            # subword tokenizers can give answers of different lengths: compare each one's prefix
-            longest = max(len(s.answer_ids) for s in batch)
-            out = stack.generate(prompts, max_new_tokens=longest)[:, prompts.shape[1] :].cpu().tolist()
-            hits = [o[: len(s.answer_ids)] == s.answer_ids for o, s in zip(out, batch, strict=True)]
+            hits = _greedy_hits(stack, batch)
             accs[(length, depth)] = sum(hits) / len(hits)
         for length in lengths:
             table.append([accs[(length, depth)] for depth in depths])
@@ -117,10 +122,7 @@ def passkey_by_offset(
                 )
                 for i, p in enumerate(picks)
             ]
-            prompts = torch.tensor([s.prompt_ids for s in batch])
-            longest = max(len(s.answer_ids) for s in batch)
-            out = stack.generate(prompts, max_new_tokens=longest)[:, length:].cpu().tolist()
-            hits = [o[: len(s.answer_ids)] == s.answer_ids for o, s in zip(out, batch, strict=True)]
+            hits = _greedy_hits(stack, batch)
             accuracy.append(sum(hits) / len(hits))
             starts_by_offset.append([s.needle_start for s in batch])
     return {
