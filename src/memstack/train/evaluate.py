@@ -90,7 +90,9 @@ def passkey_by_offset(
     without its local context when its keys and values are computed, so retrieval may depend on
     where in a segment the needle starts. For each offset ``o`` the needle starts at
     ``o + k * segment_len`` for ``samples`` values of ``k`` spread over the prompt (the samples'
-    seeds are ``seed + 1000 * i``, as in :func:`passkey_accuracy`).
+    seeds are ``seed + 1000 * i``, as in :func:`passkey_accuracy`). Exact for the byte tokenizer;
+    a subword tokenizer can split some keys into more tokens and shift a needle by a token or
+    two, so ``needle_starts`` reports where each one really is.
 
     Returns:
         ``{"length", "segment_len", "offsets", "accuracy": [per offset], "needle_starts":
