@@ -36,9 +36,16 @@ def main(argv: list[str] | None = None) -> dict:
         help="instead of the table: accuracy by the needle's offset inside its segment at this length",
     )
     p.add_argument("--offset-stride", type=int, default=4, help="--by-offset: offsets 0, stride, 2*stride...")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the run's saved config first (e.g. stack.segment_len=2048)",
+    )
     args = p.parse_args(argv)
 
-    config, stack, tokenizer = load_run(args.run_dir)
+    config, stack, tokenizer = load_run(args.run_dir, args.set)
     e = config.eval
     lengths, depths = args.lengths or e.passkey_lengths, args.depths or e.passkey_depths
     samples = args.samples or e.samples_per_cell

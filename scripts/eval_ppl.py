@@ -29,9 +29,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--doc-len", type=int, default=8192, help="tokens per document (longer ones are cut)")
     p.add_argument("--docs", type=int, default=8, help="documents (those of at least doc-len tokens)")
     p.add_argument("--out", type=Path)
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the run's saved config first (e.g. stack.segment_len=2048)",
+    )
     args = p.parse_args(argv)
 
-    config, stack, tokenizer = load_run(args.run_dir)
+    config, stack, tokenizer = load_run(args.run_dir, args.set)
     separator = args.doc_separator or config.data.doc_separator
     docs = tokenize_dataset(load_text_dataset(args.data, doc_separator=separator), tokenizer)
     long_docs = [d[: args.doc_len] for d in docs["input_ids"] if len(d) >= args.doc_len][: args.docs]

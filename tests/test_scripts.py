@@ -65,6 +65,18 @@ def test_train_then_eval_passkey_end_to_end(tmp_path):
     assert ppl["memory_on"][0] == ppl["memory_off"][0]  # the first segment never reads memory
     assert (out / "ppl_by_segment.png").stat().st_size > 1000
 
+    # --set evaluates the same weights under another stack config: one 256-token segment
+    # holds the whole document, so memory is never read and on equals off
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    args = ["--data", str(corpus), "--doc-len", "200", "--docs", "1", "--out", str(whole)]
+    run("scripts/eval_ppl.py", str(out), *args, "--set", "stack.segment_len=256")
+    one = json.loads((whole / "ppl_by_segment.json").read_text())
+    assert one["segment_len"] == 256 and len(one["memory_on"]) == 1
+    assert one["memory_on"] == one["memory_off"]
+    bad = run("scripts/eval_ppl.py", str(out), *args, "--set", "stack.segment=256", check=False)
+    assert bad.returncode != 0 and "unknown config key 'stack.segment'" in bad.stderr
+
 
 def test_train_rejects_unknown_keys_with_the_valid_ones(tmp_path):
     res = run("scripts/train.py", "configs/tiny_passkey.py", "optim.learning_rate=1", check=False)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..config import Config
+from ..config import Config, apply_overrides
 from ..data.tasks import PasskeySample, passkey_min_length, passkey_sample
 from ..data.tokenizer import load_tokenizer
 from ..stack import MemoryStack
@@ -180,17 +180,21 @@ def format_passkey_table(table: dict) -> str:
     return "\n".join(lines)
 
 
-def load_run(run_dir: str | Path) -> tuple[Config, MemoryStack, Any]:
+def load_run(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[Config, MemoryStack, Any]:
     """(config, stack with the latest checkpoint's weights, tokenizer) of a training run.
+
+    ``overrides`` (``a.b=value``, as on the train.py command line) change the saved config
+    before the stack is built: evaluate the same weights with e.g. ``stack.segment_len=2048``.
 
     Raises:
         FileNotFoundError: if the directory has no config.json or no checkpoint.
+        ValueError: for a bad override, or weights that do not fit the overridden stack.
     """
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.json: is it a scripts/train.py run directory?")
-    config = Config.from_dict(json.loads(cfg_path.read_text()))
+    config = apply_overrides(Config.from_dict(json.loads(cfg_path.read_text())), overrides or [])
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint (step-NNNNNN/)")
