@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from memstack.config import add_set_argument
 from memstack.io import write_json
 from memstack.train.evaluate import format_passkey_table, load_run, passkey_accuracy, passkey_by_offset
 from memstack.train.plots import passkey_heatmap, passkey_offset_plot
@@ -36,13 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="instead of the table: accuracy by the needle's offset inside its segment at this length",
     )
     p.add_argument("--offset-stride", type=int, default=4, help="--by-offset: offsets 0, stride, 2*stride...")
-    p.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override the run's saved config first (e.g. stack.segment_len=2048)",
-    )
+    add_set_argument(p)
     args = p.parse_args(argv)
 
     config, stack, tokenizer = load_run(args.run_dir, args.set)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from memstack.config import add_set_argument
 from memstack.data.text import load_text_dataset, tokenize_dataset
 from memstack.io import write_json
 from memstack.train.evaluate import load_run, loss_by_segment
@@ -29,13 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--doc-len", type=int, default=8192, help="tokens per document (longer ones are cut)")
     p.add_argument("--docs", type=int, default=8, help="documents (those of at least doc-len tokens)")
     p.add_argument("--out", type=Path)
-    p.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override the run's saved config first (e.g. stack.segment_len=2048)",
-    )
+    add_set_argument(p)
     args = p.parse_args(argv)
 
     config, stack, tokenizer = load_run(args.run_dir, args.set)

@@ -6,6 +6,7 @@ fails when the config is built, not deep inside a forward pass.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -330,6 +331,18 @@ def _parse_value(raw: str, type_hint: Any, key: str) -> Any:
         except ValueError:
             raise ValueError(f"{key}: expected {type_hint.__name__}, got {raw!r}") from None
     return raw
+
+
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE ...`` on an evaluation script: overrides for a run's saved config
+    (parsed by :func:`apply_overrides`), e.g. ``--set stack.segment_len=2048``."""
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the run's saved config first (e.g. stack.segment_len=2048)",
+    )
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
