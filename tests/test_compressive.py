@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memstack.memory.compressive import CompressiveMemory, CompressiveState, init_state, retrieve, update
+from memstack.memory.base import LayerRecord
+from memstack.memory.compressive import Compressive, CompressiveState, init_state, retrieve, update
+from memstack.memory.mixer import MemoryMixer
 
 
 def sigma(x):
@@ -89,9 +91,10 @@ def test_padded_positions_are_never_written_even_if_inf(rule):
 
 
 def test_gate_mixes_and_empty_memory_returns_local_exactly():
-    mem = CompressiveMemory(num_heads=4, gate_init=0.0)
+    mixer = MemoryMixer(num_heads=4, kinds={"compressive": 0.0})
+    gate = mixer.gates["compressive"]
     with torch.no_grad():
-        mem.gate.copy_(torch.tensor([-2.0, -1.0, 1.0, 3.0]))
+        gate.copy_(torch.tensor([-2.0, -1.0, 1.0, 3.0]))
     q = torch.randn(2, 4, 5, 8)
     local = torch.randn(2, 5, 4, 6)
     M, z = random_state(2, 2, 8, 6)
@@ -99,8 +102,8 @@ def test_gate_mixes_and_empty_memory_returns_local_exactly():
     state = CompressiveState(state.M, state.z.clone())
     state.z[1] = 0  # row 1 has written nothing yet
     state.M[1] = 0
-    out = mem.read(state, q, local)
-    g = torch.sigmoid(mem.gate.detach().double())
+    out = mixer.mix(local, {"compressive": Compressive([0]).read(state, q)})
+    g = torch.sigmoid(gate.detach().double())
     A_mem = naive_retrieve(M, z, q, 2).transpose(1, 2)  # (B, T, H, dv)
     expected0 = g[None, :, None] * A_mem[0] + (1 - g[None, :, None]) * local[0].double()
     torch.testing.assert_close(out[0].double(), expected0, atol=1e-5, rtol=1e-5)
@@ -108,13 +111,26 @@ def test_gate_mixes_and_empty_memory_returns_local_exactly():
 
 
 def test_state_is_float32_under_bf16_autocast():
-    mem = CompressiveMemory(num_heads=2)
+    kind, mixer = Compressive([0]), MemoryMixer(num_heads=2, kinds={"compressive": 0.0})
     state = init_state(1, 2, 4, 4, "cpu")
     k = torch.randn(1, 2, 3, 4, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        new = mem.write(state, k, k, None)
-        out = mem.read(
-            new, torch.randn(1, 2, 3, 4, dtype=torch.bfloat16), torch.randn(1, 3, 2, 4, dtype=torch.bfloat16)
-        )
+        new = kind.write(state, LayerRecord(k, k), None)
+        readout = kind.read(new, torch.randn(1, 2, 3, 4, dtype=torch.bfloat16))
+        out = mixer.mix(torch.randn(1, 3, 2, 4, dtype=torch.bfloat16), {"compressive": readout})
     assert new.M.dtype == torch.float32 and new.z.dtype == torch.float32
     assert out.dtype == torch.bfloat16
+
+
+def test_checkpoints_with_the_old_gate_name_still_load():
+    """memstack <= 0.1 saved the compressive gate as ``...memstack_memory.gate``."""
+    from memstack import MemoryStack, StackConfig
+    from tests.conftest import make_model
+
+    stack = MemoryStack(make_model("llama"), StackConfig(segment_len=8))
+    old = {k.replace("gates.compressive", "gate"): v + 1.0 for k, v in stack.state_dict().items()}
+    assert any(k.endswith("memstack_memory.gate") for k in old)
+    missing, unexpected = stack.load_state_dict(old, strict=False)
+    assert not missing and not unexpected
+    for gate in stack.gate_parameters():
+        assert torch.equal(gate, torch.ones_like(gate))  # gate_init 0 + 1

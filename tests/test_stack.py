@@ -358,3 +358,225 @@ def test_softcapping_is_rejected_with_a_clear_error():
     q = torch.randn(1, 4, 3, 16)
     with pytest.raises(ValueError, match="LlamaAttention uses attention logit soft-capping"):
         memstack_attention(model.model.layers[0].self_attn, q, q, q, None, softcap=30.0)
+
+
+# ---------------------------------------------------------------------- data safety and clear errors
+
+
+def test_stack_save_next_to_a_saved_hf_model_keeps_the_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, ref = model_pair("llama")
+    model.save_pretrained(tmp_path)  # the model's own files first, as a user would
+    before = {p.name for p in tmp_path.iterdir()}
+    stack = MemoryStack(model, StackConfig(segment_len=SEG))
+    with torch.no_grad():
+        for gate in stack.gate_parameters():
+            gate.normal_()
+    stack.save_pretrained(tmp_path)
+    stack.save_pretrained(tmp_path)  # a second save replaces only memstack's own files
+    after = {p.name for p in tmp_path.iterdir()}
+    assert before <= after and len(after - before) == 2, after - before  # manifest + one weights file
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 256, (1, 3 * SEG))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, ref(ids).logits, atol=1e-6, rtol=0)
+        restored = MemoryStack.from_pretrained(tmp_path, reloaded)
+        assert torch.equal(restored(ids).logits, stack(ids).logits)
+
+
+def test_stack_save_refuses_a_file_path_and_leaves_it(tmp_path):
+    stack = MemoryStack(make_model("llama"), StackConfig(segment_len=SEG))
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    with pytest.raises(ValueError, match="notes.txt exists and is not a directory"):
+        stack.save_pretrained(target)
+    assert target.read_text() == "mine"
+
+
+def test_stack_save_crashing_before_its_commit_leaves_the_previous_save(tmp_path, monkeypatch):
+    import memstack.stack as stack_module
+
+    stack = MemoryStack(make_model("llama"), StackConfig(segment_len=SEG))
+    stack.save_pretrained(tmp_path)
+    old_gates = [g.detach().clone() for g in stack.gate_parameters()]
+    with torch.no_grad():
+        for gate in stack.gate_parameters():
+            gate.fill_(3.0)
+    real = stack_module.atomic_file
+
+    def crash_at_manifest(path):
+        if path.name == stack_module.CONFIG_FILE:
+            raise KeyboardInterrupt("killed")
+        return real(path)
+
+    monkeypatch.setattr(stack_module, "atomic_file", crash_at_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        stack.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    restored = MemoryStack.from_pretrained(tmp_path, make_model("llama"))
+    for a, b in zip(restored.gate_parameters(), old_gates, strict=True):
+        assert torch.equal(a, b)
+    stack.save_pretrained(tmp_path)  # the next save commits and removes the orphaned weights
+    assert len(list(tmp_path.glob("memstack_memory*"))) == 1
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_failed_from_pretrained_leaves_the_model_unwrapped(tmp_path):
+    model, ref = model_pair("llama")
+    MemoryStack(make_model("llama"), StackConfig(segment_len=SEG)).save_pretrained(tmp_path)
+    for weights in tmp_path.glob("memstack_memory*"):
+        weights.unlink()
+    with pytest.raises(FileNotFoundError, match="which is missing"):
+        MemoryStack.from_pretrained(tmp_path, model)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(hasattr(m, "memstack_memory") for m in model.modules())
+    stack = MemoryStack(model, StackConfig(segment_len=SEG))  # a retry with the same model works
+    ids = torch.randint(0, 256, (1, SEG))
+    with torch.no_grad():
+        torch.testing.assert_close(stack(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)
+        back = stack.unwrap()  # and unwrap gives the model back as it was
+        assert back.config._attn_implementation == "sdpa"
+        assert not [n for n, _ in back.named_parameters() if "memstack" in n]
+        assert sum(p.numel() for p in back.parameters()) == sum(p.numel() for p in ref.parameters())
+
+
+@pytest.mark.parametrize(
+    "manifest, message",
+    [
+        ([1, 2], "expected a JSON object, got list"),
+        ({"format": "memstack", "version": 2, "model_type": "llama"}, "field 'stack' missing"),
+        ({"format": "memstack", "version": 0, "model_type": "llama", "stack": {}}, "version 0"),
+        ({"format": "memstack", "version": -1, "model_type": "llama", "stack": {}}, "version -1"),
+        ({"format": "memstack", "version": 99, "model_type": "llama", "stack": {}}, "version 99"),
+    ],
+)
+def test_from_pretrained_rejects_malformed_manifests(tmp_path, manifest, message):
+    import json
+
+    (tmp_path / "memstack_config.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=message) as err:
+        MemoryStack.from_pretrained(tmp_path, make_model("llama"))
+    assert "memstack_config.json" in str(err.value)
+
+
+def test_forward_step_generate_reject_bad_input_before_any_work():
+    stack = MemoryStack(make_model("llama"), StackConfig(segment_len=SEG))
+    with pytest.raises(ValueError, match=r"at least one row and one token, got shape \(2, 0\)"):
+        stack(torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token id 256, outside the model's vocabulary \[0, 255\]"):
+        stack(torch.tensor([[1, 256]]))
+    with pytest.raises(ValueError, match=r"token id -1, outside"):
+        stack.step(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="integer token ids, got dtype torch.float32"):
+        stack(torch.zeros(1, 4))
+    ids = torch.randint(0, 256, (2, 2 * SEG))
+    with pytest.raises(ValueError, match=r"max_new_tokens must be an int >= 0, got -1"):
+        stack.generate(ids, max_new_tokens=-1)
+    with pytest.raises(ValueError, match=r"eos_token_id must be None or a token id in \[0, 255\], got 300"):
+        stack.generate(ids, eos_token_id=300)
+    assert torch.equal(stack.generate(ids, max_new_tokens=0), ids)
+
+
+def test_a_state_from_another_model_or_batch_is_rejected():
+    stack = MemoryStack(make_model("llama"), StackConfig(segment_len=SEG))
+    ids = torch.randint(0, 256, (2, 2 * SEG))
+    other = MemoryStack(make_model("llama", heads=8), StackConfig(segment_len=SEG))
+    foreign = other(ids).state
+    for call in (lambda: stack(ids, state=foreign), lambda: stack.generate(ids, state=foreign)):
+        with pytest.raises(ValueError, match="the state was made by another model"):
+            call()
+    stack.state = foreign
+    with pytest.raises(ValueError, match="made by another model"):
+        stack.step(ids[:, :SEG])
+    own = stack(ids).state
+    with pytest.raises(ValueError, match="state batch size 2 differs from the input's 1 rows"):
+        stack.generate(ids[:1], state=own)
+    fewer = MemoryStack(make_model("llama", layers=3), StackConfig(segment_len=SEG))(
+        torch.randint(0, 256, (2, 2 * SEG))
+    ).state
+    with pytest.raises(
+        ValueError,
+        match=r"compressive memory for layers \[2\], but this stack's compressive layers are \[0, 1\]",
+    ):
+        stack(ids, state=fewer)
+
+
+def test_state_load_errors_name_the_path_and_the_problem(tmp_path):
+    from safetensors.torch import save_file
+
+    meta = {"format": "memstack-state", "version": "1", "segments": "2"}
+    good = {"compressive.0.M": torch.zeros(1, 2, 4, 4), "compressive.0.z": torch.zeros(1, 2, 4)}
+    cases = {
+        "foreign.st": (
+            {**good, "compressive.x.M": torch.zeros(1)},
+            meta,
+            "unexpected tensor 'compressive.x.M'",
+        ),
+        "future.st": (
+            good,
+            {**meta, "version": "7"},
+            "state version '7'; this memstack reads versions 1 to 1",
+        ),
+        "shape.st": (
+            {**good, "compressive.0.z": torch.zeros(1, 2, 5)},
+            meta,
+            r"layer 0 has M \(1, 2, 4, 4\)",
+        ),
+        "dtype.st": ({**good, "compressive.0.z": torch.zeros(1, 2, 4, dtype=torch.float16)}, meta, "float32"),
+    }
+    for name, (tensors, m, message) in cases.items():
+        save_file(tensors, str(tmp_path / name), metadata=m)
+        with pytest.raises(ValueError, match=message) as err:
+            StackState.load(tmp_path / name)
+        assert name in str(err.value)
+    with pytest.raises(ValueError, match="is a directory; expected a state file"):
+        StackState.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no memstack state file at"):
+        StackState.load(tmp_path / "missing.st")
+    (tmp_path / "torn.st").write_bytes((tmp_path / "foreign.st").read_bytes()[:50])
+    with pytest.raises(ValueError, match="torn.st is not a readable safetensors file"):
+        StackState.load(tmp_path / "torn.st")
+
+
+def test_killed_state_saves_leave_a_loadable_file_and_no_temporaries(tmp_path):
+    """SIGKILL a process in the middle of StackState.save, several times: the file on disk is always
+    a complete old or new state, and the next save removes what the killed one left behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "state.safetensors"
+    script = f"""
+import sys, torch
+from memstack import StackState, CompressiveState
+i = 0
+while True:
+    i += 1
+    M, z = torch.full((4, 8, 64, 64), float(i)), torch.full((4, 8, 64), float(i))
+    s = {{layer: CompressiveState(M, z) for layer in range(8)}}
+    StackState({{"compressive": s}}, i).save({str(path)!r})
+    if i == 1:
+        print("ready", flush=True)
+"""
+    for trial in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.05 + 0.07 * trial)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = StackState.load(path)  # complete: every tensor holds the same save's value
+        values = {float(t.flatten()[0]) for s in state.compressive.values() for t in s}
+        assert values == {float(state.segments)} and len(state.compressive) == 8
+    state.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["state.safetensors"]
+
+
+def test_stack_config_rejects_bools_for_ints_and_non_finite_gates():
+    with pytest.raises(ValueError, match="segment_len must be an int >= 1, got True"):
+        StackConfig(segment_len=True)
+    with pytest.raises(ValueError, match="gate_init must be a finite number"):
+        StackConfig(gate_init=float("nan"))
+    with pytest.raises(ValueError, match="window must be an int >= 1 or None, got 0"):
+        StackConfig(window=0)

@@ -5,19 +5,28 @@ stack = MemoryStack(model, StackConfig(segment_len=512))
 out = stack(input_ids, labels=input_ids)
 """
 
-from .attention import ATTENTION_NAME, SegmentContext
+from .attention import ATTENTION_NAME, SegmentContext, SegmentInputs
 from .config import StackConfig
 from .families import FAMILIES, UnsupportedModelError
-from .memory.compressive import CompressiveMemory, CompressiveState
-from .stack import MemoryStack, StackOutput, StackState
+from .memory.base import LayerRecord, MemoryKind, Readout
+from .memory.compressive import Compressive, CompressiveState
+from .memory.mixer import MemoryMixer
+from .stack import KINDS, MemoryStack, StackOutput
+from .state import StackState
 
 __all__ = [
     "ATTENTION_NAME",
     "FAMILIES",
-    "CompressiveMemory",
+    "KINDS",
+    "Compressive",
     "CompressiveState",
+    "LayerRecord",
+    "MemoryKind",
+    "MemoryMixer",
     "MemoryStack",
+    "Readout",
     "SegmentContext",
+    "SegmentInputs",
     "StackConfig",
     "StackOutput",
     "StackState",

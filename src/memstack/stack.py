@@ -1,22 +1,26 @@
 """MemoryStack: the memory layers composed around an already loaded causal LM.
 
-This is the only module that knows all the layers. It cuts long inputs into segments, runs the
-wrapped model on each with a :class:`~memstack.attention.SegmentContext`, carries the memory state
-from segment to segment, and computes the loss over all of them.
+This is the only module that knows every memory kind (:data:`KINDS` is where a kind joins the
+composition). It cuts long inputs into segments, runs the wrapped model on each with a
+:class:`~memstack.attention.SegmentContext`, and closes each segment through one path,
+:meth:`MemoryStack._close_segment`, shared by ``forward``, ``step`` and ``generate``:
+differentiable kinds are committed inside the (possibly checkpointed) segment, the others exactly
+once outside it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
@@ -27,79 +31,37 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .attention import ATTENTION_NAME, SegmentContext
+from .attention import ATTENTION_NAME, SegmentContext, SegmentInputs
 from .config import StackConfig, parse_layers
 from .families import attention_modules, family_of, rotary_module
-from .io import atomic_directory, read_manifest
-from .memory.compressive import CompressiveMemory, CompressiveState, init_state
+from .io import atomic_file, read_manifest, umask_mode
+from .memory.base import LayerRecord, MemoryKind
+from .memory.compressive import Compressive
+from .memory.mixer import MemoryMixer
+from .state import StackState
 
 CONFIG_FILE = "memstack_config.json"
-WEIGHTS_FILE = "memstack_memory.safetensors"
-STATE_FORMAT = "memstack-state"
-FORMAT_VERSION = 1
+WEIGHTS_PREFIX = "memstack_memory"
+LEGACY_WEIGHTS_FILE = "memstack_memory.safetensors"
+FORMAT_VERSION = 2
+"""Version 2 names the weights file after its content (written before the manifest, the commit
+point) and its gates ``layers.<layer>.<kind>.gate``; version 1 used the fixed name
+``memstack_memory.safetensors`` and ``layers.<layer>.gate`` for the compressive gate, and is
+still read."""
 
 
-@dataclass
-class StackState:
-    """The per-stream memory of a whole stack: constant size, however long the stream.
+def _compressive(config: StackConfig, num_layers: int) -> tuple[MemoryKind, float] | None:
+    if not config.compressive:
+        return None
+    return Compressive(parse_layers(config.memory_layers, num_layers), config.update_rule), config.gate_init
 
-    ``compressive`` maps a layer index to that layer's :class:`CompressiveState`; ``segments``
-    counts the segments written so far (it drives the ``bptt_segments`` cut).
-    """
 
-    compressive: dict[int, CompressiveState] = field(default_factory=dict)
-    segments: int = 0
-
-    def detach(self) -> StackState:
-        """Same memory, cut from the autograd graph."""
-        return StackState({k: v.detach() for k, v in self.compressive.items()}, self.segments)
-
-    def to(self, device: torch.device | str) -> StackState:
-        """Move every tensor to ``device``."""
-        return StackState({k: v.to(device) for k, v in self.compressive.items()}, self.segments)
-
-    def num_bytes(self) -> int:
-        """Bytes held by the state's tensors."""
-        return sum(t.numel() * t.element_size() for s in self.compressive.values() for t in s)
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the state to one safetensors file (atomically: temp file, then rename)."""
-        path = Path(path)
-        tensors = {}
-        for layer, s in self.compressive.items():
-            tensors[f"compressive.{layer}.M"] = s.M.detach().contiguous().cpu()
-            tensors[f"compressive.{layer}.z"] = s.z.detach().contiguous().cpu()
-        meta = {"format": STATE_FORMAT, "version": str(FORMAT_VERSION), "segments": str(self.segments)}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb") as f:  # on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> StackState:
-        """Read a state written by :meth:`save`, checking its format."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != STATE_FORMAT:
-                raise ValueError(f"{path} is not a memstack state file (format={meta.get('format')!r})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        layers = sorted({int(k.split(".")[1]) for k in tensors})
-        missing = [
-            f"compressive.{i}.{n}"
-            for i in layers
-            for n in ("M", "z")
-            if f"compressive.{i}.{n}" not in tensors
-        ]
-        if missing:
-            raise ValueError(f"{path} is an incomplete memstack state: missing {missing}")
-        state = {
-            layer: CompressiveState(tensors[f"compressive.{layer}.M"], tensors[f"compressive.{layer}.z"])
-            for layer in layers
-        }
-        return cls(state, int(meta.get("segments", 0)))
+KINDS: dict[str, Callable[[StackConfig, int], tuple[MemoryKind, float | None] | None]] = {
+    "compressive": _compressive,
+}
+"""The composition: each memory kind's builder, from the stack config and the number of layers,
+to ``(kind, gate_init)`` (gate_init None: the kind has no gate) or None when switched off. The
+order is the mixing order."""
 
 
 @dataclass
@@ -153,37 +115,144 @@ class MemoryStack(nn.Module):
         attn = attention_modules(model, self.family)
         if any(hasattr(m, "memstack_memory") for m in attn):
             raise ValueError("this model is already wrapped by a MemoryStack; load a fresh copy")
-        self.memory_layers = (
-            parse_layers(self.config.memory_layers, len(attn)) if self.config.compressive else []
-        )
-        num_heads = model.config.num_attention_heads
+        self.kinds: dict[str, MemoryKind] = {}
+        """The memory kinds in use, by name, in mixing order."""
+        gates: dict[int, dict[str, float]] = {}
+        for name, build in KINDS.items():
+            built = build(self.config, len(attn))
+            if built is None:
+                continue
+            kind, gate_init = built
+            self.kinds[name] = kind
+            for layer in sorted(kind.layers):
+                entry = gates.setdefault(layer, {})
+                if gate_init is not None:
+                    entry[name] = gate_init
         device = next(model.parameters()).device
-        self._memories: dict[int, CompressiveMemory] = {}
-        for layer in self.memory_layers:
-            memory = CompressiveMemory(num_heads, self.config.gate_init, self.config.update_rule).to(device)
-            attn[layer].memstack_memory = memory  # registered as a submodule of the model
-            self._memories[layer] = memory
+        self._mixers: dict[int, MemoryMixer] = {}
+        for layer, kinds in sorted(gates.items()):
+            mixer = MemoryMixer(model.config.num_attention_heads, kinds).to(device)
+            attn[layer].memstack_memory = mixer  # registered as a submodule of the model
+            self._mixers[layer] = mixer
         self._rotary = rotary_module(model, self.family)
+        self._previous_attn = model.config._attn_implementation
         model.set_attn_implementation(ATTENTION_NAME)
         self.state: StackState | None = None
         """The stream's memory, used by :meth:`step` (and by :meth:`generate` when asked)."""
-        self.use_memory = True
-        """False: the same weights with compressive memory neither read nor written, i.e. each
-        segment alone (see :meth:`memory_off`)."""
+        self.disabled: frozenset[str] = frozenset()
+        """Kinds switched off for now (see :meth:`memory_off`): neither read nor written."""
+
+    @property
+    def memory_layers(self) -> list[int]:
+        """Layers with compressive memory."""
+        kind = self.kinds.get("compressive")
+        return sorted(kind.layers) if kind is not None else []
+
+    @property
+    def use_memory(self) -> bool:
+        """False while every memory kind is switched off."""
+        return not set(self.kinds) <= self.disabled
+
+    def _active_kinds(self) -> dict[str, MemoryKind]:
+        return {name: kind for name, kind in self.kinds.items() if name not in self.disabled}
 
     @contextlib.contextmanager
-    def memory_enabled(self, enabled: bool = True) -> Iterator[MemoryStack]:
-        """Inside a ``with`` block, read and write compressive memory or not (then restore)."""
-        previous, self.use_memory = self.use_memory, enabled
+    def memory_enabled(
+        self, enabled: bool = True, kinds: tuple[str, ...] | None = None
+    ) -> Iterator[MemoryStack]:
+        """Inside a ``with`` block, switch memory kinds on or off (then restore).
+
+        Args:
+            enabled: on or off.
+            kinds: the kinds to switch (default: all), e.g. ``("compressive",)``.
+
+        Raises:
+            ValueError: for a kind name this stack does not have.
+        """
+        names = set(self.kinds) if kinds is None else set(kinds)
+        unknown = sorted(names - set(self.kinds))
+        if unknown:
+            raise ValueError(f"unknown memory kinds {unknown}; this stack has {sorted(self.kinds)}")
+        previous = self.disabled
+        self.disabled = previous - names if enabled else previous | names
         try:
             yield self
         finally:
-            self.use_memory = previous
+            self.disabled = previous
 
-    def memory_off(self) -> contextlib.AbstractContextManager[MemoryStack]:
-        """Run the same weights without compressive memory inside a ``with`` block, to measure
-        what memory contributes."""
-        return self.memory_enabled(False)
+    def memory_off(self, *kinds: str) -> contextlib.AbstractContextManager[MemoryStack]:
+        """Run the same weights without memory (all kinds, or the kinds named) inside a ``with``
+        block, to measure what each memory layer contributes."""
+        return self.memory_enabled(False, kinds or None)
+
+    def unwrap(self) -> nn.Module:
+        """Give the model back as it was before wrapping: memory modules removed, its previous
+        attention implementation restored. The stack is unusable afterwards."""
+        attn = attention_modules(self.model, self.family)
+        for layer in self._mixers:
+            del attn[layer].memstack_memory
+        self._mixers, self.kinds = {}, {}
+        self.model.set_attn_implementation(self._previous_attn)
+        return self.model
+
+    # ------------------------------------------------------------------ input checks
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's input embedding: token ids must lie in ``[0, vocab_size)``."""
+        return self.model.get_input_embeddings().num_embeddings
+
+    def _check_ids(self, name: str, ids: torch.Tensor) -> None:
+        """Shape, dtype and vocabulary range of token ids, before any work is done."""
+        if not isinstance(ids, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+        if ids.ndim != 2:
+            raise ValueError(f"{name} must be (batch, length), got shape {tuple(ids.shape)}")
+        if ids.shape[0] < 1 or ids.shape[1] < 1:
+            raise ValueError(f"{name} must hold at least one row and one token, got shape {tuple(ids.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValueError(f"{name} must be integer token ids, got dtype {ids.dtype}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"{name} holds token id {bad}, outside the model's vocabulary [0, {self.vocab_size - 1}]"
+            )
+
+    def _memory_shape(self) -> tuple[int, int, int]:
+        """(kv_heads, d_k, d_v) of this model's compressive memory."""
+        cfg = self.model.config
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return kv_heads, head_dim, head_dim
+
+    def _check_state(self, state: StackState, batch: int) -> None:
+        """A state must come from this model and stack (its kinds, layers and shapes) and this batch."""
+        if not isinstance(state, StackState):
+            raise ValueError(f"state must be a StackState, got {type(state).__name__}")
+        for name, layers in state.memories.items():
+            own = sorted(self.kinds[name].layers) if name in self.kinds else []
+            foreign = sorted(set(layers) - set(own))
+            if foreign:
+                raise ValueError(
+                    f"state holds {name} memory for layers {foreign}, but this stack's {name} layers are "
+                    f"{own}: it was made by another model or stack config"
+                )
+        if state.batch_size is not None and state.batch_size != batch:
+            raise ValueError(
+                f"state batch size {state.batch_size} differs from the input's {batch} rows; call reset() "
+                "or pass a state made for the same batch"
+            )
+        kv_heads, d_k, d_v = self._memory_shape()
+        for layer, s in state.compressive.items():
+            expected = (batch, kv_heads, d_k, d_v)
+            if tuple(s.M.shape) != expected or tuple(s.z.shape) != expected[:3]:
+                raise ValueError(
+                    f"state of layer {layer} has M {tuple(s.M.shape)} and z {tuple(s.z.shape)}, but this "
+                    f"model's memory is M {expected} (batch, kv_heads, d_k, d_v) and z {expected[:3]}: "
+                    "the state was made by another model"
+                )
 
     # ------------------------------------------------------------------ segments
 
@@ -200,6 +269,34 @@ class MemoryStack(nn.Module):
             cos, sin = self._rotary(torch.empty(0, dtype=torch.float32, device=self.device), pos)
         return pos, (cos, sin)
 
+    def _inputs(self, state: StackState, rotary) -> SegmentInputs:
+        return SegmentInputs(self.config, self._active_kinds(), state.memories, rotary)
+
+    def _close_segment(
+        self,
+        state: StackState,
+        records: dict[int, list[LayerRecord]],
+        valid: torch.Tensor | None,
+        differentiable: bool,
+    ) -> StackState:
+        """Write one closed segment into every active kind of the given differentiability.
+
+        The one write path: ``forward`` calls it inside the (possibly checkpointed) segment for
+        differentiable kinds and outside it, exactly once, for the others; ``generate`` calls it
+        when a decoded segment fills.
+        """
+        memories = dict(state.memories)
+        for name, kind in self._active_kinds().items():
+            if kind.differentiable != differentiable:
+                continue
+            layers = dict(memories.get(name, {}))
+            for layer in sorted(kind.layers & set(records)):
+                record = LayerRecord.cat(records[layer])
+                old = layers.get(layer)
+                layers[layer] = kind.write(kind.empty(record) if old is None else old, record, valid)
+            memories[name] = layers
+        return StackState(memories, state.segments)
+
     def _segment(
         self,
         ids: torch.Tensor,
@@ -209,23 +306,16 @@ class MemoryStack(nn.Module):
         keep_logits: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None, StackState]:
         """Run one segment: read memory, attend locally, write memory. Returns (loss sum, logits, state)."""
-        layers = sorted(state.compressive)
-        flat = [t for layer in layers for t in state.compressive[layer]]
+        names, flat = state.flatten()
         pos, rotary = self._positions(0, ids.shape[1])
         has_padding = mask is not None and not bool(mask.all())
-        out_layers: list[int] = []
+        valid = mask.bool() if has_padding else None
+        out_names: list = []
+        first_records: dict[int, list[LayerRecord]] = {}
 
         def run(*flat_state: torch.Tensor):
-            states = {
-                layer: CompressiveState(*flat_state[2 * i : 2 * i + 2]) for i, layer in enumerate(layers)
-            }
-            ctx = SegmentContext(
-                self.config,
-                states,
-                valid=mask.bool() if has_padding else None,
-                rotary=rotary,
-                use_memory=self.use_memory,
-            )
+            before = StackState({**state.others(), **StackState.unflatten(names, flat_state)}, state.segments)
+            ctx = SegmentContext(self._inputs(before, rotary))
             logits = self.model(
                 input_ids=ids,
                 attention_mask=mask if has_padding else None,
@@ -238,18 +328,22 @@ class MemoryStack(nn.Module):
                 loss_sum = F.cross_entropy(
                     logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
                 )
-            out_layers[:] = sorted(ctx.new_states)
-            new_flat = [t for layer in out_layers for t in ctx.new_states[layer]]
+            if not first_records:  # activation checkpointing re-runs this function in backward
+                first_records.update(ctx.records)
+            after = self._close_segment(before, ctx.records, valid, differentiable=True)
+            new_names, new_flat = after.flatten()
+            out_names[:] = new_names
             return (loss_sum, logits if keep_logits else None, *new_flat)
 
         if self.config.checkpoint_segments and torch.is_grad_enabled():
             loss_sum, logits, *new_flat = checkpoint(run, *flat, use_reentrant=False)
         else:
             loss_sum, logits, *new_flat = run(*flat)
-        new_states = dict(state.compressive)
-        for i, layer in enumerate(out_layers):
-            new_states[layer] = CompressiveState(new_flat[2 * i], new_flat[2 * i + 1])
-        return loss_sum, logits, StackState(new_states, state.segments + 1)
+        after = StackState(
+            {**state.others(), **StackState.unflatten(out_names, new_flat)}, state.segments + 1
+        )
+        after = self._close_segment(after, first_records, valid, differentiable=False)
+        return loss_sum, logits, after
 
     def _maybe_cut(self, state: StackState) -> StackState:
         """Truncated BPTT: detach at every multiple of ``bptt_segments``."""
@@ -282,8 +376,7 @@ class MemoryStack(nn.Module):
         Returns:
             :class:`StackOutput`.
         """
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        self._check_ids("input_ids", input_ids)
         for name, t in (("attention_mask", attention_mask), ("labels", labels)):
             if t is not None and t.shape != input_ids.shape:
                 raise ValueError(
@@ -294,10 +387,7 @@ class MemoryStack(nn.Module):
         attention_mask = attention_mask.to(device) if attention_mask is not None else None
         targets = next_token_targets(labels.to(device), attention_mask) if labels is not None else None
         state = state if state is not None else StackState()
-        if state.compressive and next(iter(state.compressive.values())).M.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                "state batch size differs from input_ids'; call reset() or pass a matching state"
-            )
+        self._check_state(state, input_ids.shape[0])
 
         seg = self.config.segment_len
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
@@ -348,18 +438,6 @@ class MemoryStack(nn.Module):
         self.state = out.state
         return out
 
-    def write_pending(self, state: StackState, pending: dict[int, list]) -> StackState:
-        """Close a segment decoded token by token: write its buffered keys/values into memory."""
-        new = dict(state.compressive)
-        for layer, parts in pending.items():
-            key = torch.cat([k for k, _ in parts], dim=2)
-            value = torch.cat([v for _, v in parts], dim=2)
-            old = new.get(layer)
-            if old is None:
-                old = init_state(key.shape[0], key.shape[1], key.shape[-1], value.shape[-1], key.device)
-            new[layer] = self._memories[layer].write(old, key, value, None)
-        return StackState(new, state.segments + 1)
-
     @torch.no_grad()
     def generate(
         self,
@@ -390,8 +468,19 @@ class MemoryStack(nn.Module):
             ``(B, P + n)`` prompt and continuation, n <= max_new_tokens (stops early once every
             row has produced ``eos_token_id``).
         """
-        if prompt_ids.ndim != 2 or prompt_ids.shape[1] < 1:
-            raise ValueError(f"prompt_ids must be (batch, length>=1), got {tuple(prompt_ids.shape)}")
+        self._check_ids("prompt_ids", prompt_ids)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if eos_token_id is not None and (
+            isinstance(eos_token_id, bool)
+            or not isinstance(eos_token_id, int)
+            or not 0 <= eos_token_id < self.vocab_size
+        ):
+            raise ValueError(
+                f"eos_token_id must be None or a token id in [0, {self.vocab_size - 1}], got {eos_token_id!r}"
+            )
+        if state is not None:
+            self._check_state(state, prompt_ids.shape[0])
         warpers = LogitsProcessorList()
         if do_sample:
             if temperature != 1.0:
@@ -413,9 +502,9 @@ class MemoryStack(nn.Module):
             out = self.forward(ids[:, n_closed - seg : n_closed], state=state)
             state, logits = out.state, out.logits[:, -1]
         # The open segment: prefill its tokens into a fresh cache, memory read-only.
-        cache, pending, fill = DynamicCache(), {}, ids.shape[1] - n_closed
+        cache, records, fill = DynamicCache(), {}, ids.shape[1] - n_closed
         if fill:
-            logits = self._decode(ids[:, n_closed:], 0, cache, state, pending)
+            logits = self._decode(ids[:, n_closed:], 0, cache, state, records)
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for i in range(max_new_tokens):
             scores = logits.float()
@@ -430,26 +519,27 @@ class MemoryStack(nn.Module):
             ids = torch.cat([ids, token], dim=1)
             if i == max_new_tokens - 1 or bool(finished.all()):
                 break
-            logits = self._decode(token, fill, cache, state, pending)
+            logits = self._decode(token, fill, cache, state, records)
             fill += 1
             if fill == seg:
-                state = self.write_pending(state, pending)
-                cache, pending, fill = DynamicCache(), {}, 0
+                for differentiable in (True, False):
+                    state = self._close_segment(state, records, None, differentiable)
+                state = StackState(state.memories, state.segments + 1)
+                cache, records, fill = DynamicCache(), {}, 0
         return ids
 
     def _decode(
-        self, ids: torch.Tensor, start: int, cache: DynamicCache, state: StackState, pending: dict
+        self,
+        ids: torch.Tensor,
+        start: int,
+        cache: DynamicCache,
+        state: StackState,
+        records: dict[int, list[LayerRecord]],
     ) -> torch.Tensor:
-        """Feed tokens at segment positions ``start..`` through the cache; return the last logits."""
+        """Feed tokens at segment positions ``start..`` through the cache, memory read-only, and
+        append what each layer saw to ``records``; return the last logits."""
         pos, rotary = self._positions(start, ids.shape[1])
-        ctx = SegmentContext(
-            self.config,
-            state.compressive,
-            rotary=rotary,
-            write=False,
-            pending=pending,
-            use_memory=self.use_memory,
-        )
+        ctx = SegmentContext(self._inputs(state, rotary), records=records)
         out = self.model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, memstack=ctx)
         return out.logits[:, -1]
 
@@ -465,21 +555,28 @@ class MemoryStack(nn.Module):
         """
         pos, rotary = self._positions(0, segment_ids.shape[1])
         capture: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        ctx = SegmentContext(self.config, {}, rotary=rotary, capture=capture)
+        inputs = SegmentInputs(self.config, {}, {}, rotary)
+        ctx = SegmentContext(inputs, capture=capture)
         self.model(input_ids=segment_ids.to(self.device), position_ids=pos, use_cache=False, memstack=ctx)
         return capture
 
     # ------------------------------------------------------------------ training helpers
 
-    def gate_parameters(self) -> list[nn.Parameter]:
-        """The per-head gate logits beta of every memory layer."""
-        return [self._memories[layer].gate for layer in self.memory_layers]
+    def named_gates(self) -> dict[tuple[int, str], nn.Parameter]:
+        """``{(layer, kind): beta}``: the per-head gate logits of every memory layer and gated kind."""
+        return {(layer, kind): g for layer, mixer in self._mixers.items() for kind, g in mixer.gates.items()}
 
-    def gate_values(self) -> dict[int, torch.Tensor]:
-        """sigmoid(beta) per layer and head: the share of each head's output that comes from memory."""
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The per-head gate logits beta of every memory layer and gated kind."""
+        return list(self.named_gates().values())
+
+    def gate_values(self, kind: str = "compressive") -> dict[int, torch.Tensor]:
+        """sigmoid(beta) per layer and head for one kind: the share of each head's output that comes
+        from that memory."""
         return {
-            layer: torch.sigmoid(self._memories[layer].gate.detach().float()).cpu()
-            for layer in self.memory_layers
+            layer: torch.sigmoid(g.detach().float()).cpu()
+            for (layer, k), g in self.named_gates().items()
+            if k == kind
         }
 
     def param_groups(self, lr: float, weight_decay: float = 0.0, gate_lr_mult: float = 100.0) -> list[dict]:
@@ -508,50 +605,104 @@ class MemoryStack(nn.Module):
     # ------------------------------------------------------------------ persistence
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Save the stack's config and memory parameters (not the base model) atomically.
+        """Save the stack's config and memory parameters (not the base model) into directory ``path``.
 
-        Writes ``memstack_config.json`` and ``memstack_memory.safetensors`` into ``path``.
+        Only memstack's own files are written or removed, so the stack can live next to the
+        model's own ``save_pretrained`` files. The commit is crash-safe: the weights go to a new
+        file named after their content, then the manifest ``memstack_config.json`` is replaced
+        atomically (the commit point), then weights files of older saves are removed. A crash at
+        any moment leaves the previous save or the new one loadable, never a mix.
+
+        Raises:
+            ValueError: if ``path`` exists and is not a directory.
         """
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path} exists and is not a directory; save_pretrained writes into a directory")
+        if not path.exists():
+            path.mkdir(parents=True, mode=umask_mode(directory=True))
+        tensors = {
+            f"layers.{layer}.{kind}.gate": g.detach().cpu().contiguous()
+            for (layer, kind), g in self.named_gates().items()
+        }
+        blob = save(tensors)
+        weights = f"{WEIGHTS_PREFIX}-{hashlib.sha256(blob).hexdigest()[:16]}.safetensors"
+        with atomic_file(path / weights) as tmp:
+            tmp.write_bytes(blob)
         manifest = {
             "format": "memstack",
             "version": FORMAT_VERSION,
             "model_type": self.model.config.model_type,
             "num_heads": self.model.config.num_attention_heads,
             "stack": self.config.to_dict(),
+            "weights": weights,
         }
-        tensors = {
-            f"layers.{layer}.gate": self._memories[layer].gate.detach().cpu().contiguous()
-            for layer in self.memory_layers
-        }
-        with atomic_directory(path) as tmp:
-            (tmp / CONFIG_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-            save_file(tensors, str(tmp / WEIGHTS_FILE))
+        with atomic_file(path / CONFIG_FILE) as tmp:
+            tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        for old in path.glob(f"{WEIGHTS_PREFIX}*.safetensors"):
+            if old.name != weights:
+                old.unlink(missing_ok=True)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, model: nn.Module) -> MemoryStack:
         """Wrap ``model`` with the config and memory parameters saved in ``path``.
 
+        Everything is read and checked before the model is touched; if wrapping still fails, the
+        model is unwrapped again, so a failed call leaves it exactly as it was.
+
         Raises:
-            ValueError: if the saved stack belongs to another model type or its tensors do not fit.
+            FileNotFoundError: if the manifest or the weights file is missing.
+            ValueError: if the manifest is malformed, or the saved stack belongs to another model
+                type or its tensors do not fit the model.
         """
         path = Path(path)
         manifest = read_manifest(path / CONFIG_FILE, "memstack", FORMAT_VERSION)
+        for key, kind in (("model_type", str), ("stack", dict)):
+            if not isinstance(manifest.get(key), kind):
+                raise ValueError(f"{path / CONFIG_FILE}: field {key!r} missing or not a {kind.__name__}")
         if manifest["model_type"] != model.config.model_type:
             raise ValueError(
                 f"{path} was saved for model_type {manifest['model_type']!r}, not {model.config.model_type!r}"
             )
-        stack = cls(model, StackConfig.from_dict(manifest["stack"]))
-        tensors = load_file(str(path / WEIGHTS_FILE))
-        expected = {f"layers.{layer}.gate" for layer in stack.memory_layers}
-        if set(tensors) != expected:
+        try:
+            config = StackConfig.from_dict(manifest["stack"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path / CONFIG_FILE}: bad stack config: {e}") from None
+        weights = manifest.get("weights") if manifest["version"] >= 2 else LEGACY_WEIGHTS_FILE
+        if not isinstance(weights, str) or Path(weights).name != weights:
+            raise ValueError(f"{path / CONFIG_FILE}: field 'weights' must be a file name, got {weights!r}")
+        if not (path / weights).is_file():
+            raise FileNotFoundError(f"{path / CONFIG_FILE} names weights {weights}, which is missing")
+        try:
+            tensors = load_file(str(path / weights))
+        except Exception as e:  # safetensors raises several types for truncated or foreign files
+            raise ValueError(f"{path / weights} is not a readable safetensors file: {e}") from None
+        if manifest["version"] == 1:  # the compressive gate was the only one: layers.<layer>.gate
+            tensors = {f"{k.rsplit('.', 1)[0]}.compressive.gate": t for k, t in tensors.items()}
+        # A dry run of the composition says which gates the stack will have, so that nothing
+        # touches the model before every tensor is known to fit.
+        num_layers = len(attention_modules(model, family_of(model)))
+        expected = {}
+        for name, build in KINDS.items():
+            built = build(config, num_layers)
+            if built is not None and built[1] is not None:
+                expected.update({f"layers.{layer}.{name}.gate": layer for layer in built[0].layers})
+        if set(tensors) != set(expected):
             raise ValueError(f"{path}: expected tensors {sorted(expected)}, found {sorted(tensors)}")
-        with torch.no_grad():
-            for layer in stack.memory_layers:
-                gate, saved = stack._memories[layer].gate, tensors[f"layers.{layer}.gate"]
-                if saved.shape != gate.shape:
-                    raise ValueError(
-                        f"{path}: gate of layer {layer} has shape {tuple(saved.shape)}, "
-                        f"the model needs {tuple(gate.shape)}"
-                    )
-                gate.copy_(saved)
+        heads = model.config.num_attention_heads
+        for name, saved in tensors.items():
+            if tuple(saved.shape) != (heads,):
+                layer = expected[name]
+                raise ValueError(
+                    f"{path}: gate of layer {layer} ({name}) has shape {tuple(saved.shape)}, "
+                    f"the model needs ({heads},)"
+                )
+        stack = cls(model, config)
+        try:
+            with torch.no_grad():
+                for (layer, kind), gate in stack.named_gates().items():
+                    gate.copy_(tensors[f"layers.{layer}.{kind}.gate"])
+        except BaseException:
+            stack.unwrap()
+            raise
         return stack

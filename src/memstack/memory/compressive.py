@@ -11,17 +11,20 @@ The memory is read with the segment's queries *before* it is updated with the se
 values. Q and K here are position-free (the rotary rotation undone), as in the paper.
 
 The state is explicit: :class:`CompressiveState` goes in, a new one comes out; nothing is hidden
-in module buffers, so the same module serves any number of streams.
+in module buffers, so the same kind serves any number of streams. :class:`Compressive` is the
+kind in the shape every memory layer shares (:mod:`memstack.memory.base`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
-from torch import nn
+
+from .base import LayerRecord, Readout
 
 # sigma(Q) z is a sum of strictly positive terms once anything is written; the guard only
 # matters for float32 underflow with huge negative logits.
@@ -122,48 +125,45 @@ def update(
     return CompressiveState(M, z)
 
 
-class CompressiveMemory(nn.Module):
-    """The learned part of one layer's compressive memory: the gate, one scalar per query head.
+class Compressive:
+    """The compressive memory kind (see :mod:`memstack.memory.base` for the shape all kinds share).
 
-    Eq. (6): A = sigmoid(beta) * A_mem + (1 - sigmoid(beta)) * A_local.
+    Holds configuration only; per-stream state is a :class:`CompressiveState` per layer, and the
+    learned gate of eq. (6) lives in each layer's :class:`~memstack.memory.mixer.MemoryMixer`.
     """
 
-    def __init__(self, num_heads: int, gate_init: float = 0.0, update_rule: str = "linear"):
-        super().__init__()
+    name = "compressive"
+    differentiable = True  # gradients flow through M and z across segments (BPTT, as in the paper)
+    needs_query = False
+
+    def __init__(self, layers: Iterable[int], update_rule: str = "linear"):
         if update_rule not in ("linear", "delta"):
             raise ValueError(f"update_rule must be 'linear' or 'delta', got {update_rule!r}")
-        # float32 whatever the model's dtype: the gate is a tiny, sensitive parameter.
-        self.gate = nn.Parameter(torch.full((num_heads,), float(gate_init), dtype=torch.float32))
+        self.layers = frozenset(layers)
         self.update_rule = update_rule
 
-    def read(self, state: CompressiveState, query: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        """Mix memory retrieval into the local attention output.
+    def empty(self, record: LayerRecord) -> CompressiveState:
+        """M_0 = 0, z_0 = 0 for ``record``'s batch and KV heads."""
+        b, h_kv, _, d_k = record.key.shape
+        return init_state(b, h_kv, d_k, record.value.shape[-1], record.key.device)
 
-        Args:
-            state: memory before this segment.
-            query: ``(B, H, T, d_k)`` position-free queries.
-            local: ``(B, T, H, d_v)`` local attention output (the registry's layout).
-
-        Returns:
-            ``(B, T, H, d_v)`` in ``local``'s dtype; exactly ``local`` for rows whose memory is
-            still empty.
-        """
+    def read(self, state: CompressiveState, query: torch.Tensor) -> Readout:
+        """Eq. (3) with position-free queries ``(B, H, T, d_k)``; rows with empty memory are marked
+        so that the mixer keeps their local attention exactly."""
         with torch.autocast(device_type=query.device.type, enabled=False):
-            mem = retrieve(state, query).transpose(1, 2)  # (B, T, H, d_v)
-            g = torch.sigmoid(self.gate.float())[:, None]  # (H, 1)
-            out = torch.lerp(local.float(), mem, g)  # g * mem + (1 - g) * local, one kernel
-            empty = state.is_empty()  # (B, H_kv)
-            if bool(empty.any()):  # only early segments or padded rows: skip the select otherwise
-                empty = empty.repeat_interleave(query.shape[1] // state.M.shape[1], dim=1)  # (B, H)
-                out = torch.where(empty[:, None, :, None], local.float(), out)
-        return out.to(local.dtype)
+            out = retrieve(state, query).transpose(1, 2)  # (B, T, H, d_v)
+        empty = state.is_empty()  # (B, H_kv)
+        empty = (
+            empty.repeat_interleave(query.shape[1] // state.M.shape[1], dim=1) if bool(empty.any()) else None
+        )
+        return Readout(out, empty)
 
     def write(
-        self, state: CompressiveState, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None
+        self, state: CompressiveState, record: LayerRecord, valid: torch.Tensor | None
     ) -> CompressiveState:
-        """Update ``state`` with one segment's position-free keys and values (float32)."""
-        with torch.autocast(device_type=key.device.type, enabled=False):
-            return update(state, key, value, valid, self.update_rule)
+        """Eqs. (4)/(5): one closed segment's position-free keys and values, float32."""
+        with torch.autocast(device_type=record.key.device.type, enabled=False):
+            return update(state, record.key, record.value, valid, self.update_rule)
 
-    def extra_repr(self) -> str:
-        return f"heads={self.gate.numel()}, update_rule={self.update_rule}"
+    def __repr__(self) -> str:
+        return f"Compressive(layers={sorted(self.layers)}, update_rule={self.update_rule!r})"
