@@ -17,28 +17,25 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from memstack import MemoryStack, StackConfig
+from memstack.config import ModelConfig
+from memstack.train.loop import build_model
 
 
 def tiny_llama(seed: int) -> torch.nn.Module:
     """A ~0.9M-parameter byte-level Llama built from a config (no download)."""
-    cfg = AutoConfig.for_model(
-        "llama",
+    shape = ModelConfig(
+        arch="llama",
         vocab_size=256,
         hidden_size=128,
         intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
         max_position_embeddings=4096,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
     )
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg)
+    return build_model(shape, seed)
 
 
 def synthetic_text(n_bytes: int, seed: int) -> bytes:

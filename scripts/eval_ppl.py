@@ -33,9 +33,15 @@ def main(argv: list[str] | None = None) -> dict:
     add_set_argument(p)
     args = p.parse_args(argv)
 
-    config, stack, tokenizer = load_run(args.run_dir, args.set)
+    try:
+        config, stack, tokenizer = load_run(args.run_dir, args.set)
+    except (ValueError, FileNotFoundError) as e:  # no run yet, a bad --set: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
     separator = args.doc_separator or config.data.doc_separator
-    docs = tokenize_dataset(load_text_dataset(args.data, doc_separator=separator), tokenizer)
+    try:
+        docs = tokenize_dataset(load_text_dataset(args.data, doc_separator=separator), tokenizer)
+    except (ValueError, FileNotFoundError) as e:  # a missing --data file, a bad separator
+        raise SystemExit(f"error: {e}") from None
     long_docs = [d[: args.doc_len] for d in docs["input_ids"] if len(d) >= args.doc_len][: args.docs]
     if not long_docs:
         raise SystemExit(f"error: no document in {args.data} has {args.doc_len} tokens; lower --doc-len")

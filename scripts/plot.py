@@ -17,7 +17,19 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path)
     args = p.parse_args(argv)
-    written = [training_curves(args.run_dir / "metrics.jsonl", args.run_dir / "curves.png")]
+    metrics = args.run_dir / "metrics.jsonl"
+    if not args.run_dir.is_dir():
+        raise SystemExit(
+            f"error: run directory {args.run_dir} does not exist; train first (scripts/train.py)"
+        )
+    if not metrics.is_file():
+        raise SystemExit(
+            f"error: {args.run_dir} has no metrics.jsonl: is it a scripts/train.py run directory?"
+        )
+    try:
+        written = [training_curves(metrics, args.run_dir / "curves.png")]
+    except ValueError as e:  # an empty metrics file
+        raise SystemExit(f"error: {e}") from None
     for name in ("passkey_eval.json", "passkey.json"):
         if (args.run_dir / name).is_file():
             result = json.loads((args.run_dir / name).read_text())

@@ -4,10 +4,11 @@
     python scripts/train.py configs/tiny_passkey.py schedule.max_steps=50 run.out_dir=runs/try
     torchrun --nproc_per_node 2 scripts/train.py configs/tiny_text.py    # DDP
 
-Overrides ``a.b=value`` are parsed to the field's type; an unknown key is an error that lists the
-valid ones. The resolved config is saved as ``config.json`` in the run directory, metrics as
-``metrics.jsonl``, checkpoints as ``step-NNNNNN/``. A passkey run ends with the evaluation table
-(memory on and off) in ``passkey.json``.
+Overrides ``a.b=value`` are parsed to the field's type; an unknown key is an error that names the
+closest valid ones, a bad value one that says what is accepted. The resolved config is saved as
+``config.json`` in the run directory, metrics as ``metrics.jsonl``, checkpoints as
+``step-NNNNNN/``. A passkey run ends with the evaluation table (memory on and off) in
+``passkey.json``.
 """
 
 from __future__ import annotations
@@ -33,28 +34,34 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
+        # the data too, before anything is trained: a missing data.path is a one-line error
+        tokenizer, batches = make_batches(config)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    tokenizer, batches = make_batches(config)
     summary = train(config, batches)
     stack = summary.pop("stack")
     result = {"train": summary}
     if config.data.task == "passkey" and not args.no_eval and os.environ.get("RANK", "0") == "0":
         e = config.eval
         stack.eval()
-        for on in [True, False] if e.memory_off else [True]:
-            table = passkey_accuracy(
-                stack,
-                tokenizer,
-                e.passkey_lengths,
-                e.passkey_depths,
-                e.samples_per_cell,
-                seed=10_000,
-                use_memory=on,
-                instruction=config.data.instruction,
-            )
-            result["memory_on" if on else "memory_off"] = table
-            print(format_passkey_table(table))
+        fillers = ["synthetic", "text"] if e.filler == "both" else [e.filler]
+        for filler in fillers:
+            for on in [True, False] if e.memory_off else [True]:
+                table = passkey_accuracy(
+                    stack,
+                    tokenizer,
+                    e.passkey_lengths,
+                    e.passkey_depths,
+                    e.samples_per_cell,
+                    seed=10_000,
+                    use_memory=on,
+                    instruction=config.data.instruction,
+                    filler=filler,
+                    filler_path=config.data.filler_path,
+                )
+                key = "memory_on" if on else "memory_off"
+                result[key if len(fillers) == 1 else f"{filler}_{key}"] = table
+                print(format_passkey_table(table))
         write_json(Path(config.run.out_dir) / "passkey.json", result)
     print(json.dumps(result["train"]))
     return result

@@ -32,7 +32,11 @@ ALL_FAMILIES = list(FAMILY_KWARGS)
 
 
 def make_model(family: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4):
-    """A random tiny causal LM of ``family`` in eval mode (no dropout), float32."""
+    """A random tiny causal LM of ``family`` in eval mode (no dropout), float32.
+
+    Not memstack.train.loop.build_model: ModelConfig has no room for the family-specific
+    arguments (partial rotary, head_dim, sliding_window) this matrix needs.
+    """
     cfg = AutoConfig.for_model(
         family,
         vocab_size=VOCAB,

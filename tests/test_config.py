@@ -55,7 +55,19 @@ def test_stack_config_dict_round_trip_and_unknown_keys():
 
 # ---------------------------------------------------------------------- training configs
 
-from memstack.config import Config, apply_overrides, load_config, valid_keys  # noqa: E402
+import dataclasses  # noqa: E402
+
+from memstack.config import (  # noqa: E402
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+    apply_overrides,
+    load_config,
+    valid_keys,
+)
 
 
 def test_overrides_parse_to_the_field_type():
@@ -81,7 +93,14 @@ def test_overrides_parse_to_the_field_type():
 @pytest.mark.parametrize(
     "override, match",
     [
-        ("optim.lrr=1", "unknown config key 'optim.lrr'; valid keys: .*optim.lr"),
+        ("optim.lrr=1", r"unknown config key 'optim.lrr'; did you mean optim.lr\?$"),
+        (
+            "stack.segment_length=8",
+            r"unknown config key 'stack.segment_length'; did you mean stack.segment_len\?$",
+        ),
+        # nothing close: the section's keys, and no other section's
+        ("optim.learning_rate=1", r"'optim.learning_rate'; valid optim keys: optim.lr, .*optim.grad_accum$"),
+        ("trainer.lr=1", r"unknown config key 'trainer.lr'; keys start with a section: data, eval, model,"),
         ("stack.segment_len=abc", "expected int"),
         ("run.resume=maybe", "expected a bool"),
         ("optim.lr", "must look like key.sub=value"),
@@ -121,3 +140,78 @@ def test_every_shipped_config_loads(path):
     assert cfg.data.task in ("passkey", "text")
     if cfg.model.path is None:  # tiny configs: built from a config, byte tokenizer, nothing downloaded
         assert cfg.data.tokenizer == "bytes" and cfg.model.vocab_size == 256
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=nan", "optim.lr must be a finite number > 0, got nan"),
+        ("optim.lr=0", "optim.lr must be a finite number > 0, got 0.0"),
+        ("optim.lr=-1e-3", "optim.lr must be a finite number > 0, got -0.001"),
+        ("optim.grad_accum=0", "optim.grad_accum must be an int >= 1, got 0"),
+        ("optim.betas=0.9", "optim.betas must be two numbers in [0, 1), such as 0.9,0.95; got (0.9,)"),
+        ("optim.betas=0.9,0.95,0.99", "optim.betas must be two numbers in [0, 1)"),
+        (
+            "optim.betas=0.9,1.0",
+            "optim.betas must be two numbers in [0, 1), such as 0.9,0.95; got (0.9, 1.0)",
+        ),
+        ("schedule.max_steps=0", "schedule.max_steps must be an int >= 1, got 0"),
+        ("schedule.warmup_steps=-1", "schedule.warmup_steps must be an int >= 0, got -1"),
+        ("run.ckpt_every=-5", "run.ckpt_every must be an int >= 0, got -5"),
+        ("run.log_every=0", "run.log_every must be an int >= 1, got 0"),
+        ("run.batch_size=0", "run.batch_size must be an int >= 1, got 0"),
+        ("data.seq_len=0", "data.seq_len must be an int >= 1, got 0"),
+        ("data.task=summarise", "data.task must be one of passkey, text; got 'summarise'"),
+        ("model.dtype=int8", "model.dtype must be one of float32, bfloat16, float16; got 'int8'"),
+    ],
+)
+def test_training_values_are_validated_with_key_value_and_what_is_accepted(override, message):
+    with pytest.raises(ValueError) as e:
+        apply_overrides(Config(), [override])
+    assert str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: OptimConfig(grad_accum=True), "optim.grad_accum must be an int, got True"),
+        (lambda: RunConfig(batch_size=True), "run.batch_size must be an int, got True"),
+        (lambda: ScheduleConfig(max_steps=False), "schedule.max_steps must be an int >= 1, got False"),
+        (lambda: DataConfig(seq_len=True), "data.seq_len must be an int, got True"),
+        (lambda: ModelConfig(num_layers=True), "model.num_layers must be an int, got True"),
+        (lambda: OptimConfig(lr=True), "optim.lr must be a finite number > 0, got True"),
+        (lambda: OptimConfig(betas=(True, 0.9)), "optim.betas must be two numbers in [0, 1)"),
+        (lambda: OptimConfig(lr=float("inf")), "optim.lr must be a finite number > 0, got inf"),
+    ],
+)
+def test_bools_are_not_ints(build, message):
+    with pytest.raises(ValueError) as e:
+        build()
+    assert str(e.value).startswith(message)
+
+
+def test_betas_given_as_a_list_become_a_tuple():
+    assert OptimConfig(betas=[0.8, 0.9]).betas == (0.8, 0.9)
+
+
+def test_filler_is_validated_where_the_field_exists():
+    if not any(f.name == "filler" for f in dataclasses.fields(DataConfig)):
+        pytest.skip("this DataConfig has no filler field")
+    assert DataConfig(filler="mix").filler == "mix"
+    with pytest.raises(ValueError) as e:
+        DataConfig(filler="lorem")
+    assert str(e.value) == "data.filler must be one of synthetic, text, mix; got 'lorem'"
+
+
+def test_a_bad_value_in_a_config_file_fails_at_load(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text(
+        "from memstack.config import Config, OptimConfig\nconfig = Config(optim=OptimConfig(grad_accum=0))\n"
+    )
+    with pytest.raises(ValueError) as e:
+        load_config(str(path))
+    assert str(e.value) == "optim.grad_accum must be an int >= 1, got 0"
+    path.write_text("from memstack.config import Config\nconfig = Config()\nconfig.run.log_every = 0\n")
+    with pytest.raises(ValueError) as e:  # set after construction: caught when overrides rebuild it
+        load_config(str(path))
+    assert str(e.value) == "run.log_every must be an int >= 1, got 0"

@@ -1,6 +1,7 @@
 """End-to-end runs of the scripts on a tiny config, as a user would type them."""
 
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ TINY = [
     "eval.passkey_lengths=[160,320]",
     "eval.passkey_depths=[0.0,1.0]",
     "eval.samples_per_cell=1",
+    "eval.filler=synthetic",
 ]
 
 
@@ -42,7 +44,7 @@ def test_train_then_eval_passkey_end_to_end(tmp_path):
     for key in ("memory_on", "memory_off"):
         assert len(trained[key]["accuracy"]) == 2 and len(trained[key]["accuracy"][0]) == 2
 
-    run("scripts/eval_passkey.py", str(out))
+    run("scripts/eval_passkey.py", str(out), "--samples", "1")
     evaluated = json.loads((out / "passkey_eval.json").read_text())
     assert (
         evaluated["memory_on"]["accuracy"] == trained["memory_on"]["accuracy"]
@@ -75,10 +77,96 @@ def test_train_then_eval_passkey_end_to_end(tmp_path):
     assert one["segment_len"] == 256 and len(one["memory_on"]) == 1
     assert one["memory_on"] == one["memory_off"]
     bad = run("scripts/eval_ppl.py", str(out), *args, "--set", "stack.segment=256", check=False)
-    assert bad.returncode != 0 and "unknown config key 'stack.segment'" in bad.stderr
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("error: unknown config key 'stack.segment'; did you mean stack.segment_len?")
+    with pytest.raises(SystemExit) as e:
+        script_main("eval_ppl.py")([str(out), "--data", str(tmp_path / "missing.txt")])
+    assert str(e.value.code).startswith(f"error: no such file or directory: '{tmp_path / 'missing.txt'}'")
 
 
-def test_train_rejects_unknown_keys_with_the_valid_ones(tmp_path):
-    res = run("scripts/train.py", "configs/tiny_passkey.py", "optim.learning_rate=1", check=False)
-    assert res.returncode != 0
-    assert "unknown config key 'optim.learning_rate'" in res.stderr and "optim.lr" in res.stderr
+def test_train_rejects_unknown_keys_with_the_closest_one(tmp_path):
+    out = tmp_path / "run"
+    res = run(
+        "scripts/train.py",
+        "configs/tiny_passkey.py",
+        "stack.segment_length=64",
+        f"run.out_dir={out}",
+        check=False,
+    )
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert (
+        res.stderr.strip()
+        == "error: unknown config key 'stack.segment_length'; did you mean stack.segment_len?"
+    )
+    assert not out.exists()  # nothing written before the config is known to be good
+
+
+def script_main(name: str):
+    """A script's ``main`` run in this process (no interpreter start-up per case)."""
+    return runpy.run_path(str(ROOT / "scripts" / name))["main"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["optim.learning_rate=1"],
+            "error: unknown config key 'optim.learning_rate'; valid optim keys: optim.lr,",
+        ),
+        (["optim.lr=nan"], "error: optim.lr must be a finite number > 0, got nan"),
+        (["optim.grad_accum=0"], "error: optim.grad_accum must be an int >= 1, got 0"),
+        (["optim.betas=0.9"], "error: optim.betas must be two numbers in [0, 1)"),
+        (["schedule.max_steps=0"], "error: schedule.max_steps must be an int >= 1, got 0"),
+        (["schedule.warmup_steps=-1"], "error: schedule.warmup_steps must be an int >= 0, got -1"),
+        (["run.ckpt_every=-1"], "error: run.ckpt_every must be an int >= 0, got -1"),
+        (["run.log_every=0"], "error: run.log_every must be an int >= 1, got 0"),
+        (["run.batch_size=0"], "error: run.batch_size must be an int >= 1, got 0"),
+        (["data.seq_len=0"], "error: data.seq_len must be an int >= 1, got 0"),
+        (["data.task=qa"], "error: data.task must be one of passkey, text; got 'qa'"),
+        (["model.dtype=fp8"], "error: model.dtype must be one of float32, bfloat16, float16; got 'fp8'"),
+        (
+            ["data.task=text", "data.path=missing/corpus.txt"],
+            "error: no such file or directory: 'missing/corpus.txt'",
+        ),
+    ],
+)
+def test_train_reports_bad_configs_and_missing_data_in_one_line(tmp_path, overrides, message):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        script_main("train.py")(["configs/tiny_passkey.py", f"run.out_dir={out}", *overrides])
+    assert str(e.value.code).startswith(message)
+    assert not out.exists()  # config.json is written only once the config and data are good
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("eval_passkey.py", []),
+        ("eval_ppl.py", ["--data", "corpus.txt"]),
+        ("plot.py", []),
+    ],
+)
+def test_evaluation_scripts_before_training_say_so_in_one_line(tmp_path, script, args):
+    missing = tmp_path / "runs" / "x"
+    with pytest.raises(SystemExit) as e:
+        script_main(script)([str(missing), *args])
+    assert str(e.value.code).startswith(f"error: run directory {missing} does not exist; train first")
+    missing.mkdir(parents=True)  # a directory, but not a run
+    with pytest.raises(SystemExit) as e:
+        script_main(script)([str(missing), *args])
+    expected = "has no metrics.jsonl" if script == "plot.py" else "has no config.json"
+    assert str(e.value.code).startswith(f"error: {missing} {expected}")
+    if script != "plot.py":
+        (missing / "config.json").write_text(json.dumps({}))
+        with pytest.raises(SystemExit) as e:
+            script_main(script)([str(missing), *args])
+        assert (
+            str(e.value.code)
+            == f"error: {missing} has no checkpoint (step-NNNNNN/) yet: training has not saved one"
+        )
+
+
+def test_eval_passkey_on_a_missing_run_exits_without_a_traceback(tmp_path):
+    res = run("scripts/eval_passkey.py", str(tmp_path / "nope"), check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.startswith(f"error: run directory {tmp_path / 'nope'} does not exist")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
+import math
 import os
 import runpy
 import types
@@ -17,6 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 UPDATE_RULES = ("linear", "delta")
+
+
+def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    """Reject non-ints (bools included: ``True`` is an int in Python) and values below ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        accepted = f"an int >= {minimum}" + (" or None" if optional else "")
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
 
 
 @dataclass
@@ -65,16 +74,26 @@ class StackConfig:
     query (attention sinks, Xiao et al. 2023)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.segment_len, int) or self.segment_len < 1:
-            raise ValueError(f"segment_len must be a positive int, got {self.segment_len!r}")
+        _check_int("segment_len", self.segment_len, minimum=1)
+        if not isinstance(self.compressive, bool):
+            raise ValueError(f"compressive must be true or false, got {self.compressive!r}")
+        if not isinstance(self.memory_layers, str):
+            raise ValueError(
+                f"memory_layers must be a string such as 'all' or '0,3', got {self.memory_layers!r}"
+            )
         if self.update_rule not in UPDATE_RULES:
             raise ValueError(f"update_rule must be one of {UPDATE_RULES}, got {self.update_rule!r}")
-        if self.bptt_segments is not None and self.bptt_segments < 1:
-            raise ValueError(f"bptt_segments must be None or >= 1, got {self.bptt_segments!r}")
-        if self.window is not None and self.window < 1:
-            raise ValueError(f"window must be None or >= 1, got {self.window!r}")
-        if self.sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens!r}")
+        if isinstance(self.gate_init, bool) or not isinstance(self.gate_init, (int, float)):
+            raise ValueError(f"gate_init must be a finite number, got {self.gate_init!r}")
+        if not math.isfinite(self.gate_init):
+            raise ValueError(f"gate_init must be a finite number (a gate logit), got {self.gate_init!r}")
+        if self.bptt_segments is not None:
+            _check_int("bptt_segments", self.bptt_segments, minimum=1, optional=True)
+        if not isinstance(self.checkpoint_segments, bool):
+            raise ValueError(f"checkpoint_segments must be true or false, got {self.checkpoint_segments!r}")
+        if self.window is not None:
+            _check_int("window", self.window, minimum=1, optional=True)
+        _check_int("sink_tokens", self.sink_tokens, minimum=0)
         parse_layers(self.memory_layers, num_layers=None)  # syntax check now, range check at wrap
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,6 +157,35 @@ def parse_layers(spec: str, num_layers: int | None) -> list[int]:
 
 # ---------------------------------------------------------------------- training configs
 
+TASKS = ("passkey", "text")
+DTYPES = ("float32", "bfloat16", "float16")
+FILLERS = ("synthetic", "text", "mix")
+
+
+def _check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ValueError(f"{name} must be one of {', '.join(accepted)}; got {value!r}")
+
+
+def _check_number(name: str, value: Any, accepted: str, ok: typing.Callable[[float], bool]) -> None:
+    """Reject non-numbers (bools included), NaN and infinities, and values ``ok`` refuses."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not ok(value)
+    ):
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
+
+
+def _reject_bool_ints(obj: Any, section: str) -> None:
+    """``True`` passes ``isinstance(x, int)``: refuse a bool wherever an int is declared."""
+    for f in dataclasses.fields(obj):
+        hint = typing.get_type_hints(type(obj))[f.name]
+        value = getattr(obj, f.name)
+        if isinstance(value, bool) and (hint is int or hint == int | None):
+            raise ValueError(f"{section}.{f.name} must be an int, got {value!r}")
+
 
 @dataclass
 class ModelConfig:
@@ -160,6 +208,10 @@ class ModelConfig:
     dtype: str = "float32"
     """Weights' dtype when loading a checkpoint: float32, bfloat16 or float16 (training on CUDA
     uses bf16 autocast either way)."""
+
+    def __post_init__(self) -> None:
+        _reject_bool_ints(self, "model")
+        _check_choice("model.dtype", self.dtype, DTYPES)
 
 
 @dataclass
@@ -194,8 +246,21 @@ class DataConfig:
     a fresh segment (the hardest case, where the question too must come back from memory)."""
     instruction: bool = False
     """Passkey: open prompts with the papers' instruction sentence (costs ~170 bytes)."""
+    filler: str = "synthetic"
+    """Passkey: the text around the needle. ``synthetic`` (the papers' repeated sentences),
+    ``text`` (passages of ``filler_path``'s train split, see memstack.data.tasks.filler_text) or
+    ``mix`` (each row draws one of the two). A model trained on synthetic filler alone can learn
+    the filler instead of retrieval."""
+    filler_path: str | None = None
+    """Passkey: text file of the ``text`` filler; None for the King James Bible shipped with memstack."""
     doc_separator: str | None = None
     """Text: regex that splits one big text file into documents (None: a file is a document)."""
+
+    def __post_init__(self) -> None:
+        _reject_bool_ints(self, "data")
+        _check_choice("data.task", self.task, TASKS)
+        _check_int("data.seq_len", self.seq_len, minimum=1)
+        _check_choice("data.filler", self.filler, FILLERS)
 
 
 @dataclass
@@ -212,6 +277,20 @@ class OptimConfig:
     grad_accum: int = 1
     """Micro-batches per optimiser step."""
 
+    def __post_init__(self) -> None:
+        _reject_bool_ints(self, "optim")
+        _check_number("optim.lr", self.lr, "a finite number > 0", lambda x: x > 0)
+        _check_int("optim.grad_accum", self.grad_accum, minimum=1)
+        betas = self.betas
+        if (
+            isinstance(betas, (str, bytes))
+            or not isinstance(betas, (tuple, list))
+            or len(betas) != 2
+            or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1 for b in betas)
+        ):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), such as 0.9,0.95; got {betas!r}")
+        self.betas = tuple(betas)
+
 
 @dataclass
 class ScheduleConfig:
@@ -220,6 +299,10 @@ class ScheduleConfig:
     max_steps: int = 1000
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_int("schedule.max_steps", self.max_steps, minimum=1)
+        _check_int("schedule.warmup_steps", self.warmup_steps, minimum=0)
 
 
 @dataclass
@@ -237,6 +320,12 @@ class RunConfig:
     resume: bool = True
     """Continue from the latest checkpoint in ``out_dir`` if there is one."""
 
+    def __post_init__(self) -> None:
+        _reject_bool_ints(self, "run")
+        _check_int("run.batch_size", self.batch_size, minimum=1)
+        _check_int("run.log_every", self.log_every, minimum=1)
+        _check_int("run.ckpt_every", self.ckpt_every, minimum=0)
+
 
 @dataclass
 class EvalConfig:
@@ -244,9 +333,17 @@ class EvalConfig:
 
     passkey_lengths: list[int] = dataclasses.field(default_factory=lambda: [1024, 4096])
     passkey_depths: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    samples_per_cell: int = 5
+    samples_per_cell: int = 20
+    """Pass keys per (length, depth) cell: 20 gives a 95% interval of about +-20 points at 50%."""
+    filler: str = "synthetic"
+    """Pass-key filler of the evaluation: ``synthetic``, ``text`` (the filler text's test split,
+    never trained on) or ``both`` (one table each)."""
     memory_off: bool = True
     """Also evaluate the same weights with compressive memory switched off."""
+
+    def __post_init__(self) -> None:
+        _check_int("eval.samples_per_cell", self.samples_per_cell, minimum=1)
+        _check_choice("eval.filler", self.filler, ("synthetic", "text", "both"))
 
 
 @dataclass
@@ -306,6 +403,26 @@ def valid_keys(config: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+def unknown_key_message(key: str, keys: list[str]) -> str:
+    """Say that ``key`` is unknown and what was probably meant.
+
+    The closest valid keys when some are close (``did you mean stack.segment_len?``); otherwise
+    the keys of the same section, or the sections when even the section is unknown.
+    """
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    if close:
+        # a near-exact match (a typo) should not come with two far-fetched alternatives
+        ratio = [difflib.SequenceMatcher(None, key, k).ratio() for k in close]
+        close = [k for k, r in zip(close, ratio, strict=True) if r >= ratio[0] - 0.05]
+        return f"unknown config key {key!r}; did you mean {' or '.join(close)}?"
+    section = key.split(".", 1)[0] + "."
+    same_section = [k for k in keys if k.startswith(section)]
+    if same_section:
+        return f"unknown config key {key!r}; valid {section[:-1]} keys: {', '.join(same_section)}"
+    sections = sorted({k.split(".", 1)[0] for k in keys})
+    return f"unknown config key {key!r}; keys start with a section: {', '.join(sections)}"
+
+
 def _parse_value(raw: str, type_hint: Any, key: str) -> Any:
     """Parse a command-line string into ``type_hint`` (int, float, bool, str, lists, Optional)."""
     origin, args = typing.get_origin(type_hint), typing.get_args(type_hint)
@@ -349,7 +466,7 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
     """Apply ``a.b=value`` overrides, each parsed to the field's declared type.
 
     Raises:
-        ValueError: for a malformed override, an unknown key (the message lists the valid keys)
+        ValueError: for a malformed override, an unknown key (the message names the closest ones)
             or a value that does not parse as the field's type.
     """
     data = config.to_dict()
@@ -360,7 +477,7 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         key, raw = item.split("=", 1)
         key = key.strip().lstrip("-")
         if key not in keys:
-            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(keys)}")
+            raise ValueError(unknown_key_message(key, keys))
         *path, leaf = key.split(".")
         owner = config
         node = data

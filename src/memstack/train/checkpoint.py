@@ -3,8 +3,10 @@
 A checkpoint is a directory ``step-000200/`` written atomically (see :mod:`memstack.io`) with
 ``model.safetensors`` (every parameter of the stack, gates included), ``trainer.pt`` (optimiser,
 scheduler and RNG states: tensors and plain containers only, read back with
-``torch.load(weights_only=True)``) and ``meta.json`` (step, config). The data position is the step
-itself: batches are a pure function of (seed, step, rank), so nothing else is needed.
+``torch.load(weights_only=True)``) and ``meta.json`` (step, last loss, config). The data position
+is the step itself: batches are a pure function of (seed, step, rank), so nothing else is needed.
+A save killed mid-way leaves the previous checkpoints intact and a ``.step-NNNNNN.tmp-*``
+temporary, which the next save (or :func:`remove_stale_temporaries` on resume) deletes.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io import atomic_directory, read_manifest
+from ..io import atomic_directory, read_manifest, remove_stale_temporaries
 
 FORMAT = "memstack-checkpoint"
 VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
+STEP_PATTERN = r"step-\d{6,}"
+"""Regular expression of checkpoint directory names (for :func:`remove_stale_temporaries`)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -56,9 +60,16 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     config: dict[str, Any],
+    loss: float | None = None,
 ) -> Path:
-    """Write ``run_dir/step-{step:06d}`` atomically and return its path."""
-    path = Path(run_dir) / f"step-{step:06d}"
+    """Write ``run_dir/step-{step:06d}`` atomically and return its path.
+
+    Temporaries of checkpoints whose save was killed (any step) are removed first; ``loss`` (the
+    last training loss) goes into ``meta.json`` so a resumed finished run can report it.
+    """
+    run_dir = Path(run_dir)
+    remove_stale_temporaries(run_dir, STEP_PATTERN)
+    path = run_dir / f"step-{step:06d}"
     weights = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     with atomic_directory(path) as tmp:
         save_file(weights, str(tmp / "model.safetensors"))
@@ -67,7 +78,9 @@ def save_checkpoint(
             tmp / "trainer.pt",
         )
         (tmp / "meta.json").write_text(
-            json.dumps({"format": FORMAT, "version": VERSION, "step": step, "config": config}, indent=2)
+            json.dumps(
+                {"format": FORMAT, "version": VERSION, "step": step, "loss": loss, "config": config}, indent=2
+            )
         )
     return path
 
@@ -79,6 +92,19 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         return None
     steps = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
     return max(steps)[1] if steps else None
+
+
+def checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's ``meta.json`` (format, version, step, loss, config); ``loss`` is None in
+    checkpoints written before it was recorded.
+
+    Raises:
+        FileNotFoundError: if there is no meta.json.
+        ValueError: if it is not a memstack checkpoint manifest.
+    """
+    meta = read_manifest(Path(path) / "meta.json", FORMAT, VERSION)
+    meta.setdefault("loss", None)
+    return meta
 
 
 def load_weights(path: str | Path, module: torch.nn.Module) -> dict[str, Any]:

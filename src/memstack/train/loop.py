@@ -2,12 +2,17 @@
 accumulation, bf16 autocast on CUDA, BPTT through MemoryStack, JSON-lines metrics, checkpoints
 with exact resume, and DDP under ``torchrun``.
 
+Building and fitting are apart: :func:`build_stack` makes a MemoryStack from a config,
+:func:`fit` trains any existing stack (a later phase can fit a stack it already holds), and
+:func:`train` is the two in a row.
+
 Batches are a pure function of (seed, step, micro-batch, rank): resuming at step N draws exactly
 the batches an uninterrupted run would have drawn, so the data position needs no saving.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,9 +27,9 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..config import Config, ModelConfig
-from ..io import write_json
+from ..io import remove_stale_temporaries, write_json, write_text
 from ..stack import MemoryStack
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_meta, latest_checkpoint, load_checkpoint, save_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,7 +45,15 @@ def resolve_device(spec: str) -> torch.device:
 
 def build_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
     """Load ``cfg.path`` (local directory, or a hub id the user can reach) or build a random model
-    from the config fields (nothing downloaded)."""
+    from the config fields (nothing downloaded).
+
+    Args:
+        cfg: which model; ``path`` None builds a random ``arch`` model of the given shape.
+        seed: seeds the random initialisation (unused when loading ``path``).
+
+    Returns:
+        The causal LM, on the CPU, in training mode.
+    """
     if cfg.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
     if cfg.path is not None:
@@ -90,12 +103,66 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def train(
-    config: Config, batches: Any, progress: bool = True, stop_after: int | None = None
-) -> dict[str, Any]:
-    """Train a MemoryStack as ``config`` says.
+def _run_device(spec: str, world: int) -> torch.device:
+    device = resolve_device(spec)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
+
+
+def build_stack(config: Config, device: torch.device | str = "cpu") -> MemoryStack:
+    """The model of ``config.model`` (see :func:`build_model`), on ``device``, wrapped as
+    ``config.stack`` says.
 
     Args:
+        config: the run's configuration (``model``, ``stack`` and ``run.seed`` are used).
+        device: where the weights go.
+
+    Returns:
+        A fresh MemoryStack (its base model in training mode).
+    """
+    model = build_model(config.model, config.run.seed).to(device)
+    return MemoryStack(model, config.stack)
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
+    """Drop the records after ``step`` (those a resumed run is about to log again) and return the
+    rest; rewritten atomically so a crash here loses nothing."""
+    records = _read_metrics(path)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    if len(kept) < len(records):
+        write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def _mean_over_ranks(values: list[float], world: int, device: torch.device) -> list[float]:
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / world).tolist()
+
+
+def fit(
+    stack: MemoryStack, config: Config, batches: Any, progress: bool = True, stop_after: int | None = None
+) -> dict[str, Any]:
+    """Train an existing ``stack`` as ``config`` says (optimiser, schedule, checkpoints, metrics,
+    DDP under ``torchrun``), resuming from the latest checkpoint in ``run.out_dir`` if asked.
+
+    The objective of a step is the mean, over micro-batches and ranks, of each micro-batch's loss
+    (itself a mean over its tokens): each micro-batch's loss is divided by ``grad_accum`` and DDP
+    averages over ranks, once per optimiser step. With micro-batches of equal token counts this
+    is exactly the loss of one batch holding all of them. Logged losses are averaged over ranks.
+
+    Args:
+        stack: the stack to train, already on its device.
         config: the run's configuration.
         batches: an object with ``batch(step, micro, rank, world) -> dict`` returning
             ``input_ids``, ``labels`` and optionally ``answer_mask`` (see memstack.data).
@@ -104,40 +171,66 @@ def train(
             resume); the schedule still runs to ``schedule.max_steps``.
 
     Returns:
-        Summary: final step, last loss, wall seconds, path of the last checkpoint.
+        Summary: final step, last loss, wall seconds, path of the last checkpoint, the stack.
     """
     rank, world = _distributed()
-    device = resolve_device(config.run.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+    device = stack.device
     out_dir = Path(config.run.out_dir)
+    metrics_path = out_dir / "metrics.jsonl"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if config.run.resume:
+            # a save killed mid-way; also moves back a checkpoint a kill left only as ".old-"
+            remove_stale_temporaries(out_dir)
         write_json(out_dir / "config.json", config.to_dict())
+    if world > 1:
+        dist.barrier()  # the other ranks look for checkpoints only once rank 0 has tidied up
 
-    model = build_model(config.model, config.run.seed).to(device)
-    stack = MemoryStack(model, config.stack)
-    opt_cfg = config.optim
+    opt_cfg, sched = config.optim, config.schedule
     optimizer = torch.optim.AdamW(
         stack.param_groups(opt_cfg.lr, opt_cfg.weight_decay, opt_cfg.gate_lr_mult), betas=opt_cfg.betas
     )
-    sched = config.schedule
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, sched.warmup_steps, sched.max_steps, sched.min_lr_ratio)
     )
-    start = 0
+    start, loss_value = 0, float("nan")
     ckpt = latest_checkpoint(out_dir) if config.run.resume else None
     if ckpt is not None:
         start = load_checkpoint(ckpt, stack, optimizer, scheduler)
+        saved_loss = checkpoint_meta(ckpt)["loss"]
+        if saved_loss is not None:
+            loss_value = float(saved_loss)
+    if rank == 0:
+        # records after the checkpoint are logged again by this run: keep each step once
+        # (without resume: start is 0 and an old run's records go)
+        kept = _truncate_metrics(metrics_path, start)
+        if math.isnan(loss_value) and kept:
+            loss_value = float(kept[-1]["loss"])
+    t_start = time.perf_counter()
+    if start >= sched.max_steps:
+        if rank == 0:
+            print(f"already finished at step {start} (loss {loss_value:.4f}); nothing to train in {out_dir}")
+        return {
+            "step": start,
+            "loss": loss_value,
+            "seconds": 0.0,
+            "checkpoint": str(ckpt) if ckpt is not None else None,
+            "stack": stack,
+        }
+
     engine: torch.nn.Module = stack
     if world > 1:
+        # The gates take part in a forward only when memory is read: a batch that fits in one
+        # segment (copy warm-up rows, short curriculum stages, compressive=False) leaves them
+        # without a gradient, which plain DDP treats as an error at the next step. Finding the
+        # unused parameters costs one graph traversal per forward; only stacks with gates pay it.
         engine = torch.nn.parallel.DistributedDataParallel(
-            stack, device_ids=[device] if device.type == "cuda" else None
+            stack,
+            device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=bool(stack.gate_parameters()),
         )
 
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    metrics_path = out_dir / "metrics.jsonl"
     bar = tqdm(
         range(start, sched.max_steps),
         disable=not progress or rank != 0,
@@ -145,23 +238,26 @@ def train(
         initial=start,
         total=sched.max_steps,
     )
-    loss_value, t_last, tokens, done = float("nan"), time.perf_counter(), 0, start
-    t_start = time.perf_counter()
+    t_last, tokens, done = time.perf_counter(), 0, start
     stack.train()
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
         lm_total, answer_total = 0.0, 0.0
         for micro in range(opt_cfg.grad_accum):
+            # gradients are averaged over ranks once per optimiser step, on the last micro-batch
+            last = micro == opt_cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if world == 1 or last else engine.no_sync()
             batch = batches.batch(step, micro, rank, world)
             ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-            with autocast:
-                out = engine(ids, labels=labels, return_logits="answer_mask" in batch)
-                loss, answer = (
-                    weighted_loss(out.logits, batch, out.loss, config.data.answer_weight)
-                    if out.logits is not None
-                    else (out.loss, None)
-                )
-            (loss / opt_cfg.grad_accum).backward()
+            with sync:
+                with autocast:
+                    out = engine(ids, labels=labels, return_logits="answer_mask" in batch)
+                    loss, answer = (
+                        weighted_loss(out.logits, batch, out.loss, config.data.answer_weight)
+                        if out.logits is not None
+                        else (out.loss, None)
+                    )
+                (loss / opt_cfg.grad_accum).backward()
             lm_total += out.loss.item() / opt_cfg.grad_accum
             answer_total += (answer.item() if answer is not None else 0.0) / opt_cfg.grad_accum
             tokens += ids.numel() * world
@@ -169,6 +265,7 @@ def train(
             torch.nn.utils.clip_grad_norm_(stack.parameters(), opt_cfg.grad_clip)
         optimizer.step()
         scheduler.step()
+        lm_total, answer_total = _mean_over_ranks([lm_total, answer_total], world, device)
         loss_value = lm_total
         done = step + 1
         if rank == 0 and (done % config.run.log_every == 0 or done == sched.max_steps):
@@ -187,7 +284,9 @@ def train(
             t_last, tokens = now, 0
         every = config.run.ckpt_every
         if rank == 0 and ((every and done % every == 0) or done == sched.max_steps):
-            ckpt = save_checkpoint(out_dir, done, stack, optimizer, scheduler, config.to_dict())
+            ckpt = save_checkpoint(
+                out_dir, done, stack, optimizer, scheduler, config.to_dict(), loss=lm_total
+            )
         if stop_after is not None and done >= stop_after:
             break
     if world > 1:
@@ -199,3 +298,22 @@ def train(
         "checkpoint": str(ckpt) if ckpt is not None else None,
         "stack": stack,
     }
+
+
+def train(
+    config: Config, batches: Any, progress: bool = True, stop_after: int | None = None
+) -> dict[str, Any]:
+    """Build a MemoryStack as ``config`` says and fit it: :func:`build_stack`, then :func:`fit`.
+
+    Args:
+        config: the run's configuration.
+        batches: an object with ``batch(step, micro, rank, world) -> dict`` (see :func:`fit`).
+        progress: show a tqdm bar (rank 0 only).
+        stop_after: leave the loop after this many steps as if the process died (tests of resume).
+
+    Returns:
+        Summary: final step, last loss, wall seconds, path of the last checkpoint, the stack.
+    """
+    _, world = _distributed()
+    device = _run_device(config.run.device, world)
+    return fit(build_stack(config, device), config, batches, progress=progress, stop_after=stop_after)
