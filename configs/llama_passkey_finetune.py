@@ -24,5 +24,5 @@ config = Config(
     optim=OptimConfig(lr=2e-5, weight_decay=0.0, gate_lr_mult=100.0),
     schedule=ScheduleConfig(max_steps=400, warmup_steps=20),
     run=RunConfig(out_dir="runs/llama_passkey_finetune", batch_size=8, log_every=10, ckpt_every=100),
-    eval=EvalConfig(passkey_lengths=[32768, 131072, 1048576], samples_per_cell=5),
+    eval=EvalConfig(passkey_lengths=[32768, 131072, 1048576], samples_per_cell=20, filler="both"),
 )

@@ -55,6 +55,7 @@ config = Config(
     eval=EvalConfig(
         passkey_lengths=[960, 4032, 16320, 32704],
         passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0],
-        samples_per_cell=5,
+        samples_per_cell=20,
+        filler="both",
     ),
 )

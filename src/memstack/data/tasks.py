@@ -16,16 +16,32 @@ then cut at token level, so a prompt is exactly the requested number of tokens f
 tokenizer. (Re-tokenizing ``decode(prompt_ids)`` can give a different split at the seams; the
 model sees ``prompt_ids``.)
 
+Two fillers: ``"synthetic"``, the repeated sentences above (the papers' format), and ``"text"``,
+a passage of real English. A tiny model trained on the synthetic filler can learn the filler
+rather than retrieval (it scored 8% at 960 bytes once the filler was real text), so train on
+``"text"`` (or a mix) and report both. The text filler reads a text file (default: the King
+James Bible shipped in ``memstack/data/corpora/kjv.txt``, cleaned of chapter headings and verse
+numbers, see :func:`filler_text`), split by words into ``"train"`` (the first 90%) and ``"test"``
+(the last 10%), so an evaluation on ``split="test"`` uses text the model never trained on. The
+passage starts at a word chosen by the seed; the needle(s) go between two words, never inside
+one; a passage longer than its split wraps around to the split's first word (the test split is
+~420 KB, so a 1M-byte prompt holds it about 2.4 times).
+
 Every function draws from its own ``random.Random(seed)``: the same arguments give the same
 sample, and the global RNG is never touched.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
 import itertools
 import random
+import re
 import string
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -43,6 +59,10 @@ KV_QUESTION = "What is the value of key {key}? The value of key {key} is"
 KEY_LETTERS = 4
 VALUE_DIGITS = 5
 IGNORE_INDEX = -100  # the label that torch's cross-entropy (and memstack's loss) skips
+FILLERS = ("synthetic", "text")
+SPLITS = ("train", "test")
+TRAIN_FRACTION = 0.9
+"""Share of a filler text's words in the ``"train"`` split; the rest is ``"test"``."""
 
 
 @dataclass
@@ -95,6 +115,9 @@ class PasskeyBatch:
     depths: list[float] = field(default_factory=list)
     """The needle depth of each row."""
 
+    fillers: list[str] = field(default_factory=list)
+    """The filler of each row (``"synthetic"`` or ``"text"``)."""
+
     def to(self, device: torch.device | str) -> PasskeyBatch:
         """The same batch with every tensor on ``device``."""
         return PasskeyBatch(
@@ -104,6 +127,7 @@ class PasskeyBatch:
             self.answer_mask.to(device),
             list(self.passkeys),
             list(self.depths),
+            list(self.fillers),
         )
 
 
@@ -156,6 +180,191 @@ def _filler(tokenizer: Tokenizer, n: int) -> list[int]:
     return (unit * (n // len(unit) + 1))[:n]
 
 
+# Real-text filler ---------------------------------------------------------------------------
+
+# A line alone after a blank line that ends in a number ("Genesis 1", "Song of Solomon 3") is a
+# chapter heading; a number opening a line is a verse number. Both are dropped, so the filler is
+# running prose without digits: a pass key's digits then occur only in its needle.
+_HEADING = re.compile(r"(?:\A|\n)[ \t]*\n\S[^\n]* \d+[ \t]*(?=\n[ \t]*\n)")
+_LINE_NUMBER = re.compile(r"^[ \t]*\d+[ \t]+", re.MULTILINE)
+_MIN_WORDS = 10  # so that both splits hold at least one word
+_ENCODE_CHUNK = 1024  # words encoded per batch_encode call
+_MAX_SLIDE = 1000  # words the passage start may move to fit the first stretch exactly
+
+
+@dataclass(frozen=True)
+class _Corpus:
+    """One split of a cleaned filler text: its words joined by single spaces."""
+
+    text: str
+    starts: tuple[int, ...]
+    """Character offset of each word in ``text``."""
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def word(self, i: int) -> str:
+        end = self.starts[i + 1] - 1 if i + 1 < len(self.starts) else len(self.text)
+        return self.text[self.starts[i] : end]
+
+
+def default_filler_path() -> Path:
+    """The filler text shipped with memstack: the King James Bible (public domain, 4.3 MB)."""
+    return Path(str(importlib.resources.files("memstack.data").joinpath("corpora", "kjv.txt")))
+
+
+def clean_filler_text(raw: str) -> str:
+    """``raw`` as running prose: chapter headings and verse numbers dropped, whitespace collapsed.
+
+    Made for the KJV's layout (a ``Genesis 1`` line between blank lines opens each chapter, and
+    each verse line opens with its number); plain prose passes through with only its whitespace
+    collapsed to single spaces.
+    """
+    text = _HEADING.sub("\n", raw)
+    text = _LINE_NUMBER.sub("", text)
+    return " ".join(text.split())
+
+
+@functools.lru_cache(maxsize=4)
+def _corpus(path: str | None, split: str) -> _Corpus:
+    source = default_filler_path() if path is None else Path(path).expanduser()
+    try:
+        raw = source.read_text(encoding="utf-8", errors="replace")
+    except (FileNotFoundError, IsADirectoryError) as e:
+        raise FileNotFoundError(f"filler text {str(source)!r} is not a readable file: {e}") from e
+    words = clean_filler_text(raw).split(" ")
+    if len(words) < _MIN_WORDS:
+        raise ValueError(f"filler text {str(source)!r} holds {len(words)} words; it needs >= {_MIN_WORDS}")
+    cut = round(TRAIN_FRACTION * len(words))
+    words = words[:cut] if split == "train" else words[cut:]
+    starts = tuple(itertools.accumulate((len(w) + 1 for w in words[:-1]), initial=0))
+    return _Corpus(" ".join(words), starts)
+
+
+def _check_filler(filler: str, split: str, allowed: Sequence[str] = FILLERS) -> None:
+    if filler not in allowed:
+        raise ValueError(f"filler must be one of {list(allowed)}, got {filler!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+
+
+def filler_text(split: str = "train", path: str | Path | None = None) -> str:
+    """The text the ``"text"`` filler draws its passages from: one split of a cleaned text file.
+
+    The file is cleaned by :func:`clean_filler_text` and split by words: ``"train"`` is the first
+    ``TRAIN_FRACTION`` (90%) of them, ``"test"`` the rest, so the two never share a passage.
+
+    Args:
+        split: ``"train"`` or ``"test"``.
+        path: a UTF-8 text file; None for the shipped King James Bible (:func:`default_filler_path`).
+
+    Returns:
+        The split's words joined by single spaces (cached per file and split).
+
+    Raises:
+        ValueError: for an unknown split or a file of fewer than 10 words.
+        FileNotFoundError: if ``path`` is not a readable file.
+    """
+    _check_filler("text", split)
+    return _corpus(None if path is None else str(path), split).text
+
+
+class _WordTokens:
+    """Token ids of a split's words read cyclically from word ``start``, each with its leading space.
+
+    Words are encoded one by one (each as ``" " + word``, like every other piece of a prompt) so a
+    stretch of filler can end exactly between two words; they are encoded lazily, in chunks.
+    """
+
+    def __init__(self, corpus: _Corpus, tokenizer: Tokenizer, start: int):
+        self.corpus, self.tokenizer, self.start = corpus, tokenizer, start
+        self._chunks: dict[int, list[list[int]]] = {}
+
+    def __getitem__(self, k: int) -> list[int]:
+        chunk, i = divmod((self.start + k) % len(self.corpus), _ENCODE_CHUNK)
+        if chunk not in self._chunks:
+            lo = chunk * _ENCODE_CHUNK
+            pieces = [" " + self.corpus.word(j) for j in range(lo, min(lo + _ENCODE_CHUNK, len(self.corpus)))]
+            batch_encode: Callable | None = getattr(self.tokenizer, "batch_encode", None)
+            ids = batch_encode(pieces) if batch_encode else [self.tokenizer.encode(x) for x in pieces]
+            ids = [list(x) for x in ids]
+            if not all(ids):
+                bad = next(x for x, t in zip(pieces, ids, strict=True) if not t)
+                raise ValueError(f"tokenizer {self.tokenizer!r} encoded filler word {bad!r} to no tokens")
+            self._chunks[chunk] = ids
+        return self._chunks[chunk][i]
+
+    def join(self, lo: int, hi: int) -> list[int]:
+        """Token ids of words ``lo`` to ``hi - 1``."""
+        return [t for k in range(lo, hi) for t in self[k]]
+
+
+def _exact_run(words: _WordTokens, n: int) -> tuple[int, int, bool]:
+    """(i, j, exact): words i..j-1 hold exactly ``n`` tokens when ``exact``, else at least ``n``.
+
+    Slides a window of whole words forward from word 0 until its token count is exactly ``n``
+    (a few words with the byte tokenizer, whose words are 2-15 tokens). If no window within
+    ``_MAX_SLIDE`` words fits, returns the first window holding ``n`` or more tokens.
+    """
+    i = j = total = 0
+    first = None
+    while i <= _MAX_SLIDE:
+        while total < n:
+            total += len(words[j])
+            j += 1
+        if first is None:
+            first = j
+        if total == n:
+            return i, j, True
+        total -= len(words[i])
+        i += 1
+    return 0, first, False
+
+
+def _text_stretches(tokenizer: Tokenizer, corpus: _Corpus, start: int, sizes: list[int]) -> list[list[int]]:
+    """A passage cut into stretches that sum to ``sum(sizes)`` tokens, for the gaps around needles.
+
+    Every cut between two stretches falls between two words, so a needle placed there is never
+    inside a word. The first stretch has exactly ``sizes[0]`` tokens: the passage start slides
+    forward from word ``start`` until a run of whole words fits (if none does, that run is cut
+    inside its first word instead, at the very start of the filler). Each middle stretch ends at
+    the word boundary nearest ``sum(sizes[:k + 1])``, so later needles sit within a word of their
+    place. The last stretch takes the tokens left, whole words and then a cut inside a word,
+    right before the question (as the synthetic filler is cut).
+    """
+    words = _WordTokens(corpus, tokenizer, start)
+    total, target = sum(sizes), sizes[0]
+    i, at, exact = _exact_run(words, sizes[0])
+    first = words.join(i, at)
+    stretches = [first if exact else first[len(first) - sizes[0] :]]
+    pos = sizes[0]
+    for size in sizes[1:-1]:
+        target += size
+        stop = at
+        while pos + len(words[stop]) <= total and abs(pos + len(words[stop]) - target) < abs(pos - target):
+            pos += len(words[stop])
+            stop += 1
+        stretches.append(words.join(at, stop))
+        at = stop
+    last: list[int] = []
+    while len(last) < total - pos:
+        last += words[at]
+        at += 1
+    stretches.append(last[: total - pos])
+    return stretches
+
+
+def _filler_stretches(
+    tokenizer: Tokenizer, sizes: list[int], filler: str, rng: random.Random, split: str, path: str | None
+) -> list[list[int]]:
+    """The filler between and around the needles: one token list per size in ``sizes``."""
+    if filler == "synthetic":
+        # each stretch starts again from the first sentence, as in the papers' prompts
+        return [_filler(tokenizer, n) for n in sizes]
+    corpus = _corpus(None if path is None else str(path), split)
+    return _text_stretches(tokenizer, corpus, rng.randrange(len(corpus)), sizes)
+
+
 def _pieces(instruction: bool, needles: str) -> str:
     return f"instruction, {needles}" if instruction else needles
 
@@ -188,13 +397,24 @@ def passkey_min_length(tokenizer: Tokenizer, digits: int = 5, *, instruction: bo
 
 
 def passkey_sample(
-    tokenizer: Tokenizer, length: int, depth: float, seed: int, digits: int = 5, *, instruction: bool = True
+    tokenizer: Tokenizer,
+    length: int,
+    depth: float,
+    seed: int,
+    digits: int = 5,
+    *,
+    instruction: bool = True,
+    filler: str = "synthetic",
+    filler_path: str | Path | None = None,
+    split: str = "train",
 ) -> PasskeySample:
     """One pass-key retrieval prompt of exactly ``length`` tokens.
 
     The needle goes after ``round(depth * F)`` of the ``F`` filler tokens, so ``needle_start`` is
-    ``len(instruction tokens) + round(depth * F)``; the filler after it starts again from the
-    first sentence.
+    ``len(instruction tokens) + round(depth * F)``, with either filler. Synthetic: the filler
+    after the needle starts again from the first sentence. Text: one passage runs through the
+    needle, which sits between two words; only the filler's last word, before the question,
+    may be cut (and, where no run of whole words fits, its first).
 
     Args:
         tokenizer: anything with ``encode`` and ``decode`` (see :class:`~memstack.data.tokenizer.Tokenizer`).
@@ -204,27 +424,34 @@ def passkey_sample(
         digits: number of digits of the pass key (first digit never 0).
         instruction: start with the papers' instruction sentence (about 30 words). False leaves
             more of a short prompt to the filler, for small models trained on short contexts.
+        filler: ``"synthetic"`` (repeated sentences) or ``"text"`` (a passage of ``filler_path``).
+        filler_path: text file of the text filler; None for the shipped King James Bible.
+        split: ``"train"`` or ``"test"`` part of the text (see :func:`filler_text`); evaluate on
+            ``"test"``. Both ignored by the synthetic filler.
 
     Returns:
         The sample; ``answer_ids`` is what the model should generate after ``prompt_ids``.
 
     Raises:
-        ValueError: if ``depth`` is outside [0, 1], ``digits < 1``, or ``length`` cannot hold the
-            instruction, needle and question.
+        ValueError: if ``depth`` is outside [0, 1], ``digits < 1``, ``length`` cannot hold the
+            instruction, needle and question, or ``filler``/``split`` is unknown.
+        FileNotFoundError: if ``filler_path`` is not a readable file.
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth!r}")
     if not isinstance(digits, int) or digits < 1:
         raise ValueError(f"digits must be an int >= 1, got {digits!r}")
+    _check_filler(filler, split)
     rng = random.Random(seed)
-    passkey = _random_number(rng, digits)
+    passkey = _random_number(rng, digits)  # drawn first: the synthetic prompts of a seed never change
 
     head = _head(tokenizer, instruction)
     needle = _piece(tokenizer, PASSKEY_NEEDLE.format(key=passkey))
     question = _piece(tokenizer, PASSKEY_QUESTION)
     n_filler = _check_length(length, len(head) + len(needle) + len(question), _pieces(instruction, "needle"))
     before = round(depth * n_filler)
-    prompt = head + _filler(tokenizer, before) + needle + _filler(tokenizer, n_filler - before) + question
+    first, second = _filler_stretches(tokenizer, [before, n_filler - before], filler, rng, split, filler_path)
+    prompt = head + first + needle + second + question
     assert len(prompt) == length  # by construction; a failure here is a bug, not bad input
     return PasskeySample(
         prompt_ids=prompt,
@@ -245,6 +472,9 @@ def passkey_batch(
     answer_only: bool = False,
     *,
     instruction: bool = True,
+    filler: str = "synthetic",
+    filler_path: str | Path | None = None,
+    split: str = "train",
 ) -> PasskeyBatch:
     """``n`` pass-key samples as training tensors (prompt followed by its answer).
 
@@ -258,6 +488,10 @@ def passkey_batch(
         answer_only: put the loss on the answer only (labels -100 everywhere else), instead of on
             every token.
         instruction: start each prompt with the instruction sentence (see :func:`passkey_sample`).
+        filler: ``"synthetic"``, ``"text"``, or ``"mix"``: each row draws one of the two from the
+            seed (independently, so a batch mostly holds both and a model cannot learn either).
+        filler_path: text file of the text filler (None: the shipped King James Bible).
+        split: part of the text the text filler reads (``"train"`` for training).
 
     Returns:
         A :class:`PasskeyBatch` of ``n`` rows.
@@ -267,13 +501,29 @@ def passkey_batch(
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
+    _check_filler(filler, split, (*FILLERS, "mix"))
     rng = random.Random(seed)
-    samples = []
+    samples, fillers = [], []
     for _ in range(n):
         sample_seed = rng.getrandbits(63)
         sample_depth = rng.random() if depth is None else depth
-        sample = passkey_sample(tokenizer, length, sample_depth, sample_seed, digits, instruction=instruction)
+        # "mix" draws from a stream of its own, so every filler gives a seed the same keys and depths
+        row_filler = (
+            FILLERS[random.Random(f"filler {sample_seed}").randrange(2)] if filler == "mix" else filler
+        )
+        sample = passkey_sample(
+            tokenizer,
+            length,
+            sample_depth,
+            sample_seed,
+            digits,
+            instruction=instruction,
+            filler=row_filler,
+            filler_path=filler_path,
+            split=split,
+        )
         samples.append(sample)
+        fillers.append(row_filler)
 
     width = length + max(len(s.answer_ids) for s in samples)
     pad = getattr(tokenizer, "pad_token_id", None)
@@ -295,6 +545,7 @@ def passkey_batch(
         answer_mask=answer_mask,
         passkeys=[s.passkey for s in samples],
         depths=[s.depth for s in samples],
+        fillers=fillers,
     )
 
 
@@ -315,14 +566,24 @@ def _even_cuts(total: int, parts: int) -> list[int]:
 
 
 def multi_needle_sample(
-    tokenizer: Tokenizer, length: int, n_needles: int, seed: int, *, instruction: bool = True
+    tokenizer: Tokenizer,
+    length: int,
+    n_needles: int,
+    seed: int,
+    *,
+    instruction: bool = True,
+    filler: str = "synthetic",
+    filler_path: str | Path | None = None,
+    split: str = "train",
 ) -> MultiNeedleSample:
     """A prompt of exactly ``length`` tokens with ``n_needles`` key-value facts, one asked for.
 
     Each needle reads "The value of key KKKK is VVVVV." with a random upper-case 4-letter key (all
     distinct) and a random 5-digit value. The needles split the filler into ``n_needles + 1``
-    nearly equal stretches, so they sit at depths 1/(n+1), 2/(n+1), ...; each stretch starts from
-    the first filler sentence. The question asks for one key chosen at random.
+    nearly equal stretches, so they sit at depths 1/(n+1), 2/(n+1), ...; with the synthetic filler
+    each stretch starts from the first filler sentence. With the text filler one passage runs
+    through all needles, each between two words: the first sits exactly at its place, each later
+    one at the word boundary nearest its place. The question asks for one key chosen at random.
 
     Args:
         tokenizer: anything with ``encode`` and ``decode``.
@@ -330,16 +591,21 @@ def multi_needle_sample(
         n_needles: number of key-value facts (>= 1).
         seed: seed of the keys, values and asked key.
         instruction: start with the instruction sentence (see :func:`passkey_sample`).
+        filler: ``"synthetic"`` or ``"text"`` (see :func:`passkey_sample`).
+        filler_path: text file of the text filler (None: the shipped King James Bible).
+        split: part of the text the text filler reads (``"test"`` for evaluation).
 
     Returns:
         The sample; ``answer_ids`` is what the model should generate after ``prompt_ids``.
 
     Raises:
-        ValueError: if ``n_needles < 1`` or ``length`` cannot hold the instruction, needles and
-            question.
+        ValueError: if ``n_needles < 1``, ``length`` cannot hold the instruction, needles and
+            question, or ``filler``/``split`` is unknown.
+        FileNotFoundError: if ``filler_path`` is not a readable file.
     """
     if not isinstance(n_needles, int) or n_needles < 1:
         raise ValueError(f"n_needles must be an int >= 1, got {n_needles!r}")
+    _check_filler(filler, split)
     rng = random.Random(seed)
     keys = _random_keys(rng, n_needles)
     values = [_random_number(rng, VALUE_DIGITS) for _ in keys]
@@ -353,12 +619,14 @@ def multi_needle_sample(
 
     prompt = list(head)
     starts = []
-    stretches = _even_cuts(n_filler, n_needles + 1)
+    stretches = _filler_stretches(
+        tokenizer, _even_cuts(n_filler, n_needles + 1), filler, rng, split, filler_path
+    )
     for stretch, needle in zip(stretches[:-1], needles, strict=True):
-        prompt += _filler(tokenizer, stretch)
+        prompt += stretch
         starts.append(len(prompt))
         prompt += needle
-    prompt += _filler(tokenizer, stretches[-1]) + question
+    prompt += stretches[-1] + question
     assert len(prompt) == length  # by construction
     return MultiNeedleSample(
         prompt_ids=prompt,

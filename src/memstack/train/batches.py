@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..config import Config
-from ..data.tasks import passkey_batch, passkey_min_length
+from ..data.tasks import filler_text, passkey_batch, passkey_min_length
 from ..data.text import load_text_dataset, pack, tokenize_dataset
 from ..data.tokenizer import load_tokenizer
 
@@ -40,6 +40,10 @@ class PasskeyBatches:
     8-24 characters drawn from a random alphabet of 2-36 symbols: the pure copy signal that makes
     small models form induction heads, and small alphabets make them match on several previous
     tokens, as telling "the pass key is" from "the sky is" needs.
+
+    ``data.filler`` picks the pass-key filler: ``synthetic``, ``text`` (passages of the train split
+    of ``data.filler_path``, by default the shipped King James Bible; evaluations read the test
+    split) or ``mix`` (each row draws one of the two from the batch's seed).
     """
 
     def __init__(self, config: Config, tokenizer: Any):
@@ -48,6 +52,9 @@ class PasskeyBatches:
         if config.data.length_jitter < 0:
             raise ValueError(f"data.length_jitter must be >= 0, got {config.data.length_jitter}")
         self.min_length = passkey_min_length(tokenizer, instruction=config.data.instruction)
+        if config.data.filler in ("text", "mix"):
+            # read (and cache) the text now, so a missing file fails before the first step
+            filler_text("train", config.data.filler_path)
 
     def length(self, step: int) -> int:
         """Prompt length of the curriculum stage at ``step`` (before ``length_jitter``)."""
@@ -89,6 +96,9 @@ class PasskeyBatches:
             self.prompt_length(step, rng),
             seed=_seed(seed, step, micro, rank),
             instruction=d.instruction,
+            filler=d.filler,
+            filler_path=d.filler_path,
+            split="train",
         )
         out = {"input_ids": pk.input_ids, "labels": pk.labels, "answer_mask": pk.answer_mask}
         if n_repeat:
