@@ -8,7 +8,14 @@ import sys
 
 import pytest
 
-from memstack.io import atomic_directory, current_umask, read_manifest, remove_stale_temporaries, write_json
+from memstack.io import (
+    atomic_directory,
+    atomic_file,
+    current_umask,
+    read_manifest,
+    remove_stale_temporaries,
+    write_json,
+)
 
 
 def test_atomic_directory_replaces_on_success_and_keeps_old_on_failure(tmp_path):
@@ -112,8 +119,11 @@ def test_written_files_and_directories_follow_the_umask(tmp_path, umask, dir_mod
         with atomic_directory(tmp_path / "store") as d:
             (d / "a.txt").write_text("x")
         write_json(tmp_path / "m.json", {})
+        with atomic_file(tmp_path / "state.bin") as f:  # StackState.save, save_pretrained
+            f.write_bytes(b"x")
     finally:
         os.umask(old)
+    assert stat.S_IMODE((tmp_path / "state.bin").stat().st_mode) == file_mode
     assert stat.S_IMODE((tmp_path / "store").stat().st_mode) == dir_mode
     assert stat.S_IMODE((tmp_path / "store" / "a.txt").stat().st_mode) == file_mode
     assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == file_mode

@@ -170,14 +170,8 @@ def read_manifest(path: str | os.PathLike, kind: str, version: int) -> dict[str,
 
 
 def umask_mode(directory: bool) -> int:
-    """Permission bits a plain ``open()``/``mkdir()`` would give under the process umask.
-
-    ``tempfile`` creates 0600 files and 0700 directories on purpose; artefacts that are renamed
-    into place afterwards should look like any other file the user writes.
-    """
-    current = os.umask(0o022)  # the only portable way to read the umask is to set it
-    os.umask(current)
-    return (0o777 if directory else 0o666) & ~current
+    """Permission bits a plain ``open()``/``mkdir()`` would give under the process umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
 
 
 @contextlib.contextmanager
