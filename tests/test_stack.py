@@ -554,8 +554,8 @@ from memstack import StackState, CompressiveState
 i = 0
 while True:
     i += 1
-    M, z = torch.full((4, 8, 64, 64), float(i)), torch.full((4, 8, 64), float(i))
-    s = {{layer: CompressiveState(M, z) for layer in range(8)}}
+    full = lambda *shape: torch.full(shape, float(i))
+    s = {{layer: CompressiveState(full(4, 8, 64, 64), full(4, 8, 64)) for layer in range(8)}}
     StackState({{"compressive": s}}, i).save({str(path)!r})
     if i == 1:
         print("ready", flush=True)

@@ -402,3 +402,9 @@ def test_bad_arguments_name_the_argument_and_the_accepted_values():
     with pytest.raises(ValueError, match="chunk indices must lie in \\[0, 1\\)"):
         store.add([torch.tensor([1])], [0], 0, {0: (torch.randn(1, DIM), torch.tensor([4]))})
     assert len(store) == 5  # failed adds wrote nothing
+
+
+def test_an_empty_store_returns_padding():
+    store = ChunkStore([0], DIM)
+    scores, ids = store.search(0, torch.randn(3, DIM), 4)
+    assert ids.tolist() == [[-1] * 4] * 3 and bool(torch.isinf(scores).all())

@@ -107,9 +107,13 @@ class StackState:
         are removed.
         """
         names, tensors = self.flatten()
-        flat = {
-            ".".join(map(str, n)): t.detach().contiguous().cpu() for n, t in zip(names, tensors, strict=True)
-        }
+        flat, seen = {}, set()
+        for n, t in zip(names, tensors, strict=True):
+            t = t.detach().contiguous().cpu()
+            if t.data_ptr() in seen:  # safetensors refuses tensors that share memory
+                t = t.clone()
+            seen.add(t.data_ptr())
+            flat[".".join(map(str, n))] = t
         meta = {"format": STATE_FORMAT, "version": str(STATE_VERSION), "segments": str(self.segments)}
         blob = save(flat, metadata=meta)  # bytes: safetensors' save_file leaves .tmpXXXX files if killed
         with atomic_file(path) as tmp:

@@ -552,7 +552,9 @@ class ChunkStore:
             rows = rows.cpu().numpy()
             hit = rows >= 0
             np.add.at(self._retrievals, rows[hit], 1)
-            ids = np.where(hit, self._ids[np.maximum(rows, 0)], -1)
+            # rows are -1 wherever there is no hit (an empty store included): index safely
+            safe = self._ids[np.maximum(rows, 0)] if self._ids.size else np.zeros_like(rows)
+            ids = np.where(hit, safe, -1)
         return scores.to(device), torch.from_numpy(ids).to(device)
 
     def _search_matmul(self, lk: _LayerKeys, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
