@@ -63,12 +63,9 @@ class MemoryKind(Protocol):
 
     def empty(self, record: LayerRecord) -> Any:
         """The empty state of one layer, shaped for ``record``'s batch and heads."""
-        ...
 
     def read(self, state: Any, query: torch.Tensor) -> Readout:
         """Read ``state`` with position-free queries ``(B, H, T, d_k)``."""
-        ...
 
     def write(self, state: Any, record: LayerRecord, valid: torch.Tensor | None) -> Any:
         """The state after writing one closed segment (``valid``: ``(B, T)``, False = padding)."""
-        ...
