@@ -49,8 +49,32 @@ def test_stack_config_validates(kwargs, match):
 def test_stack_config_dict_round_trip_and_unknown_keys():
     cfg = StackConfig(segment_len=64, update_rule="delta", memory_layers="every:2", bptt_segments=3)
     assert StackConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="valid keys"):
+    with pytest.raises(ValueError, match=r"unknown config keys \['stack.segmnt'\]; valid: \[.*'segment_len'"):
         StackConfig.from_dict({"segment_len": 8, "segmnt": 3})
+
+
+def test_optional_store_section_round_trips_and_is_overridable():
+    from memstack.config import Config, StoreConfig, apply_overrides
+
+    cfg = StackConfig(store=StoreConfig(top_k=8, layers="1"))
+    assert StackConfig.from_dict(cfg.to_dict()) == cfg
+    assert StackConfig.from_dict({"store": None}).store is None
+    base = Config()
+    assert base.stack.store is None
+    on = apply_overrides(base, ["stack.store.top_k=6"])  # a field of a None section switches it on
+    assert on.stack.store == StoreConfig(top_k=6)
+    assert apply_overrides(base, ["stack.store=on"]).stack.store == StoreConfig()
+    assert apply_overrides(on, ["stack.store=none"]).stack.store is None
+    assert apply_overrides(on, ["stack.store=on"]).stack.store.top_k == 6  # on keeps what is set
+    assert Config.from_dict(on.to_dict()) == on  # JSON round trip builds a StoreConfig, not a dict
+    with pytest.raises(ValueError, match=r"stack.store: expected none/off or on, got 'maybe'"):
+        apply_overrides(base, ["stack.store=maybe"])
+    with pytest.raises(ValueError, match=r"did you mean stack.store.top_k"):
+        apply_overrides(base, ["stack.store.topk=3"])
+    with pytest.raises(ValueError, match=r"stack.store.readout must be one of kv, kv_gated; got 'tokens'"):
+        StoreConfig(readout="tokens")
+    with pytest.raises(ValueError, match=r"stack.store.top_k must be an int, got True"):
+        StoreConfig(top_k=True)
 
 
 # ---------------------------------------------------------------------- training configs

@@ -29,6 +29,86 @@ def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> N
 
 
 @dataclass
+class StoreConfig:
+    """Layer 3, the long-term store: every past chunk kept as it was, found again by attention keys.
+
+    One store per stream (batch row) and store layer. See ``memstack/memory/longterm.py``.
+    """
+
+    layers: str = "every:2"
+    """Decoder layers that write to and read from the store: same syntax as ``memory_layers``."""
+    chunking: str = "fixed"
+    """``fixed`` (``chunk_len`` tokens) or ``surprise`` (cut where the model's -log p is high,
+    EM-LLM; ``chunk_len`` is then the longest chunk and ``chunk_len // 4`` the shortest)."""
+    chunk_len: int = 32
+    """Tokens per chunk (the longest chunk with ``surprise``)."""
+    surprise_gamma: float = 1.0
+    """``surprise``: cut before a token whose -log p exceeds mean + gamma * std of the segment's."""
+    strategy: str = "received_attention"
+    """How a chunk's attention becomes its index keys (memory/keys.py): ``received_attention``,
+    ``attention_weighted``, ``mean_key`` or ``mean_query``."""
+    keys_per_chunk: int = 4
+    """``received_attention``: keywords per chunk (InfLLM uses 4)."""
+    keyword_pool: str = "mean"
+    """``received_attention``: ``mean`` (one vector per chunk, InfLLM) or ``each`` (one per keyword)."""
+    top_k: int = 4
+    """Chunks retrieved per search."""
+    neighbours: int = 0
+    """Also read this many chunks before and after each hit (EM-LLM's contiguity buffer)."""
+    block_len: int = 32
+    """Queries are served in blocks of this many tokens; block j searches with the pooled
+    position-free queries of the ``block_len`` tokens before it (the previous segment's last
+    block for the first), so retrieval is causal and ``generate`` searches once per block."""
+    readout: str = "kv"
+    """``kv``: the hits' keys and values join the local softmax (no training needed);
+    ``kv_gated``: attention over the hits alone, mixed in by a learned per-head gate
+    (Memorizing Transformers). (The ``tokens`` readout is not built yet.)"""
+    gate_init: float = -2.0
+    """``kv_gated``: initial gate logit (sigmoid(-2) = 0.12: start close to the model alone)."""
+    distance: int | None = None
+    """Relative position at which every query sees every retrieved key (rotary models), the same
+    for all (InfLLM's choice). None: ``segment_len``, just beyond the local window."""
+    metric: str = "ip"
+    """``ip``: search by raw inner product, an attention logit; ``cosine``: normalised."""
+    index_factory: str = "Flat"
+    """FAISS factory string used once a layer holds more than ``matmul_threshold`` keys
+    (``Flat``, ``HNSW32``, ``IVF1024,PQ16``, ...); below it a plain matmul serves."""
+    matmul_threshold: int = 65536
+    max_records: int | None = None
+    """Chunks kept per stream and layer (None: no limit)."""
+    eviction: str = "none"
+    """Past ``max_records``: ``none`` (an error, never a silent loss), ``fifo`` or ``least_retrieved``."""
+    kv_dtype: str = "bfloat16"
+    """dtype of the stored K/V (``bfloat16``, ``float16`` or ``float32``)."""
+
+    def __post_init__(self) -> None:
+        _reject_bool_ints(self, "stack.store")
+        parse_layers(self.layers, num_layers=None)
+        _check_choice("stack.store.chunking", self.chunking, ("fixed", "surprise"))
+        _check_int("stack.store.chunk_len", self.chunk_len, minimum=1)
+        _check_choice(
+            "stack.store.strategy",
+            self.strategy,
+            ("received_attention", "attention_weighted", "mean_key", "mean_query"),
+        )
+        _check_int("stack.store.keys_per_chunk", self.keys_per_chunk, minimum=1)
+        _check_choice("stack.store.keyword_pool", self.keyword_pool, ("mean", "each"))
+        _check_int("stack.store.top_k", self.top_k, minimum=1)
+        _check_int("stack.store.neighbours", self.neighbours, minimum=0)
+        _check_int("stack.store.block_len", self.block_len, minimum=1)
+        _check_choice("stack.store.readout", self.readout, ("kv", "kv_gated"))
+        _check_number("stack.store.gate_init", self.gate_init, "a finite number", math.isfinite)
+        if self.distance is not None:
+            _check_int("stack.store.distance", self.distance, minimum=0, optional=True)
+        _check_choice("stack.store.metric", self.metric, ("ip", "cosine"))
+        _check_int("stack.store.matmul_threshold", self.matmul_threshold, minimum=0)
+        if self.max_records is not None:
+            _check_int("stack.store.max_records", self.max_records, minimum=1, optional=True)
+        _check_choice("stack.store.eviction", self.eviction, ("none", "fifo", "least_retrieved"))
+        _check_choice("stack.store.kv_dtype", self.kv_dtype, ("bfloat16", "float16", "float32"))
+
+
+@dataclass
 class StackConfig:
     """What the memory stack around a causal LM looks like.
 
@@ -73,6 +153,10 @@ class StackConfig:
     """With a window: the first ``sink_tokens`` tokens of the segment stay visible to every
     query (attention sinks, Xiao et al. 2023)."""
 
+    store: StoreConfig | None = None
+    """Layer 3, the long-term store (None: off). ``stack.store=on`` on the command line switches
+    it on with defaults, ``stack.store.top_k=8`` sets a field (and switches it on)."""
+
     def __post_init__(self) -> None:
         _check_int("segment_len", self.segment_len, minimum=1)
         if not isinstance(self.compressive, bool):
@@ -95,6 +179,8 @@ class StackConfig:
             _check_int("window", self.window, minimum=1, optional=True)
         _check_int("sink_tokens", self.sink_tokens, minimum=0)
         parse_layers(self.memory_layers, num_layers=None)  # syntax check now, range check at wrap
+        if self.store is not None and not isinstance(self.store, StoreConfig):
+            raise ValueError(f"store must be a StoreConfig or None, got {type(self.store).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields (JSON-serialisable)."""
@@ -106,12 +192,8 @@ class StackConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StackConfig:
-        """Build from a dict, rejecting unknown keys with the list of valid ones."""
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise ValueError(f"unknown StackConfig keys {unknown}; valid keys: {sorted(valid)}")
-        return cls(**data)
+        """Build from a dict (sections included), rejecting unknown keys with the valid ones."""
+        return _from_dict(cls, data, prefix="stack.")
 
 
 def parse_layers(spec: str, num_layers: int | None) -> list[int]:
@@ -369,14 +451,16 @@ class Config:
 
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"unknown config keys {[prefix + k for k in unknown]}; valid: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
-        sub = _dataclass_type(cls, name)
-        if sub is not None:
+        sub = _section_type(cls, name)
+        if sub is not None and value is not None:
             kwargs[name] = _from_dict(sub, value, prefix=f"{prefix}{name}.")
         elif isinstance(value, list) and name == "betas":
             kwargs[name] = tuple(value)
@@ -385,21 +469,32 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _dataclass_type(cls: type, name: str) -> type | None:
-    hints = typing.get_type_hints(cls)
-    t = hints[name]
-    return t if dataclasses.is_dataclass(t) else None
+def _section_type(cls: type, name: str) -> type | None:
+    """The dataclass a field holds, for ``X`` and ``X | None`` fields (None for plain values)."""
+    t = typing.get_type_hints(cls)[name]
+    if dataclasses.is_dataclass(t):
+        return t
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(t) if a is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+            return inner[0]
+    return None
 
 
 def valid_keys(config: Any, prefix: str = "") -> list[str]:
-    """Every dotted key of a (nested) config dataclass, e.g. ``optim.lr``."""
+    """Every dotted key of a (nested) config dataclass, e.g. ``optim.lr``; an optional section
+    (``stack.store``) is a key itself (set it to ``none`` or ``on``) and so are its fields, even
+    while it is None."""
+    cls = config if isinstance(config, type) else type(config)
     keys = []
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value):
-            keys += valid_keys(value, prefix + f.name + ".")
-        else:
+    for f in dataclasses.fields(cls):
+        sub = _section_type(cls, f.name)
+        if sub is None:
             keys.append(prefix + f.name)
+            continue
+        if sub is not typing.get_type_hints(cls)[f.name]:  # optional section
+            keys.append(prefix + f.name)
+        keys += valid_keys(sub, prefix + f.name + ".")
     return keys
 
 
@@ -479,12 +574,23 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         if key not in keys:
             raise ValueError(unknown_key_message(key, keys))
         *path, leaf = key.split(".")
-        owner = config
+        owner: type = Config
         node = data
         for part in path:
-            owner = getattr(owner, part)
-            node = node[part]
-        hint = typing.get_type_hints(type(owner))[leaf]
+            section = _section_type(owner, part)
+            if node.get(part) is None:  # setting a field of an optional section switches it on
+                node[part] = dataclasses.asdict(section())
+            owner, node = section, node[part]
+        section = _section_type(owner, leaf)
+        if section is not None:  # an optional section itself: none/off or on/default
+            if raw.lower() in ("none", "null", "off", "false"):
+                node[leaf] = None
+            elif raw.lower() in ("on", "default", "true"):
+                node[leaf] = node.get(leaf) or dataclasses.asdict(section())
+            else:
+                raise ValueError(f"{key}: expected none/off or on, got {raw!r}")
+            continue
+        hint = typing.get_type_hints(owner)[leaf]
         node[leaf] = _parse_value(raw, hint, key)
     return Config.from_dict(data)
 
