@@ -25,10 +25,10 @@ class Episodes:
     def empty(self, record):
         return []
 
-    def read(self, state, query):
+    def read(self, state, query, ctx):
         return Readout(torch.zeros(query.shape[0], query.shape[2], query.shape[1], 16))
 
-    def write(self, state, record, valid):
+    def write(self, state, record, segment):
         self.writes.append(LayerRecord(*(t.detach().clone() for t in record)))
         return state + [len(self.writes)]
 
@@ -36,7 +36,7 @@ class Episodes:
 @pytest.fixture
 def episodes(monkeypatch):
     kind = Episodes()
-    monkeypatch.setitem(KINDS, "episodes", lambda config, num_layers: (kind, None))
+    monkeypatch.setitem(KINDS, "episodes", lambda config, model: (kind, None))
     return kind
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memstack.memory.base import LayerRecord
+from memstack.memory.base import ClosedSegment, LayerRecord
 from memstack.memory.compressive import Compressive, CompressiveState, init_state, retrieve, update
 from memstack.memory.mixer import MemoryMixer
 
@@ -115,7 +115,7 @@ def test_state_is_float32_under_bf16_autocast():
     state = init_state(1, 2, 4, 4, "cpu")
     k = torch.randn(1, 2, 3, 4, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        new = kind.write(state, LayerRecord(k, k), None)
+        new = kind.write(state, LayerRecord(k, k), ClosedSegment(k[:, 0, :, 0].long(), None, 0, 3, None))
         readout = kind.read(new, torch.randn(1, 2, 3, 4, dtype=torch.bfloat16))
         out = mixer.mix(torch.randn(1, 3, 2, 4, dtype=torch.bfloat16), {"compressive": readout})
     assert new.M.dtype == torch.float32 and new.z.dtype == torch.float32

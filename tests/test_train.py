@@ -221,7 +221,7 @@ def _shipped_overrides(name: str, tmp_path: Path, text_file: Path, llama_dir: Pa
         over += [f"model.path={llama_dir}", "data.tokenizer=bytes"]
     else:
         over += TINY_MODEL
-    if name == "tiny_passkey.py":
+    if name in ("tiny_passkey.py", "tiny_passkey_store.py"):
         # two copy warm-up steps that fit in one segment (memory never read: the gates get no
         # gradient), then a pass key in one segment, then one spread over two segments
         over += [
@@ -233,6 +233,8 @@ def _shipped_overrides(name: str, tmp_path: Path, text_file: Path, llama_dir: Pa
             "data.length_jitter=0",
             "stack.segment_len=128",
         ]
+        if name == "tiny_passkey_store.py":  # the tiny model has 2 layers; each rank keeps its own stores
+            over += ["stack.store.layers=1"]
     elif name == "llama_passkey_finetune.py":
         over += ["data.seq_len=256", "stack.segment_len=128"]  # the instruction alone is 245 bytes
     elif name == "demo.py":
@@ -339,7 +341,7 @@ def test_every_shipped_config_trains_under_two_ddp_ranks(ddp_runs, name):
         assert torch.equal(r0["state"][k], r1["state"][k]), k
     assert changed, "nothing trained"
     assert [m["step"] for m in read_metrics(cfg.run.out_dir)] == list(range(1, cfg.schedule.max_steps + 1))
-    if name == "tiny_passkey.py":  # the gates idle through the copy warm-up, then learn
+    if name.startswith("tiny_passkey"):  # the gates idle through the copy warm-up, then learn
         assert gates and gates <= set(changed), sorted(gates - set(changed))
 
 

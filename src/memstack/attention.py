@@ -27,7 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .config import StackConfig
 from .families import unrotate
-from .memory.base import LayerRecord, MemoryKind
+from .memory.base import LayerRecord, MemoryKind, MemoryKV, ReadContext, RotateFn
 from .memory.window import local_attention
 
 ATTENTION_NAME = "memstack"
@@ -44,6 +44,15 @@ class SegmentInputs:
     """``{kind: {layer: state}}`` before this segment; a missing layer has nothing stored yet."""
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None
     """cos, sin ``(1 or B, T, R)`` of this call's positions from the model's rotary module."""
+    start: int = 0
+    """Segment position of this call's first token (decoding: > 0)."""
+    valid: torch.Tensor | None = None
+    """``(B, T)`` bool of the segment, False at padding; None: all valid."""
+    rotate: RotateFn | None = None
+    """The model's rotation at given positions (None without rotary embeddings)."""
+    scratch: dict = field(default_factory=dict)
+    """Per (kind, layer) scratch that lives as long as the segment: created outside activation
+    checkpointing, so a re-run reads what the forward pass read."""
 
 
 @dataclass
@@ -79,40 +88,50 @@ def memstack_attention(
             f"{type(module).__name__} uses attention logit soft-capping, which memstack does not support"
         )
     cfg = memstack.inputs.config if memstack is not None else None
-    local = local_attention(
-        query,
-        key,
-        value,
-        attention_mask,
-        scaling=scaling,
-        window=cfg.window if cfg else None,
-        sink_tokens=cfg.sink_tokens if cfg else 0,
-        dropout=dropout,
-    )
     mixer = getattr(module, "memstack_memory", None)
+
+    def local(memory: MemoryKV | None = None) -> torch.Tensor:
+        return local_attention(
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=scaling,
+            window=cfg.window if cfg else None,
+            sink_tokens=cfg.sink_tokens if cfg else 0,
+            dropout=dropout,
+            memory=memory,
+        )
+
     if memstack is None or mixer is None or not (memstack.inputs.kinds or memstack.capture is not None):
-        return local, None
+        return local(), None
 
     inputs, layer, q_len = memstack.inputs, module.layer_idx, query.shape[2]
-    new_key, new_value = key[:, :, -q_len:], value[:, :, -q_len:]  # this call's tokens only
+    q_free, k_free = query, key[:, :, -q_len:]  # this call's tokens only
+    new_value = value[:, :, -q_len:]
     if inputs.rotary is not None:
         # The paper's memory has no position encoding: read and write with un-rotated Q/K.
         cos, sin = inputs.rotary
-        query, new_key = unrotate(query, cos, sin), unrotate(new_key, cos, sin)
+        q_free, k_free = unrotate(query, cos, sin), unrotate(k_free, cos, sin)
     if memstack.capture is not None:
-        memstack.capture[layer] = (query, new_key)
+        memstack.capture[layer] = (q_free, k_free)
 
     kinds = {name: kind for name, kind in inputs.kinds.items() if layer in kind.layers}
     readouts = {}
     for name, kind in kinds.items():
         state = inputs.states.get(name, {}).get(layer)
         if state is not None:
-            readouts[name] = kind.read(state, query)
+            scratch = inputs.scratch.setdefault((name, layer), {})
+            ctx = ReadContext(inputs.start, inputs.valid, inputs.rotate, scaling, scratch)
+            readouts[name] = kind.read(state, q_free, ctx)
     keep_query = any(kind.needs_query for kind in kinds.values())
     memstack.records.setdefault(layer, []).append(
-        LayerRecord(new_key, new_value, query if keep_query else None)
+        LayerRecord(k_free, new_value, q_free if keep_query else None)
     )
-    return mixer.mix(local, readouts), None
+    joint = [r.memory for r in readouts.values() if r.memory is not None]
+    if len(joint) > 1:
+        raise ValueError(f"layer {layer}: more than one memory kind joins the local softmax")
+    return mixer.mix(local(joint[0] if joint else None), readouts), None
 
 
 def register() -> None:

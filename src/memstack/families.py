@@ -114,3 +114,22 @@ def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     x_rot, x_pass = x[..., :r], x[..., r:]
     x_rot = x_rot * cos - rotate_half(x_rot) * sin
     return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply the rotary rotation ``x * cos + rotate_half(x) * sin`` (the inverse of :func:`unrotate`).
+
+    Args:
+        x: ``(B, H, T, D)`` position-free queries or keys.
+        cos, sin: ``(1 or B, T, R)`` from the model's own rotary module, R <= D (partial rotary:
+            the other dimensions pass through).
+
+    Returns:
+        ``(B, H, T, D)`` float32.
+    """
+    cos, sin = cos[:, None].float(), sin[:, None].float()
+    r = cos.shape[-1]
+    x = x.float()
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x_rot = x_rot * cos + rotate_half(x_rot) * sin
+    return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot

@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +34,11 @@ from transformers.generation.logits_process import (
 
 from .attention import ATTENTION_NAME, SegmentContext, SegmentInputs
 from .config import StackConfig, parse_layers
-from .families import attention_modules, family_of, rotary_module
+from .families import attention_modules, family_of, rotary_module, rotate
 from .io import atomic_file, read_manifest, umask_mode
-from .memory.base import LayerRecord, MemoryKind
+from .memory.base import ClosedSegment, LayerRecord, MemoryKind
 from .memory.compressive import Compressive
+from .memory.longterm import LongTermMemory
 from .memory.mixer import MemoryMixer
 from .state import StackState
 
@@ -50,18 +52,43 @@ point) and its gates ``layers.<layer>.<kind>.gate``; version 1 used the fixed na
 still read."""
 
 
-def _compressive(config: StackConfig, num_layers: int) -> tuple[MemoryKind, float] | None:
+class ModelInfo(NamedTuple):
+    """What a memory kind's builder may need to know about the wrapped model."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    model_type: str
+
+
+def _compressive(config: StackConfig, model: ModelInfo) -> tuple[MemoryKind, float] | None:
     if not config.compressive:
         return None
-    return Compressive(parse_layers(config.memory_layers, num_layers), config.update_rule), config.gate_init
+    return Compressive(
+        parse_layers(config.memory_layers, model.num_layers), config.update_rule
+    ), config.gate_init
 
 
-KINDS: dict[str, Callable[[StackConfig, int], tuple[MemoryKind, float | None] | None]] = {
+def _store(config: StackConfig, model: ModelInfo) -> tuple[MemoryKind, float | None] | None:
+    if config.store is None:
+        return None
+    kind = LongTermMemory(
+        parse_layers(config.store.layers, model.num_layers),
+        config.store,
+        config.segment_len,
+        metadata={"model_type": model.model_type},
+    )
+    kind.h_kv = model.kv_heads
+    return kind, (config.store.gate_init if config.store.readout == "kv_gated" else None)
+
+
+KINDS: dict[str, Callable[[StackConfig, ModelInfo], tuple[MemoryKind, float | None] | None]] = {
     "compressive": _compressive,
+    "store": _store,
 }
-"""The composition: each memory kind's builder, from the stack config and the number of layers,
-to ``(kind, gate_init)`` (gate_init None: the kind has no gate) or None when switched off. The
-order is the mixing order."""
+"""The composition: each memory kind's builder, from the stack config and the model, to
+``(kind, gate_init)`` (gate_init None: the kind has no gate) or None when switched off. The order
+is the mixing order."""
 
 
 @dataclass
@@ -118,8 +145,9 @@ class MemoryStack(nn.Module):
         self.kinds: dict[str, MemoryKind] = {}
         """The memory kinds in use, by name, in mixing order."""
         gates: dict[int, dict[str, float]] = {}
+        info = self._model_info(model, len(attn))
         for name, build in KINDS.items():
-            built = build(self.config, len(attn))
+            built = build(self.config, info)
             if built is None:
                 continue
             kind, gate_init = built
@@ -141,6 +169,14 @@ class MemoryStack(nn.Module):
         """The stream's memory, used by :meth:`step` (and by :meth:`generate` when asked)."""
         self.disabled: frozenset[str] = frozenset()
         """Kinds switched off for now (see :meth:`memory_off`): neither read nor written."""
+
+    @staticmethod
+    def _model_info(model: nn.Module, num_layers: int) -> ModelInfo:
+        cfg = model.config
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return ModelInfo(num_layers, kv_heads, head_dim, cfg.model_type)
 
     @property
     def memory_layers(self) -> list[int]:
@@ -221,11 +257,8 @@ class MemoryStack(nn.Module):
 
     def _memory_shape(self) -> tuple[int, int, int]:
         """(kv_heads, d_k, d_v) of this model's compressive memory."""
-        cfg = self.model.config
-        heads = cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return kv_heads, head_dim, head_dim
+        info = self._model_info(self.model, 0)
+        return info.kv_heads, info.head_dim, info.head_dim
 
     def _check_state(self, state: StackState, batch: int) -> None:
         """A state must come from this model and stack (its kinds, layers and shapes) and this batch."""
@@ -239,6 +272,14 @@ class MemoryStack(nn.Module):
                     f"state holds {name} memory for layers {foreign}, but this stack's {name} layers are "
                     f"{own}: it was made by another model or stack config"
                 )
+        for name, layers in state.others().items():
+            for layer, s in layers.items():
+                rows = getattr(s, "batch_size", batch)
+                if rows != batch:
+                    raise ValueError(
+                        f"state's {name} memory of layer {layer} holds {rows} streams, the input has {batch} "
+                        "rows; call reset() or pass a state made for the same batch"
+                    )
         if state.batch_size is not None and state.batch_size != batch:
             raise ValueError(
                 f"state batch size {state.batch_size} differs from the input's {batch} rows; call reset() "
@@ -269,13 +310,38 @@ class MemoryStack(nn.Module):
             cos, sin = self._rotary(torch.empty(0, dtype=torch.float32, device=self.device), pos)
         return pos, (cos, sin)
 
-    def _inputs(self, state: StackState, rotary) -> SegmentInputs:
-        return SegmentInputs(self.config, self._active_kinds(), state.memories, rotary)
+    def _rotate_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The model's own rotary rotation of ``x (B, H, T, D)`` at ``positions (T,)``."""
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            cos, sin = self._rotary(
+                torch.empty(0, dtype=torch.float32, device=x.device), positions[None].to(x.device)
+            )
+        return rotate(x, cos, sin)
+
+    def _inputs(
+        self,
+        state: StackState,
+        rotary,
+        start: int = 0,
+        valid: torch.Tensor | None = None,
+        scratch: dict | None = None,
+    ) -> SegmentInputs:
+        return SegmentInputs(
+            self.config,
+            self._active_kinds(),
+            state.memories,
+            rotary,
+            start=start,
+            valid=valid,
+            rotate=self._rotate_at if self._rotary is not None else None,
+            scratch=scratch if scratch is not None else {},
+        )
 
     def _close_segment(
         self,
         state: StackState,
         records: dict[int, list[LayerRecord]],
+        ids: torch.Tensor,
         valid: torch.Tensor | None,
         differentiable: bool,
     ) -> StackState:
@@ -285,6 +351,13 @@ class MemoryStack(nn.Module):
         differentiable kinds and outside it, exactly once, for the others; ``generate`` calls it
         when a decoded segment fills.
         """
+        segment = ClosedSegment(
+            ids,
+            valid,
+            state.segments,
+            self.config.segment_len,
+            self._rotate_at if self._rotary is not None else None,
+        )
         memories = dict(state.memories)
         for name, kind in self._active_kinds().items():
             if kind.differentiable != differentiable:
@@ -293,7 +366,7 @@ class MemoryStack(nn.Module):
             for layer in sorted(kind.layers & set(records)):
                 record = LayerRecord.cat(records[layer])
                 old = layers.get(layer)
-                layers[layer] = kind.write(kind.empty(record) if old is None else old, record, valid)
+                layers[layer] = kind.write(kind.empty(record) if old is None else old, record, segment)
             memories[name] = layers
         return StackState(memories, state.segments)
 
@@ -312,10 +385,11 @@ class MemoryStack(nn.Module):
         valid = mask.bool() if has_padding else None
         out_names: list = []
         first_records: dict[int, list[LayerRecord]] = {}
+        scratch: dict = {}  # outside run(): a checkpoint re-run reads what the forward read
 
         def run(*flat_state: torch.Tensor):
             before = StackState({**state.others(), **StackState.unflatten(names, flat_state)}, state.segments)
-            ctx = SegmentContext(self._inputs(before, rotary))
+            ctx = SegmentContext(self._inputs(before, rotary, 0, valid, scratch))
             logits = self.model(
                 input_ids=ids,
                 attention_mask=mask if has_padding else None,
@@ -330,7 +404,7 @@ class MemoryStack(nn.Module):
                 )
             if not first_records:  # activation checkpointing re-runs this function in backward
                 first_records.update(ctx.records)
-            after = self._close_segment(before, ctx.records, valid, differentiable=True)
+            after = self._close_segment(before, ctx.records, ids, valid, differentiable=True)
             new_names, new_flat = after.flatten()
             out_names[:] = new_names
             return (loss_sum, logits if keep_logits else None, *new_flat)
@@ -339,11 +413,9 @@ class MemoryStack(nn.Module):
             loss_sum, logits, *new_flat = checkpoint(run, *flat, use_reentrant=False)
         else:
             loss_sum, logits, *new_flat = run(*flat)
-        after = StackState(
-            {**state.others(), **StackState.unflatten(out_names, new_flat)}, state.segments + 1
-        )
-        after = self._close_segment(after, first_records, valid, differentiable=False)
-        return loss_sum, logits, after
+        after = StackState({**state.others(), **StackState.unflatten(out_names, new_flat)}, state.segments)
+        after = self._close_segment(after, first_records, ids, valid, differentiable=False)
+        return loss_sum, logits, StackState(after.memories, state.segments + 1)
 
     def _maybe_cut(self, state: StackState) -> StackState:
         """Truncated BPTT: detach at every multiple of ``bptt_segments``."""
@@ -502,9 +574,9 @@ class MemoryStack(nn.Module):
             out = self.forward(ids[:, n_closed - seg : n_closed], state=state)
             state, logits = out.state, out.logits[:, -1]
         # The open segment: prefill its tokens into a fresh cache, memory read-only.
-        cache, records, fill = DynamicCache(), {}, ids.shape[1] - n_closed
+        cache, records, scratch, fill = DynamicCache(), {}, {}, ids.shape[1] - n_closed
         if fill:
-            logits = self._decode(ids[:, n_closed:], 0, cache, state, records)
+            logits = self._decode(ids[:, n_closed:], 0, cache, state, records, scratch)
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for i in range(max_new_tokens):
             scores = logits.float()
@@ -519,13 +591,13 @@ class MemoryStack(nn.Module):
             ids = torch.cat([ids, token], dim=1)
             if i == max_new_tokens - 1 or bool(finished.all()):
                 break
-            logits = self._decode(token, fill, cache, state, records)
+            logits = self._decode(token, fill, cache, state, records, scratch)
             fill += 1
             if fill == seg:
                 for differentiable in (True, False):
-                    state = self._close_segment(state, records, None, differentiable)
+                    state = self._close_segment(state, records, ids[:, -seg:], None, differentiable)
                 state = StackState(state.memories, state.segments + 1)
-                cache, records, fill = DynamicCache(), {}, 0
+                cache, records, scratch, fill = DynamicCache(), {}, {}, 0
         return ids
 
     def _decode(
@@ -535,11 +607,12 @@ class MemoryStack(nn.Module):
         cache: DynamicCache,
         state: StackState,
         records: dict[int, list[LayerRecord]],
+        scratch: dict,
     ) -> torch.Tensor:
         """Feed tokens at segment positions ``start..`` through the cache, memory read-only, and
         append what each layer saw to ``records``; return the last logits."""
         pos, rotary = self._positions(start, ids.shape[1])
-        ctx = SegmentContext(self._inputs(state, rotary), records=records)
+        ctx = SegmentContext(self._inputs(state, rotary, start, None, scratch), records=records)
         out = self.model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, memstack=ctx)
         return out.logits[:, -1]
 
@@ -555,7 +628,7 @@ class MemoryStack(nn.Module):
         """
         pos, rotary = self._positions(0, segment_ids.shape[1])
         capture: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        inputs = SegmentInputs(self.config, {}, {}, rotary)
+        inputs = SegmentInputs(self.config, {}, {}, rotary)  # no kinds: capture only
         ctx = SegmentContext(inputs, capture=capture)
         self.model(input_ids=segment_ids.to(self.device), position_ids=pos, use_cache=False, memstack=ctx)
         return capture
@@ -681,10 +754,10 @@ class MemoryStack(nn.Module):
             tensors = {f"{k.rsplit('.', 1)[0]}.compressive.gate": t for k, t in tensors.items()}
         # A dry run of the composition says which gates the stack will have, so that nothing
         # touches the model before every tensor is known to fit.
-        num_layers = len(attention_modules(model, family_of(model)))
+        info = cls._model_info(model, len(attention_modules(model, family_of(model))))
         expected = {}
         for name, build in KINDS.items():
-            built = build(config, num_layers)
+            built = build(config, info)
             if built is not None and built[1] is not None:
                 expected.update({f"layers.{layer}.{name}.gate": layer for layer in built[0].layers})
         if set(tensors) != set(expected):

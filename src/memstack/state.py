@@ -35,6 +35,10 @@ class StackState:
 
     ``memories`` maps a kind's name to ``{layer: state}``; ``segments`` counts the segments
     written so far (it drives the ``bptt_segments`` cut).
+
+    Tensor states (compressive memory) are values: a new state comes out of every segment and the
+    old one stays valid. A long-term store is a handle: passing a state with a store to
+    ``forward`` again continues that stream, appending to the same stores.
     """
 
     memories: dict[str, dict[int, Any]] = field(default_factory=dict)
@@ -106,6 +110,11 @@ class StackState:
         previous file or the new one, never a torn one; temporaries left by a killed earlier save
         are removed.
         """
+        if self.others():
+            raise ValueError(
+                f"this state holds {sorted(self.others())} memory, which a single file cannot hold; save "
+                "each row's store with state.memories['store'][layer].stores[row].save(directory)"
+            )
         names, tensors = self.flatten()
         flat, seen = {}, set()
         for n, t in zip(names, tensors, strict=True):

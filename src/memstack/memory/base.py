@@ -23,6 +23,7 @@ Adding a kind is its own file plus one line in :data:`memstack.stack.KINDS`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
@@ -44,11 +45,59 @@ class LayerRecord(NamedTuple):
         )
 
 
+class MemoryKV(NamedTuple):
+    """Retrieved keys and values that join (or replace) the local softmax, with the queries that
+    score them: local attention computes ``q_local . k_local`` and ``query . key`` in one softmax."""
+
+    query: torch.Tensor  # (B, H, Tq, d_k): the queries as they score memory (rotated at a fixed distance)
+    key: torch.Tensor  # (B, H_kv, N, d_k)
+    value: torch.Tensor  # (B, H_kv, N, d_v)
+    visible: torch.Tensor  # (B, Tq, N) bool: which query sees which memory token
+
+    def attend(self, scaling: float | None) -> torch.Tensor:
+        """Softmax attention over the memory alone: ``(B, Tq, H, d_v)`` float32 (0 where nothing is seen)."""
+        h, h_kv = self.query.shape[1], self.key.shape[1]
+        scale = scaling if scaling is not None else self.query.shape[-1] ** -0.5
+        key = self.key.float().repeat_interleave(h // h_kv, dim=1)
+        value = self.value.float().repeat_interleave(h // h_kv, dim=1)
+        logits = torch.einsum("bhqd,bhnd->bhqn", self.query.float(), key) * scale
+        logits = logits.masked_fill(~self.visible[:, None], float("-inf"))
+        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query that sees nothing: 0
+        return torch.einsum("bhqn,bhnd->bqhd", weights, value)
+
+
 class Readout(NamedTuple):
     """One kind's contribution to a layer's output for the current queries."""
 
-    output: torch.Tensor  # (B, T, H, d_v) float32
-    empty: torch.Tensor | None = None  # (B, H) bool: nothing stored yet, the mixer keeps local attention
+    output: torch.Tensor | None  # (B, T, H, d_v) float32, mixed in by the layer's gate for this kind
+    empty: torch.Tensor | None = None
+    """(B, H) or (B, T, H) bool: nothing to read there, the mixer keeps the running output."""
+    memory: MemoryKV | None = None
+    """Keys and values that join the local softmax (no gate)."""
+
+
+RotateFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``rotate(x (B, H, T, D), positions (T,))``: the model's own rotary rotation at those positions."""
+
+
+class ReadContext(NamedTuple):
+    """What a read may need besides the state and the queries."""
+
+    start: int  # segment position of the first query
+    valid: torch.Tensor | None  # (B, T) of the whole segment; None: all valid
+    rotate: RotateFn | None  # None for models without rotary embeddings
+    scaling: float | None  # the layer's softmax scale (None: 1/sqrt(d))
+    scratch: dict  # per segment, kind and layer; survives activation checkpointing's re-run
+
+
+class ClosedSegment(NamedTuple):
+    """What every kind's write sees of a closed segment besides the layer's record."""
+
+    ids: torch.Tensor  # (B, T) token ids
+    valid: torch.Tensor | None  # (B, T) bool, False at padding (never written); None: all valid
+    index: int  # segments before this one in the stream
+    segment_len: int
+    rotate: RotateFn | None
 
 
 class MemoryKind(Protocol):
@@ -64,8 +113,8 @@ class MemoryKind(Protocol):
     def empty(self, record: LayerRecord) -> Any:
         """The empty state of one layer, shaped for ``record``'s batch and heads."""
 
-    def read(self, state: Any, query: torch.Tensor) -> Readout:
+    def read(self, state: Any, query: torch.Tensor, ctx: ReadContext) -> Readout:
         """Read ``state`` with position-free queries ``(B, H, T, d_k)``."""
 
-    def write(self, state: Any, record: LayerRecord, valid: torch.Tensor | None) -> Any:
-        """The state after writing one closed segment (``valid``: ``(B, T)``, False = padding)."""
+    def write(self, state: Any, record: LayerRecord, segment: ClosedSegment) -> Any:
+        """The state after writing one closed segment (``segment.valid``: False = padding)."""

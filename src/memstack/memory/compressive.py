@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from .base import LayerRecord, Readout
+from .base import ClosedSegment, LayerRecord, ReadContext, Readout
 
 # sigma(Q) z is a sum of strictly positive terms once anything is written; the guard only
 # matters for float32 underflow with huge negative logits.
@@ -147,7 +147,7 @@ class Compressive:
         b, h_kv, _, d_k = record.key.shape
         return init_state(b, h_kv, d_k, record.value.shape[-1], record.key.device)
 
-    def read(self, state: CompressiveState, query: torch.Tensor) -> Readout:
+    def read(self, state: CompressiveState, query: torch.Tensor, ctx: ReadContext | None = None) -> Readout:
         """Eq. (3) with position-free queries ``(B, H, T, d_k)``; rows with empty memory are marked
         so that the mixer keeps their local attention exactly."""
         with torch.autocast(device_type=query.device.type, enabled=False):
@@ -158,12 +158,10 @@ class Compressive:
         )
         return Readout(out, empty)
 
-    def write(
-        self, state: CompressiveState, record: LayerRecord, valid: torch.Tensor | None
-    ) -> CompressiveState:
-        """Eqs. (4)/(5): one closed segment's position-free keys and values, float32."""
+    def write(self, state: CompressiveState, record: LayerRecord, segment: ClosedSegment) -> CompressiveState:
+        """Eqs. (4)/(5): one closed segment's position-free keys and values (never its padding), float32."""
         with torch.autocast(device_type=record.key.device.type, enabled=False):
-            return update(state, record.key, record.value, valid, self.update_rule)
+            return update(state, record.key, record.value, segment.valid, self.update_rule)
 
     def __repr__(self) -> str:
         return f"Compressive(layers={sorted(self.layers)}, update_rule={self.update_rule!r})"

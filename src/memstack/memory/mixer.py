@@ -44,13 +44,14 @@ class MemoryMixer(nn.Module):
         with torch.autocast(device_type=local.device.type, enabled=False):
             out = local.float()
             for kind, gate in self.gates.items():
-                if kind not in readouts:
+                if kind not in readouts or readouts[kind].output is None:
                     continue
                 readout = readouts[kind]
                 g = torch.sigmoid(gate.float())[:, None]  # (H, 1)
                 mixed = torch.lerp(out, readout.output, g)  # g * memory + (1 - g) * out, one kernel
-                if readout.empty is not None:
-                    mixed = torch.where(readout.empty[:, None, :, None], out, mixed)
+                if readout.empty is not None:  # (B, H) per row and head, or (B, T, H) per query too
+                    empty = readout.empty[:, None] if readout.empty.ndim == 2 else readout.empty
+                    mixed = torch.where(empty[..., None], out, mixed)
                 out = mixed
         return out.to(local.dtype)
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from einops import repeat
 
+from .base import MemoryKV
+
 
 def band_mask(
     q_len: int, kv_len: int, window: int | None, sink_tokens: int, device: torch.device
@@ -41,8 +43,9 @@ def local_attention(
     window: int | None = None,
     sink_tokens: int = 0,
     dropout: float = 0.0,
+    memory: MemoryKV | None = None,
 ) -> torch.Tensor:
-    """Causal softmax attention inside the segment.
+    """Causal softmax attention inside the segment, optionally over retrieved memory too.
 
     Args:
         query: ``(B, H, Tq, D)``.
@@ -55,6 +58,11 @@ def local_attention(
         window: optional sliding window (tokens, query included).
         sink_tokens: first tokens that stay visible to every query when a window is set.
         dropout: attention dropout probability.
+        memory: retrieved keys/values that join the same softmax (long-term memory's ``kv``
+            readout), each scored with ``memory.query`` (its own rotation) where ``memory.visible``
+            allows. One SDPA call: the query is ``[q, memory.query]`` and the keys
+            ``[0, memory.key]`` (memory) then ``[k, 0]`` (local), so the two inner products add
+            up to exactly ``q . k`` for local keys and ``memory.query . memory.key`` for memory.
 
     Returns:
         ``(B, Tq, H, D)``, the layout the transformers attention modules reshape from.
@@ -69,6 +77,8 @@ def local_attention(
 
     band = band_mask(q_len, kv_len, window, sink_tokens, query.device)
     mask = attention_mask
+    if memory is not None:
+        return _with_memory(query, key, value, mask, band, memory, scaling, dropout)
     if mask is None and band is None:
         if q_len == kv_len:
             out = F.scaled_dot_product_attention(
@@ -85,3 +95,46 @@ def local_attention(
     mask = mask | ~mask.any(dim=-1, keepdim=True)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2)  # (B, Tq, H, D)
+
+
+def _with_memory(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    band: torch.Tensor | None,
+    memory: MemoryKV,
+    scaling: float | None,
+    dropout: float,
+) -> torch.Tensor:
+    """Local attention and retrieved memory in one softmax (keys already repeated for GQA)."""
+    b, h, q_len, d = query.shape
+    kv_len, n = key.shape[2], memory.key.shape[2]
+    scale = scaling if scaling is not None else d**-0.5  # the local head size, not the doubled one
+    dtype = query.dtype
+    mem_key = repeat(memory.key.to(dtype), "b hkv n d -> b (hkv g) n d", g=h // memory.key.shape[1])
+    mem_value = repeat(memory.value.to(dtype), "b hkv n d -> b (hkv g) n d", g=h // memory.value.shape[1])
+    q = torch.cat([query, memory.query.to(dtype)], dim=-1)  # (B, H, Tq, 2D)
+    k = torch.cat(
+        [torch.cat([torch.zeros_like(mem_key), mem_key], -1), torch.cat([key, torch.zeros_like(key)], -1)],
+        dim=2,
+    )  # (B, H, N + Tkv, 2D): memory first, then the segment
+    v = torch.cat([mem_value, value], dim=2)
+    if mask is None:
+        mask = (
+            band
+            if band is not None
+            else torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        )
+    elif mask.dtype != torch.bool:
+        mask = mask > torch.finfo(mask.dtype).min / 2
+    if mask.ndim == 2:
+        mask = mask[None, None]
+    elif band is not None:
+        mask = mask & band
+    full = torch.cat(
+        [memory.visible[:, None].expand(b, 1, q_len, n), mask.expand(b, 1, q_len, kv_len)], dim=-1
+    )
+    full = full | ~full.any(dim=-1, keepdim=True)  # as above: no NaN for rows that see nothing
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=full, dropout_p=dropout, scale=scale)
+    return out.transpose(1, 2)

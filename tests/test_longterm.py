@@ -1,0 +1,216 @@
+"""Long-term memory in the stack: the kv readout against a hand-built attention, causality,
+generate == forward, padding never stored, batch rows apart, checkpointing writes once."""
+
+import pytest
+import torch
+
+from memstack import MemoryStack, StackConfig
+from memstack.config import StoreConfig
+from memstack.families import rotate
+from memstack.memory.keys import chunk_keys, segment_query
+from memstack.memory.store import ChunkStore
+from tests.conftest import make_model, model_pair
+
+SEG = 16
+
+
+def store_config(**kw) -> StoreConfig:
+    base = dict(layers="all", chunk_len=4, top_k=2, block_len=8, strategy="received_attention")
+    return StoreConfig(**{**base, **kw})
+
+
+def test_nothing_retrieved_or_gate_closed_equals_the_stack_without_a_store():
+    ids = torch.randint(0, 256, (2, 3 * SEG))
+    plain = MemoryStack(make_model("llama", seed=5), StackConfig(segment_len=SEG, gate_init=1.0))
+    gated = MemoryStack(
+        make_model("llama", seed=5),
+        StackConfig(segment_len=SEG, gate_init=1.0, store=store_config(readout="kv_gated", gate_init=-1e4)),
+    )
+    one = MemoryStack(
+        make_model("llama", seed=5), StackConfig(segment_len=SEG, gate_init=1.0, store=store_config())
+    )
+    with torch.no_grad():
+        expected = plain(ids).logits
+        torch.testing.assert_close(gated(ids).logits, expected, atol=1e-5, rtol=0)
+        # one segment: the store is empty throughout, so nothing is retrieved
+        torch.testing.assert_close(one(ids[:, :SEG]).logits, expected[:, :SEG], atol=1e-5, rtol=0)
+        out = one(ids)
+    assert (out.logits[:, SEG:] - expected[:, SEG:]).abs().max() > 1e-4  # and later it reads
+    assert out.state.memories["store"][0].num_records() == [3 * SEG // 4] * 2  # every chunk kept
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_retrieved_kv_enter_the_softmax_at_the_documented_distance(family):
+    """Segment 1, layer 0, block 0 (it searches with segment 0's tail query): the output equals a
+    softmax over [retrieved keys at +distance; the segment's causal keys], built by hand."""
+    model = make_model(family, layers=1)
+    cfg = StackConfig(segment_len=SEG, compressive=False, store=store_config(block_len=SEG, distance=5))
+    stack = MemoryStack(model, cfg)
+    ids = torch.randint(0, 256, (1, 2 * SEG))
+    with torch.no_grad():
+        state = stack(ids[:, :SEG]).state
+    store_state = state.memories["store"][0]
+    # what segment 1's first block must retrieve, found before segment 1 writes its own chunks
+    _, hit = store_state.stores[0].search(0, store_state.tail[0][None], 2)
+    k_mem, v_mem, lengths = store_state.stores[0].kv(0, hit[0])
+    seen = {}
+    attn = stack.model.model.layers[0].self_attn if family == "llama" else stack.model.transformer.h[0].attn
+    out_proj = attn.o_proj if family == "llama" else attn.c_proj
+    hook = out_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("out", a[0]))
+    with torch.no_grad():
+        stack(ids[:, SEG:], state=state)
+    hook.remove()
+
+    q, k = stack.position_free_qk(ids[:, SEG:])[0]  # layer 0 reads no memory before attention
+    v_seen = {}
+    if family == "llama":
+        h2 = attn.v_proj.register_forward_hook(lambda m, a, o: v_seen.__setitem__("v", o))
+        with torch.no_grad():
+            stack.position_free_qk(ids[:, SEG:])
+        h2.remove()
+        v = v_seen["v"].view(1, SEG, -1, q.shape[-1]).transpose(1, 2)
+    else:
+        h2 = attn.c_attn.register_forward_hook(lambda m, a, o: v_seen.__setitem__("qkv", o))
+        with torch.no_grad():
+            stack.position_free_qk(ids[:, SEG:])
+        h2.remove()
+        v = (
+            v_seen["qkv"]
+            .split(model.config.hidden_size, dim=2)[2]
+            .view(1, SEG, -1, q.shape[-1])
+            .transpose(1, 2)
+        )
+    h, h_kv, d = q.shape[1], k.shape[1], q.shape[-1]
+    k_mem = k_mem.float().permute(1, 0, 2, 3).reshape(h_kv, -1, d)[None]
+    v_mem = v_mem.float().permute(1, 0, 2, 3).reshape(h_kv, -1, d)[None]
+    pos = torch.arange(SEG)
+    if family == "llama":
+        q_loc, k_loc = stack._rotate_at(q, pos), stack._rotate_at(k, pos)
+        q_m = stack._rotate_at(q, torch.full((SEG,), 5))
+        k_m = stack._rotate_at(k_mem, torch.zeros(k_mem.shape[2], dtype=torch.long))
+    else:
+        q_loc, k_loc, q_m, k_m = q, k, q, k_mem
+    g = h // h_kv
+    rep = lambda t: t.repeat_interleave(g, dim=1)  # noqa: E731
+    logits_mem = torch.einsum("bhqd,bhnd->bhqn", q_m, rep(k_m)) / d**0.5
+    logits_loc = torch.einsum("bhqd,bhkd->bhqk", q_loc, rep(k_loc)) / d**0.5
+    logits_loc = logits_loc.masked_fill(~torch.ones(SEG, SEG, dtype=torch.bool).tril(), float("-inf"))
+    weights = torch.softmax(torch.cat([logits_mem, logits_loc], dim=-1), dim=-1)
+    expected = torch.einsum("bhqn,bhnd->bqhd", weights, torch.cat([rep(v_mem), rep(v.float())], dim=2))
+    assert int(lengths.sum()) == k_mem.shape[2] == 8  # two chunks of 4 retrieved
+    torch.testing.assert_close(seen["out"].view(1, SEG, h, d), expected, atol=2e-2, rtol=0)  # bf16 store
+    # and memory really mattered: the same without the retrieved keys is farther away
+    local_only = torch.einsum("bhqk,bhkd->bqhd", torch.softmax(logits_loc, -1), rep(v.float()))
+    assert (seen["out"].view(1, SEG, h, d) - local_only).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("readout", ["kv", "kv_gated"])
+def test_causality_with_the_store(readout):
+    stack = MemoryStack(
+        make_model("qwen2"), StackConfig(segment_len=SEG, store=store_config(readout=readout, gate_init=1.0))
+    )
+    ids = torch.randint(0, 256, (1, 4 * SEG))
+    t = 2 * SEG + 5
+    changed = ids.clone()
+    changed[0, t] = (ids[0, t] + 1) % 256
+    with torch.no_grad():
+        a, b = stack(ids).logits, stack(changed).logits
+    torch.testing.assert_close(a[:, :t], b[:, :t], atol=0, rtol=0)
+    assert (a[:, 3 * SEG :] - b[:, 3 * SEG :]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_generate_equals_greedy_forward_with_the_store(family):
+    stack = MemoryStack(make_model(family), StackConfig(segment_len=SEG, gate_init=1.0, store=store_config()))
+    prompt = torch.randint(0, 256, (2, 2 * SEG + 3))
+    with torch.no_grad():
+        out = stack.generate(prompt, max_new_tokens=2 * SEG)
+        expected = prompt
+        for _ in range(2 * SEG):
+            nxt = stack(expected).logits[:, -1].argmax(-1, keepdim=True)
+            expected = torch.cat([expected, nxt], dim=1)
+    assert torch.equal(out, expected)
+
+
+def test_padding_is_never_stored_and_rows_never_see_each_other():
+    stack = MemoryStack(
+        make_model("llama"), StackConfig(segment_len=SEG, gate_init=1.0, store=store_config())
+    )
+    a, b = torch.randint(0, 256, (1, 3 * SEG)), torch.randint(0, 256, (1, 3 * SEG - 5))
+    batch = torch.cat([a, torch.cat([b, torch.zeros(1, 5, dtype=torch.long)], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, -5:] = 0
+    with torch.no_grad():
+        both = stack(batch, attention_mask=mask)
+        alone_a, alone_b = stack(a), stack(b)
+    torch.testing.assert_close(both.logits[:1], alone_a.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(both.logits[1:, : b.shape[1]], alone_b.logits, atol=1e-4, rtol=0)
+    for layer, s in both.state.memories["store"].items():
+        row_a, row_b = s.stores
+        stored_b = torch.cat(row_b.tokens(row_b.ids()))
+        assert torch.equal(stored_b, b[0]), layer  # every valid token once, no padding
+        assert torch.equal(torch.cat(row_a.tokens(row_a.ids())), a[0])
+
+
+def test_checkpointing_writes_each_record_once_and_keeps_gradients():
+    ids = torch.randint(0, 256, (1, 4 * SEG))
+    grads, records = [], []
+    for ckpt in (False, True):
+        model = make_model("llama", seed=7)
+        cfg = StackConfig(segment_len=SEG, checkpoint_segments=ckpt, store=store_config())
+        stack = MemoryStack(model, cfg)
+        out = stack(ids, labels=ids)
+        out.loss.backward()
+        grads.append(model.model.embed_tokens.weight.grad.clone())
+        records.append(out.state.memories["store"][0].num_records())
+    assert records[0] == records[1] == [4 * SEG // 4]
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_a_chunk_is_found_by_a_query_made_from_it():
+    torch.manual_seed(0)
+    h, h_kv, t, d = 4, 2, 64, 16
+    q, k = torch.randn(h, t, d), torch.randn(h_kv, t, d)
+    chunks = [(i, i + 8) for i in range(0, t, 8)]
+    keys = chunk_keys("mean_query", chunks, k, q, None)
+    store = ChunkStore([0], h_kv * d, metric="cosine")
+    store.add([torch.arange(a, b) for a, b in chunks], [a for a, _ in chunks], 0, {0: keys})
+    for i, (a, b) in enumerate(chunks):
+        _, ids = store.search(0, segment_query(q[:, a:b], h_kv)[None], 1)
+        assert ids.item() == i
+
+
+def test_memory_off_store_equals_the_stack_without_it():
+    model, ref = model_pair("llama")
+    with_store = MemoryStack(model, StackConfig(segment_len=SEG, gate_init=1.0, store=store_config()))
+    plain = MemoryStack(ref, StackConfig(segment_len=SEG, gate_init=1.0))
+    ids = torch.randint(0, 256, (1, 3 * SEG))
+    with torch.no_grad(), with_store.memory_off("store"):
+        off = with_store(ids)
+        torch.testing.assert_close(off.logits, plain(ids).logits, atol=1e-5, rtol=0)
+    assert "store" not in off.state.memories
+
+
+def test_rotate_inverts_unrotate():
+    from memstack.families import unrotate
+
+    x = torch.randn(2, 3, 5, 8)
+    cos, sin = torch.randn(1, 5, 4).cos(), torch.randn(1, 5, 4).sin()
+    ang = torch.randn(1, 5, 2)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)  # a real half-split rotation
+    torch.testing.assert_close(unrotate(rotate(x, cos, sin), cos, sin), x, atol=1e-5, rtol=0)
+
+
+def test_a_state_with_a_store_is_checked_and_never_half_saved(tmp_path):
+    stack = MemoryStack(make_model("llama"), StackConfig(segment_len=SEG, store=store_config()))
+    ids = torch.randint(0, 256, (2, 2 * SEG))
+    with torch.no_grad():
+        state = stack(ids).state
+    with pytest.raises(ValueError, match=r"store memory of layer 0 holds 2 streams, the input has 1 rows"):
+        stack(ids[:1], state=state)
+    with pytest.raises(ValueError, match=r"holds \['store'\] memory, which a single file cannot hold"):
+        state.save(tmp_path / "state.safetensors")
+    assert not list(tmp_path.iterdir())
+    row = state.memories["store"][1].stores[0]
+    row.save(tmp_path / "row0")
+    assert torch.equal(torch.cat(ChunkStore.load(tmp_path / "row0").tokens(row.ids())), ids[0])
