@@ -53,6 +53,9 @@ class MemoryKV(NamedTuple):
     key: torch.Tensor  # (B, H_kv, N, d_k)
     value: torch.Tensor  # (B, H_kv, N, d_v)
     visible: torch.Tensor  # (B, Tq, N) bool: which query sees which memory token
+    spans: tuple[tuple[int, int, int, int], ...] | None = None
+    """``(a, e, c, f)``: query rows ``[a, e)`` can only see memory tokens ``[c, f)`` (a block and its
+    hits), so attention runs block by block; None: any query may see any memory token."""
 
     def attend(self, scaling: float | None) -> torch.Tensor:
         """Softmax attention over the memory alone: ``(B, Tq, H, d_v)`` float32 (0 where nothing is seen)."""

@@ -213,7 +213,15 @@ class LongTermMemory:
             # every query at +distance from every retrieved key: q R(distance) . R(0) k
             q_mem = ctx.rotate(q_mem, torch.full((t_q,), self.distance, device=query.device))
             keys = ctx.rotate(keys, torch.zeros(keys.shape[2], dtype=torch.long, device=query.device))
-        memory = MemoryKV(q_mem, keys, values, visible)
+        spans, col = [], 0
+        for j in blocks:
+            rows = (
+                max(j * c.block_len, ctx.start) - ctx.start,
+                min((j + 1) * c.block_len, ctx.start + t_q) - ctx.start,
+            )
+            spans.append((*rows, col, col + blocks[j][2].shape[1]))
+            col += blocks[j][2].shape[1]
+        memory = MemoryKV(q_mem, keys, values, visible, tuple(spans))
         if c.readout == "kv":
             return Readout(None, None, memory)
         nothing = ~visible.any(-1)[:, :, None].expand(b, t_q, h)  # (B, Tq, H): keep the running output

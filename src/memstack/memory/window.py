@@ -132,9 +132,22 @@ def _with_memory(
         mask = mask[None, None]
     elif band is not None:
         mask = mask & band
-    full = torch.cat(
-        [memory.visible[:, None].expand(b, 1, q_len, n), mask.expand(b, 1, q_len, kv_len)], dim=-1
-    )
-    full = full | ~full.any(dim=-1, keepdim=True)  # as above: no NaN for rows that see nothing
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=full, dropout_p=dropout, scale=scale)
-    return out.transpose(1, 2)
+    # Query rows [a, e) see memory tokens [c, f) (their block's hits) and the local keys up to
+    # their causal limit: one SDPA call per block, not one over every block's memory.
+    mem_k, loc_k = k[:, :, :n], k[:, :, n:]
+    mem_v, loc_v = v[:, :, :n], v[:, :, n:]
+    outs = []
+    for a, e, c, f in memory.spans or ((0, q_len, 0, n),):
+        end = kv_len - q_len + e
+        keys = torch.cat([mem_k[:, :, c:f], loc_k[:, :, :end]], dim=2)
+        values = torch.cat([mem_v[:, :, c:f], loc_v[:, :, :end]], dim=2)
+        seen = torch.cat(
+            [memory.visible[:, None, a:e, c:f], mask[..., a:e, :end].expand(b, 1, e - a, end)], dim=-1
+        )
+        seen = seen | ~seen.any(dim=-1, keepdim=True)  # as above: no NaN for rows that see nothing
+        outs.append(
+            F.scaled_dot_product_attention(
+                q[:, :, a:e], keys, values, attn_mask=seen, dropout_p=dropout, scale=scale
+            )
+        )
+    return torch.cat(outs, dim=2).transpose(1, 2)
