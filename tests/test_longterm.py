@@ -214,3 +214,19 @@ def test_a_state_with_a_store_is_checked_and_never_half_saved(tmp_path):
     row = state.memories["store"][1].stores[0]
     row.save(tmp_path / "row0")
     assert torch.equal(torch.cat(ChunkStore.load(tmp_path / "row0").tokens(row.ids())), ids[0])
+
+
+def test_save_pretrained_round_trips_a_stack_with_a_gated_store(tmp_path):
+    model, fresh = model_pair("llama")
+    cfg = StackConfig(segment_len=SEG, store=store_config(readout="kv_gated", gate_init=0.5))
+    stack = MemoryStack(model, cfg)
+    with torch.no_grad():
+        for gate in stack.gate_parameters():
+            gate.normal_()
+    assert {kind for _, kind in stack.named_gates()} == {"compressive", "store"}
+    stack.save_pretrained(tmp_path)
+    restored = MemoryStack.from_pretrained(tmp_path, fresh)
+    assert restored.config == cfg
+    ids = torch.randint(0, 256, (1, 3 * SEG))
+    with torch.no_grad():
+        assert torch.equal(restored(ids).logits, stack(ids).logits)
