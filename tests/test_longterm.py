@@ -230,3 +230,34 @@ def test_save_pretrained_round_trips_a_stack_with_a_gated_store(tmp_path):
     ids = torch.randint(0, 256, (1, 3 * SEG))
     with torch.no_grad():
         assert torch.equal(restored(ids).logits, stack(ids).logits)
+
+
+def test_surprise_chunks_are_cut_where_the_stack_is_surprised():
+    from memstack.memory.chunks import surprise_chunks
+    from memstack.stack import token_nll
+
+    model, ref = model_pair("llama")
+    cfg = StackConfig(segment_len=SEG, store=store_config(chunking="surprise", chunk_len=8, surprise_gamma=0.5))
+    stack = MemoryStack(model, cfg)
+    ids = torch.randint(0, 256, (1, SEG))
+    with torch.no_grad():
+        state = stack(ids).state
+        nll = token_nll(ref(ids).logits, ids)[0]  # one segment, no memory read: the model alone
+    assert torch.isnan(nll[0]) and bool(torch.isfinite(nll[1:]).all())
+    expected = surprise_chunks(nll, torch.ones(SEG, dtype=torch.bool), 2, 8, 0.5)
+    store = state.memories["store"][0].stores[0]
+    starts = [int(store.records(torch.tensor([i]))["start"][0]) for i in store.ids().tolist()]
+    assert starts == [a for a, _ in expected] and len(expected) > SEG // 8  # cut by surprise, not every 8
+
+
+def test_generate_equals_forward_with_surprise_chunking():
+    cfg = StackConfig(segment_len=SEG, gate_init=1.0, store=store_config(chunking="surprise", chunk_len=8))
+    stack = MemoryStack(make_model("llama", seed=2), cfg)
+    prompt = torch.randint(0, 256, (1, SEG + 5))
+    with torch.no_grad():
+        out = stack.generate(prompt, max_new_tokens=2 * SEG)
+        expected = prompt
+        for _ in range(2 * SEG):
+            nxt = stack(expected).logits[:, -1].argmax(-1, keepdim=True)
+            expected = torch.cat([expected, nxt], dim=1)
+    assert torch.equal(out, expected)

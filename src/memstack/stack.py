@@ -105,6 +105,16 @@ class StackOutput:
     """How many tokens the loss averages over."""
 
 
+def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` float32 -log p(ids[t] | ids[<t]) within one segment, NaN at position 0 (its
+    prediction belongs to the segment before)."""
+    nll = torch.full(ids.shape, float("nan"), dtype=torch.float32, device=ids.device)
+    if ids.shape[1] > 1:
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        nll[:, 1:] = -logp.gather(-1, ids[:, 1:, None].to(logp.device))[..., 0]
+    return nll
+
+
 def next_token_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Position t's target is ``labels[t+1]``; -100 where either position is padding or at the end.
 
@@ -188,6 +198,9 @@ class MemoryStack(nn.Module):
     def use_memory(self) -> bool:
         """False while every memory kind is switched off."""
         return not set(self.kinds) <= self.disabled
+
+    def _needs_surprise(self) -> bool:
+        return any(getattr(k, "needs_surprise", False) for k in self._active_kinds().values())
 
     def _active_kinds(self) -> dict[str, MemoryKind]:
         return {name: kind for name, kind in self.kinds.items() if name not in self.disabled}
@@ -344,6 +357,7 @@ class MemoryStack(nn.Module):
         ids: torch.Tensor,
         valid: torch.Tensor | None,
         differentiable: bool,
+        nll: torch.Tensor | None = None,
     ) -> StackState:
         """Write one closed segment into every active kind of the given differentiability.
 
@@ -357,6 +371,7 @@ class MemoryStack(nn.Module):
             state.segments,
             self.config.segment_len,
             self._rotate_at if self._rotary is not None else None,
+            nll,
         )
         memories = dict(state.memories)
         for name, kind in self._active_kinds().items():
@@ -386,6 +401,7 @@ class MemoryStack(nn.Module):
         out_names: list = []
         first_records: dict[int, list[LayerRecord]] = {}
         scratch: dict = {}  # outside run(): a checkpoint re-run reads what the forward read
+        surprise: list[torch.Tensor] = []
 
         def run(*flat_state: torch.Tensor):
             before = StackState({**state.others(), **StackState.unflatten(names, flat_state)}, state.segments)
@@ -404,6 +420,8 @@ class MemoryStack(nn.Module):
                 )
             if not first_records:  # activation checkpointing re-runs this function in backward
                 first_records.update(ctx.records)
+                if self._needs_surprise():
+                    surprise.append(token_nll(logits.detach(), ids))
             after = self._close_segment(before, ctx.records, ids, valid, differentiable=True)
             new_names, new_flat = after.flatten()
             out_names[:] = new_names
@@ -414,7 +432,8 @@ class MemoryStack(nn.Module):
         else:
             loss_sum, logits, *new_flat = run(*flat)
         after = StackState({**state.others(), **StackState.unflatten(out_names, new_flat)}, state.segments)
-        after = self._close_segment(after, first_records, ids, valid, differentiable=False)
+        nll = surprise[0] if surprise else None
+        after = self._close_segment(after, first_records, ids, valid, differentiable=False, nll=nll)
         return loss_sum, logits, StackState(after.memories, state.segments + 1)
 
     def _maybe_cut(self, state: StackState) -> StackState:
@@ -575,8 +594,13 @@ class MemoryStack(nn.Module):
             state, logits = out.state, out.logits[:, -1]
         # The open segment: prefill its tokens into a fresh cache, memory read-only.
         cache, records, scratch, fill = DynamicCache(), {}, {}, ids.shape[1] - n_closed
+        surprise = self._needs_surprise()
+        nll: list[torch.Tensor] = []  # per position of the open segment, when a kind needs it
         if fill:
-            logits = self._decode(ids[:, n_closed:], 0, cache, state, records, scratch)
+            all_logits = self._decode(ids[:, n_closed:], 0, cache, state, records, scratch)
+            logits = all_logits[:, -1]
+            if surprise:
+                nll = list(token_nll(all_logits, ids[:, n_closed:]).unbind(1))
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for i in range(max_new_tokens):
             scores = logits.float()
@@ -591,11 +615,16 @@ class MemoryStack(nn.Module):
             ids = torch.cat([ids, token], dim=1)
             if i == max_new_tokens - 1 or bool(finished.all()):
                 break
-            logits = self._decode(token, fill, cache, state, records, scratch)
+            if surprise:  # the token sits at segment position `fill`; position 0 has no prediction
+                picked = -torch.log_softmax(scores, dim=-1).gather(-1, token)[:, 0]
+                nll.append(torch.full_like(picked, float("nan")) if fill == 0 else picked)
+            logits = self._decode(token, fill, cache, state, records, scratch)[:, -1]
             fill += 1
             if fill == seg:
+                seg_nll = torch.stack(nll, dim=1) if surprise else None
                 for differentiable in (True, False):
-                    state = self._close_segment(state, records, ids[:, -seg:], None, differentiable)
+                    state = self._close_segment(state, records, ids[:, -seg:], None, differentiable, seg_nll)
+                nll = []
                 state = StackState(state.memories, state.segments + 1)
                 cache, records, scratch, fill = DynamicCache(), {}, {}, 0
         return ids
@@ -610,11 +639,11 @@ class MemoryStack(nn.Module):
         scratch: dict,
     ) -> torch.Tensor:
         """Feed tokens at segment positions ``start..`` through the cache, memory read-only, and
-        append what each layer saw to ``records``; return the last logits."""
+        append what each layer saw to ``records``; return the logits ``(B, T, V)``."""
         pos, rotary = self._positions(start, ids.shape[1])
         ctx = SegmentContext(self._inputs(state, rotary, start, None, scratch), records=records)
         out = self.model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, memstack=ctx)
-        return out.logits[:, -1]
+        return out.logits
 
     @torch.no_grad()
     def position_free_qk(self, segment_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

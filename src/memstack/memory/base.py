@@ -101,6 +101,9 @@ class ClosedSegment(NamedTuple):
     index: int  # segments before this one in the stream
     segment_len: int
     rotate: RotateFn | None
+    nll: torch.Tensor | None = None
+    """(B, T) float32 -log p of each token under the stack (NaN at position 0), when a kind asks
+    for it (surprise chunking); None otherwise."""
 
 
 class MemoryKind(Protocol):

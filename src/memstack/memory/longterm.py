@@ -37,7 +37,7 @@ import torch
 
 from ..config import StoreConfig
 from .base import ClosedSegment, LayerRecord, MemoryKV, ReadContext, Readout
-from .chunks import fixed_chunks
+from .chunks import fixed_chunks, surprise_chunks
 from .keys import chunk_keys, received_attention_mass, segment_query
 from .store import ChunkStore
 
@@ -82,11 +82,8 @@ class LongTermMemory:
         segment_len: int,
         metadata: dict[str, str] | None = None,
     ):
-        if config.chunking != "fixed":
-            raise ValueError(
-                "stack.store.chunking='surprise' needs per-token -log p at write time, which the stack "
-                "does not hand to memory kinds yet; use 'fixed' (memory/chunks.py has surprise_chunks)"
-            )
+        self.needs_surprise = config.chunking == "surprise"
+        """The stack hands -log p of each token to :meth:`write` (EM-LLM's surprise chunking)."""
         self.layers = frozenset(layers)
         self.config = config
         self.distance = segment_len if config.distance is None else config.distance
@@ -130,7 +127,15 @@ class LongTermMemory:
                 if segment.valid is not None
                 else torch.ones_like(positions, dtype=torch.bool)
             )
-            chunks = fixed_chunks(valid.cpu(), c.chunk_len)
+            if self.needs_surprise:
+                if segment.nll is None:
+                    raise ValueError("surprise chunking needs segment.nll (-log p of each token)")
+                min_len = max(1, c.chunk_len // 4)
+                chunks = surprise_chunks(
+                    segment.nll[row].cpu(), valid.cpu(), min_len, c.chunk_len, c.surprise_gamma
+                )
+            else:
+                chunks = fixed_chunks(valid.cpu(), c.chunk_len)
             tails.append(self._tail_query(query[row], valid))
             if not chunks:
                 continue
