@@ -71,8 +71,10 @@ def test_optional_store_section_round_trips_and_is_overridable():
         apply_overrides(base, ["stack.store=maybe"])
     with pytest.raises(ValueError, match=r"did you mean stack.store.top_k"):
         apply_overrides(base, ["stack.store.topk=3"])
-    with pytest.raises(ValueError, match=r"stack.store.readout must be one of kv, kv_gated; got 'tokens'"):
-        StoreConfig(readout="tokens")
+    with pytest.raises(
+        ValueError, match=r"stack.store.readout must be one of kv, kv_gated, tokens; got 'kvv'"
+    ):
+        StoreConfig(readout="kvv")
     with pytest.raises(ValueError, match=r"stack.store.top_k must be an int, got True"):
         StoreConfig(top_k=True)
 

@@ -237,7 +237,9 @@ def test_surprise_chunks_are_cut_where_the_stack_is_surprised():
     from memstack.stack import token_nll
 
     model, ref = model_pair("llama")
-    cfg = StackConfig(segment_len=SEG, store=store_config(chunking="surprise", chunk_len=8, surprise_gamma=0.5))
+    cfg = StackConfig(
+        segment_len=SEG, store=store_config(chunking="surprise", chunk_len=8, surprise_gamma=0.5)
+    )
     stack = MemoryStack(model, cfg)
     ids = torch.randint(0, 256, (1, SEG))
     with torch.no_grad():
@@ -254,6 +256,37 @@ def test_generate_equals_forward_with_surprise_chunking():
     cfg = StackConfig(segment_len=SEG, gate_init=1.0, store=store_config(chunking="surprise", chunk_len=8))
     stack = MemoryStack(make_model("llama", seed=2), cfg)
     prompt = torch.randint(0, 256, (1, SEG + 5))
+    with torch.no_grad():
+        out = stack.generate(prompt, max_new_tokens=2 * SEG)
+        expected = prompt
+        for _ in range(2 * SEG):
+            nxt = stack(expected).logits[:, -1].argmax(-1, keepdim=True)
+            expected = torch.cat([expected, nxt], dim=1)
+    assert torch.equal(out, expected)
+
+
+def test_tokens_readout_equals_the_model_on_the_concatenated_ids():
+    model, ref = model_pair("llama")
+    cfg = StackConfig(segment_len=SEG, compressive=False, store=store_config(readout="tokens", top_k=2))
+    stack = MemoryStack(model, cfg)
+    ids = torch.randint(0, 256, (1, 2 * SEG))
+    with torch.no_grad():
+        state = stack(ids[:, :SEG]).state
+        layers = state.memories["store"]
+        prefix, valid = stack.kinds["store"].prefix(layers[min(layers)])  # before segment 1 writes
+        assert bool(valid.all()) and prefix.shape[1] == 2 * 4  # two chunks of 4 tokens
+        out = stack(ids[:, SEG:], state=state)
+        expected = ref(torch.cat([prefix, ids[:, SEG:]], dim=1)).logits[:, prefix.shape[1] :]
+    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=0)
+    store = out.state.memories["store"][0].stores[0]
+    assert torch.equal(torch.cat(store.tokens(store.ids())), ids[0])  # the prefix is never stored again
+
+
+@pytest.mark.parametrize("chunk_len", [4, 5])  # 5: the rows' hits differ in length (padded prefix)
+def test_generate_equals_greedy_forward_with_the_tokens_readout(chunk_len):
+    cfg = StackConfig(segment_len=SEG, gate_init=1.0, store=store_config(readout="tokens", chunk_len=chunk_len))
+    stack = MemoryStack(make_model("llama", seed=4), cfg)
+    prompt = torch.randint(0, 256, (2, 2 * SEG + 3))
     with torch.no_grad():
         out = stack.generate(prompt, max_new_tokens=2 * SEG)
         expected = prompt

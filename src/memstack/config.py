@@ -62,7 +62,8 @@ class StoreConfig:
     readout: str = "kv"
     """``kv``: the hits' keys and values join the local softmax (no training needed);
     ``kv_gated``: attention over the hits alone, mixed in by a learned per-head gate
-    (Memorizing Transformers). (The ``tokens`` readout is not built yet.)"""
+    (Memorizing Transformers); ``tokens``: the hits' token ids are put back in front of the
+    segment (any model, no training; searched once per segment with the previous one's tail)."""
     gate_init: float = -2.0
     """``kv_gated``: initial gate logit (sigmoid(-2) = 0.12: start close to the model alone)."""
     distance: int | None = None
@@ -96,7 +97,7 @@ class StoreConfig:
         _check_int("stack.store.top_k", self.top_k, minimum=1)
         _check_int("stack.store.neighbours", self.neighbours, minimum=0)
         _check_int("stack.store.block_len", self.block_len, minimum=1)
-        _check_choice("stack.store.readout", self.readout, ("kv", "kv_gated"))
+        _check_choice("stack.store.readout", self.readout, ("kv", "kv_gated", "tokens"))
         _check_number("stack.store.gate_init", self.gate_init, "a finite number", math.isfinite)
         if self.distance is not None:
             _check_int("stack.store.distance", self.distance, minimum=0, optional=True)

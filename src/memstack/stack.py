@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -128,6 +128,18 @@ def next_token_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None
         targets[pad] = -100
         targets[:, :-1][pad[:, 1:]] = -100
     return targets
+
+
+@dataclass
+class _OpenSegment:
+    """A segment being decoded token by token: its KV cache, what its layers recorded, the read
+    scratch, and the tokens readout's prefix (``offset`` tokens, ``mask`` over the cache)."""
+
+    cache: DynamicCache
+    records: dict[int, list[LayerRecord]] = field(default_factory=dict)
+    scratch: dict = field(default_factory=dict)
+    offset: int = 0
+    mask: torch.Tensor | None = None
 
 
 class MemoryStack(nn.Module):
@@ -395,9 +407,17 @@ class MemoryStack(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None, StackState]:
         """Run one segment: read memory, attend locally, write memory. Returns (loss sum, logits, state)."""
         names, flat = state.flatten()
+        seg_ids, seg_mask = ids, mask
+        prefix_len, prefix = 0, self._prefix(state, ids.shape[0])
+        if prefix is not None:  # the tokens readout: retrieved chunks' token ids before the segment
+            prefix_ids, prefix_valid = prefix
+            prefix_len = prefix_ids.shape[1]
+            ids = torch.cat([prefix_ids, seg_ids], dim=1)
+            ones = torch.ones_like(seg_ids, dtype=torch.long)
+            mask = torch.cat([prefix_valid.long(), seg_mask if seg_mask is not None else ones], dim=1)
         pos, rotary = self._positions(0, ids.shape[1])
         has_padding = mask is not None and not bool(mask.all())
-        valid = mask.bool() if has_padding else None
+        seg_valid = seg_mask.bool() if seg_mask is not None and not bool(seg_mask.all()) else None
         out_names: list = []
         first_records: dict[int, list[LayerRecord]] = {}
         scratch: dict = {}  # outside run(): a checkpoint re-run reads what the forward read
@@ -405,6 +425,7 @@ class MemoryStack(nn.Module):
 
         def run(*flat_state: torch.Tensor):
             before = StackState({**state.others(), **StackState.unflatten(names, flat_state)}, state.segments)
+            valid = mask.bool() if has_padding else None
             ctx = SegmentContext(self._inputs(before, rotary, 0, valid, scratch))
             logits = self.model(
                 input_ids=ids,
@@ -412,17 +433,20 @@ class MemoryStack(nn.Module):
                 position_ids=pos,
                 use_cache=False,
                 memstack=ctx,
-            ).logits
+            ).logits[:, prefix_len:]
+            records = {
+                layer: [LayerRecord.cat(parts).sliced(prefix_len)] for layer, parts in ctx.records.items()
+            }
             loss_sum = logits.new_zeros((), dtype=torch.float32)
             if targets is not None:
                 loss_sum = F.cross_entropy(
                     logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
                 )
             if not first_records:  # activation checkpointing re-runs this function in backward
-                first_records.update(ctx.records)
+                first_records.update(records)
                 if self._needs_surprise():
-                    surprise.append(token_nll(logits.detach(), ids))
-            after = self._close_segment(before, ctx.records, ids, valid, differentiable=True)
+                    surprise.append(token_nll(logits.detach(), seg_ids))
+            after = self._close_segment(before, records, seg_ids, seg_valid, differentiable=True)
             new_names, new_flat = after.flatten()
             out_names[:] = new_names
             return (loss_sum, logits if keep_logits else None, *new_flat)
@@ -433,8 +457,19 @@ class MemoryStack(nn.Module):
             loss_sum, logits, *new_flat = run(*flat)
         after = StackState({**state.others(), **StackState.unflatten(out_names, new_flat)}, state.segments)
         nll = surprise[0] if surprise else None
-        after = self._close_segment(after, first_records, ids, valid, differentiable=False, nll=nll)
+        after = self._close_segment(after, first_records, seg_ids, seg_valid, differentiable=False, nll=nll)
         return loss_sum, logits, StackState(after.memories, state.segments + 1)
+
+    def _prefix(self, state: StackState, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Token ids (left-padded) and validity ``(B, P)`` a kind puts before the next segment, or None."""
+        for name, kind in self._active_kinds().items():
+            prefix = getattr(kind, "prefix", None)
+            layers = state.memories.get(name)
+            if prefix is not None and layers:
+                found = prefix(layers[min(layers)])
+                if found is not None:
+                    return found[0].to(self.device), found[1].to(self.device)
+        return None
 
     def _maybe_cut(self, state: StackState) -> StackState:
         """Truncated BPTT: detach at every multiple of ``bptt_segments``."""
@@ -593,11 +628,12 @@ class MemoryStack(nn.Module):
             out = self.forward(ids[:, n_closed - seg : n_closed], state=state)
             state, logits = out.state, out.logits[:, -1]
         # The open segment: prefill its tokens into a fresh cache, memory read-only.
-        cache, records, scratch, fill = DynamicCache(), {}, {}, ids.shape[1] - n_closed
+        seg_open = self._open_segment(state, ids.shape[0])
+        fill = ids.shape[1] - n_closed
         surprise = self._needs_surprise()
         nll: list[torch.Tensor] = []  # per position of the open segment, when a kind needs it
         if fill:
-            all_logits = self._decode(ids[:, n_closed:], 0, cache, state, records, scratch)
+            all_logits = self._decode(ids[:, n_closed:], 0, seg_open, state)
             logits = all_logits[:, -1]
             if surprise:
                 nll = list(token_nll(all_logits, ids[:, n_closed:]).unbind(1))
@@ -618,31 +654,59 @@ class MemoryStack(nn.Module):
             if surprise:  # the token sits at segment position `fill`; position 0 has no prediction
                 picked = -torch.log_softmax(scores, dim=-1).gather(-1, token)[:, 0]
                 nll.append(torch.full_like(picked, float("nan")) if fill == 0 else picked)
-            logits = self._decode(token, fill, cache, state, records, scratch)[:, -1]
+            logits = self._decode(token, fill, seg_open, state)[:, -1]
             fill += 1
             if fill == seg:
                 seg_nll = torch.stack(nll, dim=1) if surprise else None
                 for differentiable in (True, False):
-                    state = self._close_segment(state, records, ids[:, -seg:], None, differentiable, seg_nll)
+                    state = self._close_segment(
+                        state, seg_open.records, ids[:, -seg:], None, differentiable, seg_nll
+                    )
                 nll = []
                 state = StackState(state.memories, state.segments + 1)
-                cache, records, scratch, fill = DynamicCache(), {}, {}, 0
+                seg_open, fill = self._open_segment(state, ids.shape[0]), 0
         return ids
 
+    def _open_segment(self, state: StackState, batch: int) -> _OpenSegment:
+        """A fresh KV cache for the next segment, with the tokens readout's prefix prefilled."""
+        open_ = _OpenSegment(DynamicCache())
+        prefix = self._prefix(state, batch)
+        if prefix is not None:
+            prefix_ids, prefix_valid = prefix
+            open_.offset, open_.mask = prefix_ids.shape[1], prefix_valid.long()
+            pos, rotary = self._positions(0, open_.offset)
+            ctx = SegmentContext(self._inputs(state, rotary, 0, None, {}))  # the prefix is not the segment's
+            self.model(
+                input_ids=prefix_ids,
+                attention_mask=open_.mask,
+                position_ids=pos,
+                cache=open_.cache,
+                use_cache=True,
+                memstack=ctx,
+            )
+        return open_
+
     def _decode(
-        self,
-        ids: torch.Tensor,
-        start: int,
-        cache: DynamicCache,
-        state: StackState,
-        records: dict[int, list[LayerRecord]],
-        scratch: dict,
+        self, ids: torch.Tensor, start: int, seg_open: _OpenSegment, state: StackState
     ) -> torch.Tensor:
-        """Feed tokens at segment positions ``start..`` through the cache, memory read-only, and
-        append what each layer saw to ``records``; return the logits ``(B, T, V)``."""
-        pos, rotary = self._positions(start, ids.shape[1])
-        ctx = SegmentContext(self._inputs(state, rotary, start, None, scratch), records=records)
-        out = self.model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, memstack=ctx)
+        """Feed tokens at segment positions ``start..`` through the open segment's cache, memory
+        read-only, and record what each layer saw; return the logits ``(B, T, V)``."""
+        pos, rotary = self._positions(seg_open.offset + start, ids.shape[1])
+        ctx = SegmentContext(
+            self._inputs(state, rotary, start, None, seg_open.scratch), records=seg_open.records
+        )
+        mask = None
+        if seg_open.mask is not None:
+            seg_open.mask = torch.cat([seg_open.mask, torch.ones_like(ids, dtype=torch.long)], dim=1)
+            mask = seg_open.mask
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            cache=seg_open.cache,
+            use_cache=True,
+            memstack=ctx,
+        )
         return out.logits
 
     @torch.no_grad()

@@ -36,6 +36,13 @@ class LayerRecord(NamedTuple):
     value: torch.Tensor  # (B, H_kv, T, d_v)
     query: torch.Tensor | None = None  # (B, H, T, d_k), kept only when a kind needs it
 
+    def sliced(self, start: int) -> LayerRecord:
+        """The record from position ``start`` on (a prefix the segment does not own cut off)."""
+        if start == 0:
+            return self
+        query = None if self.query is None else self.query[:, :, start:]
+        return LayerRecord(self.key[:, :, start:], self.value[:, :, start:], query)
+
     @staticmethod
     def cat(parts: list[LayerRecord]) -> LayerRecord:
         """Join records of consecutive pieces of one segment (decoding token by token)."""

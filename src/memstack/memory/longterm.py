@@ -193,6 +193,8 @@ class LongTermMemory:
             distance, and which query sees which.
         """
         c = self.config
+        if c.readout == "tokens":  # the chunks come back as token ids before the segment (prefix)
+            return Readout(None)
         b, h, t_q, d_k = query.shape
         # Queries of this segment so far (decoding hands them over one call at a time).
         seen = ctx.scratch.get("queries")
@@ -231,6 +233,38 @@ class LongTermMemory:
             return Readout(None, None, memory)
         nothing = ~visible.any(-1)[:, :, None].expand(b, t_q, h)  # (B, Tq, H): keep the running output
         return Readout(memory.attend(ctx.scaling), nothing, None)  # kv_gated
+
+    def prefix(self, state: StoreState) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``tokens`` readout: the token ids of each row's hits, in stream order, left-padded.
+
+        Searched once per segment with the previous segment's tail query (causal: nothing of the
+        coming segment is used). Returns ``(ids (B, P) int64, valid (B, P) bool)`` or None when
+        no row retrieved anything (or the readout is not ``tokens``).
+        """
+        c = self.config
+        if c.readout != "tokens" or state.tail is None:
+            return None
+        rows = []
+        for row, store in enumerate(state.stores):
+            pooled = state.tail[row]
+            if len(store) == 0 or not bool(pooled.any()):
+                rows.append(torch.zeros(0, dtype=torch.long))
+                continue
+            _, ids = store.search(0, pooled[None].float().cpu(), c.top_k)
+            ids = ids[0][ids[0] >= 0]
+            if c.neighbours:
+                ids = store.neighbours(ids, c.neighbours)
+            ids = ids.sort().values  # stream order: the chunks read as they were written
+            rows.append(torch.cat(store.tokens(ids)) if len(ids) else torch.zeros(0, dtype=torch.long))
+        width = max(len(r) for r in rows)
+        if width == 0:
+            return None
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        valid = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            if len(r):
+                ids[i, width - len(r) :], valid[i, width - len(r) :] = r, True
+        return ids, valid
 
     def _hits(
         self, state: StoreState, q_all: torch.Tensor, block: int, ctx: ReadContext
