@@ -58,6 +58,21 @@ def test_train_then_eval_passkey_end_to_end(tmp_path):
     assert (out / "passkey_offsets.png").stat().st_size > 1000
     run("scripts/plot.py", str(out))
     assert (out / "curves.png").stat().st_size > 1000
+    run(
+        "scripts/eval_retrieval.py",
+        str(out),
+        "--length",
+        "320",
+        "--samples",
+        "2",
+        "--set",
+        "stack.store=on",
+        "stack.store.layers=1",
+        "stack.store.chunk_len=16",
+        "stack.store.block_len=16",
+    )
+    retrieval = json.loads((out / "retrieval.json").read_text())
+    assert retrieval["length"] == 320 and retrieval["results"]["received_attention"]["1"]["n"] == 2
 
     corpus = tmp_path / "docs.txt"
     corpus.write_text("In the beginning was the word. " * 20)  # one 620-byte document
