@@ -66,6 +66,7 @@ def measure_one(system: str, length: int, repeats: int) -> dict[str, Any]:
     base = peak_rss_mib()
     times, state = [], None
     for _ in range(1 + repeats):
+        state = None  # the previous run's stores must not count in this run's peak
         gc.collect()
         t0 = time.perf_counter()
         with torch.no_grad():
