@@ -123,12 +123,14 @@ def main(argv: list[str] | None = None) -> None:
             row = json.loads(res.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(
-                f"{system:12s} {length:>9,d} tokens  {row['tokens_per_s']:9,.0f} tok/s  peak +{row['peak_mib']:7.1f} MiB",
+                f"{system:12s} {length:>9,d} tokens  {row['tokens_per_s']:9,.0f} tok/s  "
+                f"peak +{row['peak_mib']:7.1f} MiB",
                 flush=True,
             )
     kv = kv_cache_bytes_per_token()
     table = [
-        "| length | system | tokens/s | vs compressive | peak MiB | store bytes / token (keys+tokens / with K/V) |"
+        "| length | system | tokens/s | vs compressive | peak MiB | store bytes / token "
+        "(keys+tokens / with K/V) |"
     ]
     table.append("|---:|---|---:|---:|---:|---|")
     for length in args.lengths:

@@ -14,6 +14,14 @@ from tests.conftest import make_model, model_pair
 SEG = 16
 
 
+def greedy_by_forward(stack: MemoryStack, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    """The reference for generate: one full forward per new token, argmax of the last logits."""
+    ids = prompt
+    for _ in range(steps):
+        ids = torch.cat([ids, stack(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
 def store_config(**kw) -> StoreConfig:
     base = dict(layers="all", chunk_len=4, top_k=2, block_len=8, strategy="received_attention")
     return StoreConfig(**{**base, **kw})
@@ -125,10 +133,7 @@ def test_generate_equals_greedy_forward_with_the_store(family):
     prompt = torch.randint(0, 256, (2, 2 * SEG + 3))
     with torch.no_grad():
         out = stack.generate(prompt, max_new_tokens=2 * SEG)
-        expected = prompt
-        for _ in range(2 * SEG):
-            nxt = stack(expected).logits[:, -1].argmax(-1, keepdim=True)
-            expected = torch.cat([expected, nxt], dim=1)
+        expected = greedy_by_forward(stack, prompt, 2 * SEG)
     assert torch.equal(out, expected)
 
 
@@ -258,10 +263,7 @@ def test_generate_equals_forward_with_surprise_chunking():
     prompt = torch.randint(0, 256, (1, SEG + 5))
     with torch.no_grad():
         out = stack.generate(prompt, max_new_tokens=2 * SEG)
-        expected = prompt
-        for _ in range(2 * SEG):
-            nxt = stack(expected).logits[:, -1].argmax(-1, keepdim=True)
-            expected = torch.cat([expected, nxt], dim=1)
+        expected = greedy_by_forward(stack, prompt, 2 * SEG)
     assert torch.equal(out, expected)
 
 
@@ -284,13 +286,12 @@ def test_tokens_readout_equals_the_model_on_the_concatenated_ids():
 
 @pytest.mark.parametrize("chunk_len", [4, 5])  # 5: the rows' hits differ in length (padded prefix)
 def test_generate_equals_greedy_forward_with_the_tokens_readout(chunk_len):
-    cfg = StackConfig(segment_len=SEG, gate_init=1.0, store=store_config(readout="tokens", chunk_len=chunk_len))
+    cfg = StackConfig(
+        segment_len=SEG, gate_init=1.0, store=store_config(readout="tokens", chunk_len=chunk_len)
+    )
     stack = MemoryStack(make_model("llama", seed=4), cfg)
     prompt = torch.randint(0, 256, (2, 2 * SEG + 3))
     with torch.no_grad():
         out = stack.generate(prompt, max_new_tokens=2 * SEG)
-        expected = prompt
-        for _ in range(2 * SEG):
-            nxt = stack(expected).logits[:, -1].argmax(-1, keepdim=True)
-            expected = torch.cat([expected, nxt], dim=1)
+        expected = greedy_by_forward(stack, prompt, 2 * SEG)
     assert torch.equal(out, expected)
