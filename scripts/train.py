@@ -26,6 +26,28 @@ from memstack.train.evaluate import format_passkey_table, passkey_accuracy
 from memstack.train.loop import train
 
 
+def summary_text(stack, config, result: dict) -> str:
+    """What was trained, and pass-key accuracy with memory on against off, per length."""
+    t = result["train"]
+    lines = [
+        f"\nmemstack: {t['step']} steps in {t['seconds']:.0f} s, final loss {t['loss']:.3f}",
+        stack.describe(),
+    ]
+    for key, table in result.items():
+        if not key.endswith("memory_on") or "by_length" not in table:
+            continue
+        off = result.get(key.replace("memory_on", "memory_off"))
+        for i, row in enumerate(table["by_length"]):
+            line = f"  pass key at {row['length']} tokens ({table.get('filler', 'synthetic')} filler): "
+            line += f"memory on {100 * row['mean']:.0f}%"
+            if off is not None:
+                line += f", off {100 * off['by_length'][i]['mean']:.0f}%"
+            lines.append(line + f" (n={row['n']})")
+    lines.append(f"  outputs in {config.run.out_dir}/: config.json, metrics.jsonl, passkey.json, step-*/")
+    lines.append("  trained figures, and the commands that reproduce them: README.md, 'Pass-key results'")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="a configs/*.py file")
@@ -63,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
                 result[key if len(fillers) == 1 else f"{filler}_{key}"] = table
                 print(format_passkey_table(table))
         write_json(Path(config.run.out_dir) / "passkey.json", result)
+    if os.environ.get("RANK", "0") == "0":
+        print(summary_text(stack, config, result))
     print(json.dumps(result["train"]))
     return result
 

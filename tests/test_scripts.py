@@ -34,8 +34,11 @@ def run(*args, check=True):
 @pytest.mark.slow
 def test_train_then_eval_passkey_end_to_end(tmp_path):
     out = tmp_path / "run"
-    run("scripts/train.py", "configs/tiny_passkey.py", f"run.out_dir={out}", *TINY)
+    stdout = run("scripts/train.py", "configs/tiny_passkey.py", f"run.out_dir={out}", *TINY).stdout
     saved = json.loads((out / "config.json").read_text())
+    trained_table = json.loads((out / "passkey.json").read_text())["memory_on"]["by_length"]
+    summary = f"pass key at 160 tokens (synthetic filler): memory on {100 * trained_table[0]['mean']:.0f}%"
+    assert "2. compressive memory: delta rule, layers [0, 1, 2, 3]" in stdout and summary in stdout
     assert saved["stack"]["segment_len"] == 64 and saved["eval"]["passkey_lengths"] == [160, 320]
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and set(metrics[0]["gates"]) == {"0", "1", "2", "3"}

@@ -192,6 +192,24 @@ class MemoryStack(nn.Module):
         self.disabled: frozenset[str] = frozenset()
         """Kinds switched off for now (see :meth:`memory_off`): neither read nor written."""
 
+    def describe(self) -> str:
+        """One line per memory layer: what this stack holds around which model."""
+        cfg, n = self.config, len(attention_modules(self.model, self.family))
+        lines = [f"{type(self.model).__name__} ({n} layers), segments of {cfg.segment_len} tokens"]
+        window = f"window {cfg.window}" if cfg.window else "the whole segment"
+        lines.append(f"  1. working memory: causal attention over {window}")
+        kind = self.kinds.get("compressive")
+        if kind is not None:
+            lines.append(f"  2. compressive memory: {kind.update_rule} rule, layers {sorted(kind.layers)}")
+        store = self.kinds.get("store")
+        if store is not None:
+            c = store.config
+            lines.append(
+                f"  3. long-term store: layers {sorted(store.layers)}, {c.chunk_len}-token chunks keyed by "
+                f"{c.strategy}, top {c.top_k} per {c.block_len}-query block, {c.readout} readout"
+            )
+        return "\n".join(lines)
+
     @staticmethod
     def _model_info(model: nn.Module, num_layers: int) -> ModelInfo:
         cfg = model.config
