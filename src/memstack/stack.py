@@ -11,45 +11,25 @@ once outside it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import DynamicCache
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from .attention import ATTENTION_NAME, SegmentContext, SegmentInputs
 from .config import StackConfig, parse_layers
 from .families import attention_modules, family_of, rotary_module, rotate
-from .io import atomic_file, read_manifest, umask_mode
+from .generation import StackGeneration, token_nll  # noqa: F401  (token_nll re-exported)
 from .memory.base import ClosedSegment, LayerRecord, MemoryKind
 from .memory.compressive import Compressive
 from .memory.longterm import LongTermMemory
 from .memory.mixer import MemoryMixer
+from .persistence import CONFIG_FILE, FORMAT_VERSION, StackPersistence  # noqa: F401  (re-exported)
 from .state import StackState
-
-CONFIG_FILE = "memstack_config.json"
-WEIGHTS_PREFIX = "memstack_memory"
-LEGACY_WEIGHTS_FILE = "memstack_memory.safetensors"
-FORMAT_VERSION = 2
-"""Version 2 names the weights file after its content (written before the manifest, the commit
-point) and its gates ``layers.<layer>.<kind>.gate``; version 1 used the fixed name
-``memstack_memory.safetensors`` and ``layers.<layer>.gate`` for the compressive gate, and is
-still read."""
 
 
 class ModelInfo(NamedTuple):
@@ -105,16 +85,6 @@ class StackOutput:
     """How many tokens the loss averages over."""
 
 
-def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``(B, T)`` float32 -log p(ids[t] | ids[<t]) within one segment, NaN at position 0 (its
-    prediction belongs to the segment before)."""
-    nll = torch.full(ids.shape, float("nan"), dtype=torch.float32, device=ids.device)
-    if ids.shape[1] > 1:
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        nll[:, 1:] = -logp.gather(-1, ids[:, 1:, None].to(logp.device))[..., 0]
-    return nll
-
-
 def next_token_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Position t's target is ``labels[t+1]``; -100 where either position is padding or at the end.
 
@@ -130,19 +100,7 @@ def next_token_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None
     return targets
 
 
-@dataclass
-class _OpenSegment:
-    """A segment being decoded token by token: its KV cache, what its layers recorded, the read
-    scratch, and the tokens readout's prefix (``offset`` tokens, ``mask`` over the cache)."""
-
-    cache: DynamicCache
-    records: dict[int, list[LayerRecord]] = field(default_factory=dict)
-    scratch: dict = field(default_factory=dict)
-    offset: int = 0
-    mask: torch.Tensor | None = None
-
-
-class MemoryStack(nn.Module):
+class MemoryStack(StackGeneration, StackPersistence, nn.Module):
     """Memory layers around a Hugging Face causal LM.
 
     Args:
@@ -556,177 +514,6 @@ class MemoryStack(nn.Module):
         logits = torch.cat(all_logits, dim=1) if return_logits else None
         return StackOutput(loss, logits, state, count)
 
-    # ------------------------------------------------------------------ streams
-
-    def reset(self) -> None:
-        """Forget the stream's memory (start a new stream)."""
-        self.state = None
-
-    def step(
-        self,
-        segment_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> StackOutput:
-        """Process one segment of a stream, reading and then updating :attr:`state`.
-
-        Args:
-            segment_ids: ``(B, T)`` with ``T <= segment_len``; each call is one segment.
-        """
-        if segment_ids.shape[-1] > self.config.segment_len:
-            raise ValueError(
-                f"step() takes at most segment_len={self.config.segment_len} tokens, got "
-                f"{segment_ids.shape[-1]}; use stack(input_ids) for longer inputs"
-            )
-        out = self.forward(segment_ids, attention_mask, labels, state=self.state)
-        self.state = out.state
-        return out
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompt_ids: torch.Tensor,
-        max_new_tokens: int = 32,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | None = None,
-        state: StackState | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Continue ``prompt_ids`` (greedy, or sampling with temperature / top-k / top-p).
-
-        The prompt is cut into segments exactly as :meth:`forward` would cut it. Inside a segment
-        a KV cache serves local attention while memory is only read; when a segment fills, its
-        keys and values go into compressive memory and the cache starts over. So each token is
-        what ``forward`` on the whole sequence would predict at that position.
-
-        Args:
-            prompt_ids: ``(B, P)`` unpadded prompts (rows of equal length), P >= 1.
-            state: memory to start from (e.g. ``stack.state`` after :meth:`step` calls); default
-                empty. The stream state :attr:`state` is not changed.
-            generator: for reproducible sampling.
-
-        Returns:
-            ``(B, P + n)`` prompt and continuation, n <= max_new_tokens (stops early once every
-            row has produced ``eos_token_id``).
-        """
-        self._check_ids("prompt_ids", prompt_ids)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if eos_token_id is not None and (
-            isinstance(eos_token_id, bool)
-            or not isinstance(eos_token_id, int)
-            or not 0 <= eos_token_id < self.vocab_size
-        ):
-            raise ValueError(
-                f"eos_token_id must be None or a token id in [0, {self.vocab_size - 1}], got {eos_token_id!r}"
-            )
-        if state is not None:
-            self._check_state(state, prompt_ids.shape[0])
-        warpers = LogitsProcessorList()
-        if do_sample:
-            if temperature != 1.0:
-                warpers.append(TemperatureLogitsWarper(temperature))
-            if top_k is not None:
-                warpers.append(TopKLogitsWarper(top_k))
-            if top_p is not None:
-                warpers.append(TopPLogitsWarper(top_p))
-        ids = prompt_ids.to(self.device)
-        seg = self.config.segment_len
-        state = state if state is not None else StackState()
-        n_closed = (ids.shape[1] // seg) * seg
-        logits = None
-        if n_closed:
-            # Only the last closed segment's logits can be needed: a million-token prompt's
-            # logits would not fit in memory.
-            if n_closed > seg:
-                state = self.forward(ids[:, : n_closed - seg], state=state, return_logits=False).state
-            out = self.forward(ids[:, n_closed - seg : n_closed], state=state)
-            state, logits = out.state, out.logits[:, -1]
-        # The open segment: prefill its tokens into a fresh cache, memory read-only.
-        seg_open = self._open_segment(state, ids.shape[0])
-        fill = ids.shape[1] - n_closed
-        surprise = self._needs_surprise()
-        nll: list[torch.Tensor] = []  # per position of the open segment, when a kind needs it
-        if fill:
-            all_logits = self._decode(ids[:, n_closed:], 0, seg_open, state)
-            logits = all_logits[:, -1]
-            if surprise:
-                nll = list(token_nll(all_logits, ids[:, n_closed:]).unbind(1))
-        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for i in range(max_new_tokens):
-            scores = logits.float()
-            if do_sample:
-                probs = torch.softmax(warpers(ids, scores), dim=-1)
-                token = torch.multinomial(probs, 1, generator=generator)
-            else:
-                token = scores.argmax(dim=-1, keepdim=True)
-            if eos_token_id is not None:
-                token = torch.where(finished[:, None], eos_token_id, token)
-                finished |= token[:, 0] == eos_token_id
-            ids = torch.cat([ids, token], dim=1)
-            if i == max_new_tokens - 1 or bool(finished.all()):
-                break
-            if surprise:  # the token sits at segment position `fill`; position 0 has no prediction
-                picked = -torch.log_softmax(scores, dim=-1).gather(-1, token)[:, 0]
-                nll.append(torch.full_like(picked, float("nan")) if fill == 0 else picked)
-            logits = self._decode(token, fill, seg_open, state)[:, -1]
-            fill += 1
-            if fill == seg:
-                seg_nll = torch.stack(nll, dim=1) if surprise else None
-                for differentiable in (True, False):
-                    state = self._close_segment(
-                        state, seg_open.records, ids[:, -seg:], None, differentiable, seg_nll
-                    )
-                nll = []
-                state = StackState(state.memories, state.segments + 1)
-                seg_open, fill = self._open_segment(state, ids.shape[0]), 0
-        return ids
-
-    def _open_segment(self, state: StackState, batch: int) -> _OpenSegment:
-        """A fresh KV cache for the next segment, with the tokens readout's prefix prefilled."""
-        open_ = _OpenSegment(DynamicCache())
-        prefix = self._prefix(state, batch)
-        if prefix is not None:
-            prefix_ids, prefix_valid = prefix
-            open_.offset, open_.mask = prefix_ids.shape[1], prefix_valid.long()
-            pos, rotary = self._positions(0, open_.offset)
-            ctx = SegmentContext(self._inputs(state, rotary, 0, None, {}))  # the prefix is not the segment's
-            self.model(
-                input_ids=prefix_ids,
-                attention_mask=open_.mask,
-                position_ids=pos,
-                cache=open_.cache,
-                use_cache=True,
-                memstack=ctx,
-            )
-        return open_
-
-    def _decode(
-        self, ids: torch.Tensor, start: int, seg_open: _OpenSegment, state: StackState
-    ) -> torch.Tensor:
-        """Feed tokens at segment positions ``start..`` through the open segment's cache, memory
-        read-only, and record what each layer saw; return the logits ``(B, T, V)``."""
-        pos, rotary = self._positions(seg_open.offset + start, ids.shape[1])
-        ctx = SegmentContext(
-            self._inputs(state, rotary, start, None, seg_open.scratch), records=seg_open.records
-        )
-        mask = None
-        if seg_open.mask is not None:
-            seg_open.mask = torch.cat([seg_open.mask, torch.ones_like(ids, dtype=torch.long)], dim=1)
-            mask = seg_open.mask
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            cache=seg_open.cache,
-            use_cache=True,
-            memstack=ctx,
-        )
-        return out.logits
-
     @torch.no_grad()
     def position_free_qk(self, segment_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Queries and keys as memory sees them (rotary rotation undone), for one segment.
@@ -785,108 +572,3 @@ class MemoryStack(nn.Module):
             {"name": "gates", "params": gates, "lr": lr * gate_lr_mult, "weight_decay": 0.0},
         ]
         return [g for g in groups if g["params"]]
-
-    # ------------------------------------------------------------------ persistence
-
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Save the stack's config and memory parameters (not the base model) into directory ``path``.
-
-        Only memstack's own files are written or removed, so the stack can live next to the
-        model's own ``save_pretrained`` files. The commit is crash-safe: the weights go to a new
-        file named after their content, then the manifest ``memstack_config.json`` is replaced
-        atomically (the commit point), then weights files of older saves are removed. A crash at
-        any moment leaves the previous save or the new one loadable, never a mix.
-
-        Raises:
-            ValueError: if ``path`` exists and is not a directory.
-        """
-        path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"{path} exists and is not a directory; save_pretrained writes into a directory")
-        if not path.exists():
-            path.mkdir(parents=True, mode=umask_mode(directory=True))
-        tensors = {
-            f"layers.{layer}.{kind}.gate": g.detach().cpu().contiguous()
-            for (layer, kind), g in self.named_gates().items()
-        }
-        blob = save(tensors)
-        weights = f"{WEIGHTS_PREFIX}-{hashlib.sha256(blob).hexdigest()[:16]}.safetensors"
-        with atomic_file(path / weights) as tmp:
-            tmp.write_bytes(blob)
-        manifest = {
-            "format": "memstack",
-            "version": FORMAT_VERSION,
-            "model_type": self.model.config.model_type,
-            "num_heads": self.model.config.num_attention_heads,
-            "stack": self.config.to_dict(),
-            "weights": weights,
-        }
-        with atomic_file(path / CONFIG_FILE) as tmp:
-            tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        for old in path.glob(f"{WEIGHTS_PREFIX}*.safetensors"):
-            if old.name != weights:
-                old.unlink(missing_ok=True)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, model: nn.Module) -> MemoryStack:
-        """Wrap ``model`` with the config and memory parameters saved in ``path``.
-
-        Everything is read and checked before the model is touched; if wrapping still fails, the
-        model is unwrapped again, so a failed call leaves it exactly as it was.
-
-        Raises:
-            FileNotFoundError: if the manifest or the weights file is missing.
-            ValueError: if the manifest is malformed, or the saved stack belongs to another model
-                type or its tensors do not fit the model.
-        """
-        path = Path(path)
-        manifest = read_manifest(path / CONFIG_FILE, "memstack", FORMAT_VERSION)
-        for key, kind in (("model_type", str), ("stack", dict)):
-            if not isinstance(manifest.get(key), kind):
-                raise ValueError(f"{path / CONFIG_FILE}: field {key!r} missing or not a {kind.__name__}")
-        if manifest["model_type"] != model.config.model_type:
-            raise ValueError(
-                f"{path} was saved for model_type {manifest['model_type']!r}, not {model.config.model_type!r}"
-            )
-        try:
-            config = StackConfig.from_dict(manifest["stack"])
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path / CONFIG_FILE}: bad stack config: {e}") from None
-        weights = manifest.get("weights") if manifest["version"] >= 2 else LEGACY_WEIGHTS_FILE
-        if not isinstance(weights, str) or Path(weights).name != weights:
-            raise ValueError(f"{path / CONFIG_FILE}: field 'weights' must be a file name, got {weights!r}")
-        if not (path / weights).is_file():
-            raise FileNotFoundError(f"{path / CONFIG_FILE} names weights {weights}, which is missing")
-        try:
-            tensors = load_file(str(path / weights))
-        except Exception as e:  # safetensors raises several types for truncated or foreign files
-            raise ValueError(f"{path / weights} is not a readable safetensors file: {e}") from None
-        if manifest["version"] == 1:  # the compressive gate was the only one: layers.<layer>.gate
-            tensors = {f"{k.rsplit('.', 1)[0]}.compressive.gate": t for k, t in tensors.items()}
-        # A dry run of the composition says which gates the stack will have, so that nothing
-        # touches the model before every tensor is known to fit.
-        info = cls._model_info(model, len(attention_modules(model, family_of(model))))
-        expected = {}
-        for name, build in KINDS.items():
-            built = build(config, info)
-            if built is not None and built[1] is not None:
-                expected.update({f"layers.{layer}.{name}.gate": layer for layer in built[0].layers})
-        if set(tensors) != set(expected):
-            raise ValueError(f"{path}: expected tensors {sorted(expected)}, found {sorted(tensors)}")
-        heads = model.config.num_attention_heads
-        for name, saved in tensors.items():
-            if tuple(saved.shape) != (heads,):
-                layer = expected[name]
-                raise ValueError(
-                    f"{path}: gate of layer {layer} ({name}) has shape {tuple(saved.shape)}, "
-                    f"the model needs ({heads},)"
-                )
-        stack = cls(model, config)
-        try:
-            with torch.no_grad():
-                for (layer, kind), gate in stack.named_gates().items():
-                    gate.copy_(tensors[f"layers.{layer}.{kind}.gate"])
-        except BaseException:
-            stack.unwrap()
-            raise
-        return stack
