@@ -52,13 +52,8 @@ def _compressive(config: StackConfig, model: ModelInfo) -> tuple[MemoryKind, flo
 def _store(config: StackConfig, model: ModelInfo) -> tuple[MemoryKind, float | None] | None:
     if config.store is None:
         return None
-    kind = LongTermMemory(
-        parse_layers(config.store.layers, model.num_layers),
-        config.store,
-        config.segment_len,
-        metadata={"model_type": model.model_type},
-    )
-    kind.h_kv = model.kv_heads
+    layers = parse_layers(config.store.layers, model.num_layers)
+    kind = LongTermMemory(layers, config.store, config.segment_len, metadata={"model_type": model.model_type})
     return kind, (config.store.gate_init if config.store.readout == "kv_gated" else None)
 
 

@@ -136,7 +136,7 @@ class LongTermMemory:
                 )
             else:
                 chunks = fixed_chunks(valid.cpu(), c.chunk_len)
-            tails.append(self._tail_query(query[row], valid))
+            tails.append(self._tail_query(query[row], valid, h_kv))
             if not chunks:
                 continue
             mass = None
@@ -169,11 +169,10 @@ class LongTermMemory:
         )
         return StoreState(state.stores, tail)
 
-    def _tail_query(self, query: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
+    def _tail_query(self, query: torch.Tensor, valid: torch.Tensor, h_kv: int) -> torch.Tensor | None:
         """Pooled position-free queries of the last ``block_len`` valid tokens of a row."""
         if not bool(valid.any()):
             return None
-        h_kv = self._h_kv
         return segment_query(query, h_kv, valid, window=self.config.block_len)
 
     # ------------------------------------------------------------------ read
@@ -275,7 +274,7 @@ class LongTermMemory:
             return cached
         c = self.config
         b, h, _, d_k = q_all.shape
-        h_kv = self._h_kv
+        h_kv = state.stores[0].dim // d_k  # an index vector concatenates the KV heads
         bl = c.block_len
         per_row = []
         for row in range(b):
@@ -312,15 +311,6 @@ class LongTermMemory:
             valid[row, :m] = token_ok.reshape(-1).to(device)
         ctx.scratch[("hits", block)] = (keys, values, valid)
         return keys, values, valid
-
-    @property
-    def _h_kv(self) -> int:
-        if self.h_kv is None:
-            raise RuntimeError("LongTermMemory.h_kv is unset; MemoryStack sets it when wrapping")
-        return self.h_kv
-
-    h_kv: int | None = None
-    """KV heads of the model (set by MemoryStack)."""
 
     def __repr__(self) -> str:
         return f"LongTermMemory(layers={sorted(self.layers)}, {self.config})"
