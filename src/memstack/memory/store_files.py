@@ -32,6 +32,49 @@ FORMAT_VERSION = 1
 class StorePersistence:
     """``save``/``load`` of :class:`ChunkStore` (a mixin: it reads the store's own arrays)."""
 
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held: ``keys`` (float32 + row pointers), ``tokens`` (ids + per-record fields), ``kv``,
+        ``index`` (serialised FAISS size). Dead rows awaiting compaction count; spare capacity does not.
+        With ``kv_dir``, ``kv`` counts bytes in the memory-mapped pages (disk, paged in on demand).
+        """
+        with self._lock:
+            keys = sum(lk.n * (self.dim * 4 + 8) for lk in self._layer.values())
+            per_record = 8 * 5 + 1 + 8 + 4 * len(self.layers)  # fields, alive, offset, key counts
+            tokens = self._n_tokens * self._tokens.itemsize + self._rows * per_record
+            kv = sum(t.nbytes for pairs in self._kv.values() for p in pairs if p is not None for t in p)
+            index = sum(
+                faiss.serialize_index(lk.index).nbytes for lk in self._layer.values() if lk.index is not None
+            )
+            return {"keys": keys, "tokens": tokens, "kv": kv, "index": index}
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """Every record and key array as saved (``kv.*`` entries only for layers with K/V)."""
+        with self._lock:
+            r = self._rows
+            out = {
+                "ids": self._ids[:r],
+                "starts": self._starts[:r],
+                "segments": self._segments[:r],
+                "times": self._times[:r],
+                "retrievals": self._retrievals[:r],
+                "consolidated": self._consolidated[:r],
+                "alive": self._alive[:r],
+                "token_offsets": self._token_offsets[: r + 1],
+                "tokens": self._tokens[: self._n_tokens],
+            }
+            for layer, lk in self._layer.items():
+                rows = lk.key_row[: lk.n]
+                out[f"keys.{layer}"] = lk.keys[: lk.n]
+                out[f"key_records.{layer}"] = np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)
+            tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in out.items()}
+            for layer in self.layers:
+                have = [i for i, p in enumerate(self._kv[layer]) if p is not None]
+                if have:
+                    tensors[f"kv_rows.{layer}"] = torch.tensor(have, dtype=torch.int64)
+                    for j, name in enumerate("kv"):
+                        tensors[f"{name}.{layer}"] = torch.cat([self._kv[layer][i][j] for i in have], dim=1)
+            return tensors
+
     def save(self, path: str | Path) -> None:
         """Write the store to directory ``path`` atomically: a crash leaves the previous store.
 
@@ -83,7 +126,12 @@ class StorePersistence:
 
     @classmethod
     def load(
-        cls, path: str | Path, expect: Mapping[str, str] | None = None, *, expect_dim: int | None = None
+        cls,
+        path: str | Path,
+        expect: Mapping[str, str] | None = None,
+        *,
+        expect_dim: int | None = None,
+        kv_dir: str | Path | None = None,
     ) -> ChunkStore:
         """Read a store written by :meth:`save`, validating everything against its manifest.
 
@@ -93,6 +141,8 @@ class StorePersistence:
                 copy is read.
             expect: metadata that must match (e.g. ``{"model_fingerprint": ...}``).
             expect_dim: key dimension the caller will search with.
+            kv_dir: keep the loaded K/V in memory-mapped scratch pages there (see ``ChunkStore``);
+                where K/V live is a property of this process, not of the saved store.
 
         Raises:
             FileNotFoundError: no store at ``path`` or a file it lists is missing.
@@ -136,6 +186,7 @@ class StorePersistence:
             search_params=m["search_params"],
             refine=m["refine"],
             min_train_keys=m["min_train_keys"],
+            kv_dir=kv_dir,
         )
         arrays = _read_safetensors(path / "arrays.safetensors")
         if "kv.safetensors" in m["files"]:
@@ -164,6 +215,11 @@ class StorePersistence:
         self._segments = get("segments", r, i64).numpy().copy()
         self._times = get("times", r, (torch.float64,)).numpy().copy()
         self._retrievals = get("retrievals", r, i64).numpy().copy()
+        # absent in stores saved before sleep existed: nothing was consolidated then
+        if "consolidated" in a:
+            self._consolidated = get("consolidated", r, (torch.bool,)).numpy().copy()
+        else:
+            self._consolidated = np.zeros(r, dtype=bool)
         self._alive = get("alive", r, (torch.bool,)).numpy().copy()
         self._token_offsets = get("token_offsets", r + 1, i64).numpy().copy()
         self._tokens = get("tokens", nt, (torch.int32, torch.int64)).numpy().copy()
@@ -203,7 +259,7 @@ class StorePersistence:
                     )
                 split = [p.split(lengths, dim=1) for p in parts]
                 for row, kk, vv in zip(kv_rows, *split, strict=True):
-                    self._kv[layer][row] = (kk.contiguous(), vv.contiguous())
+                    self._kv[layer][row] = self._keep_kv(layer, kk, vv)
             f = path / f"index.{layer}.faiss"
             if f.name in m["files"]:
                 try:
