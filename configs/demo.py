@@ -7,6 +7,7 @@ whole path a real run takes.
 """
 
 from memstack.config import (
+    CompressiveConfig,
     Config,
     DataConfig,
     EvalConfig,
@@ -23,7 +24,7 @@ config = Config(
     data=DataConfig(task="passkey", seq_len=256, copy_steps=100, curriculum=[128], curriculum_steps=50),
     stack=StackConfig(
         segment_len=128,
-        update_rule="delta",
+        compressive=CompressiveConfig(update_rule="delta"),
         store=StoreConfig(layers="1", chunk_len=32, block_len=32, top_k=4),
     ),
     optim=OptimConfig(lr=3e-3, weight_decay=0.01, gate_lr_mult=10.0),

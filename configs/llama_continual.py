@@ -9,6 +9,7 @@ behave like the original model, and learn 100x faster than the rest (no weight d
 """
 
 from memstack.config import (
+    CompressiveConfig,
     Config,
     DataConfig,
     ModelConfig,
@@ -21,7 +22,11 @@ from memstack.config import (
 config = Config(
     model=ModelConfig(path="/models/Llama-3.2-1B", dtype="bfloat16"),
     data=DataConfig(task="text", path="/data/pg19", tokenizer="/models/Llama-3.2-1B", seq_len=32768),
-    stack=StackConfig(segment_len=2048, update_rule="delta", gate_init=-3.0, checkpoint_segments=True),
+    stack=StackConfig(
+        segment_len=2048,
+        compressive=CompressiveConfig(update_rule="delta", gate_init=-3.0),
+        checkpoint_segments=True,
+    ),
     optim=OptimConfig(lr=1e-5, weight_decay=0.1, gate_lr_mult=100.0, grad_accum=4),
     schedule=ScheduleConfig(max_steps=30000, warmup_steps=500),
     run=RunConfig(out_dir="runs/llama_continual", batch_size=1, log_every=10, ckpt_every=500),

@@ -5,6 +5,7 @@ setting), then evaluation up to 1M tokens.
 """
 
 from memstack.config import (
+    CompressiveConfig,
     Config,
     DataConfig,
     EvalConfig,
@@ -20,7 +21,11 @@ config = Config(
     data=DataConfig(
         task="passkey", tokenizer="/models/Llama-3.2-1B", seq_len=5120, instruction=True, answer_weight=1.0
     ),
-    stack=StackConfig(segment_len=2048, update_rule="delta", gate_init=-3.0, checkpoint_segments=True),
+    stack=StackConfig(
+        segment_len=2048,
+        compressive=CompressiveConfig(update_rule="delta", gate_init=-3.0),
+        checkpoint_segments=True,
+    ),
     optim=OptimConfig(lr=2e-5, weight_decay=0.0, gate_lr_mult=100.0),
     schedule=ScheduleConfig(max_steps=400, warmup_steps=20),
     run=RunConfig(out_dir="runs/llama_passkey_finetune", batch_size=8, log_every=10, ckpt_every=100),

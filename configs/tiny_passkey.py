@@ -26,6 +26,7 @@ prompt puts its answer in a second segment that sees nothing of the first.
 """
 
 from memstack.config import (
+    CompressiveConfig,
     Config,
     DataConfig,
     EvalConfig,
@@ -48,7 +49,7 @@ config = Config(
         answer_weight=5.0,
         repeat_fraction=0.25,
     ),
-    stack=StackConfig(segment_len=128, update_rule="delta", gate_init=0.0),
+    stack=StackConfig(segment_len=128, compressive=CompressiveConfig(update_rule="delta", gate_init=0.0)),
     optim=OptimConfig(lr=3e-3, weight_decay=0.01, gate_lr_mult=10.0),
     schedule=ScheduleConfig(max_steps=1650, warmup_steps=50),
     run=RunConfig(out_dir="runs/tiny_passkey", batch_size=16, log_every=10, ckpt_every=100),

@@ -17,6 +17,7 @@ anywhere in a 128-byte segment) with two changes:
 """
 
 from memstack.config import (
+    CompressiveConfig,
     Config,
     DataConfig,
     EvalConfig,
@@ -43,8 +44,7 @@ config = Config(
     ),
     stack=StackConfig(
         segment_len=128,
-        update_rule="delta",
-        gate_init=0.0,
+        compressive=CompressiveConfig(update_rule="delta", gate_init=0.0),
         store=StoreConfig(layers="1,3", chunk_len=32, block_len=32, top_k=4, readout="kv"),
     ),
     optim=OptimConfig(lr=3e-3, weight_decay=0.01, gate_lr_mult=10.0),

@@ -8,6 +8,7 @@ training sequences are 2K bytes, 8 segments of 256.
 """
 
 from memstack.config import (
+    CompressiveConfig,
     Config,
     DataConfig,
     ModelConfig,
@@ -23,7 +24,7 @@ config = Config(
     data=DataConfig(
         task="text", path="../shared/data/kjv.txt", seq_len=2048, doc_separator=KJV_BOOK_SEPARATOR
     ),
-    stack=StackConfig(segment_len=256, update_rule="delta", gate_init=0.0),
+    stack=StackConfig(segment_len=256, compressive=CompressiveConfig(update_rule="delta", gate_init=0.0)),
     optim=OptimConfig(lr=2e-3, weight_decay=0.1, gate_lr_mult=10.0),
     schedule=ScheduleConfig(max_steps=500, warmup_steps=50),
     run=RunConfig(out_dir="runs/tiny_text", batch_size=8, log_every=10, ckpt_every=250),

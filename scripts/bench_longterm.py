@@ -43,7 +43,7 @@ SEGMENT_LEN = 512
 
 
 def make_stack(system: str):
-    from memstack import MemoryStack, StackConfig
+    from memstack import CompressiveConfig, MemoryStack, StackConfig
     from memstack.config import StoreConfig
 
     store = None
@@ -51,8 +51,9 @@ def make_stack(system: str):
         store = StoreConfig(layers="1,3", chunk_len=32, block_len=64, top_k=4, readout="kv")
     elif system == "stack_lean":  # one store layer, one search per 128 queries
         store = StoreConfig(layers="3", chunk_len=32, block_len=128, top_k=4, readout="kv")
+    compressive = CompressiveConfig(update_rule="delta")
     return MemoryStack(
-        build_model("cpu"), StackConfig(segment_len=SEGMENT_LEN, update_rule="delta", store=store)
+        build_model("cpu"), StackConfig(segment_len=SEGMENT_LEN, compressive=compressive, store=store)
     )
 
 

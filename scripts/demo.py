@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from memstack import MemoryStack, StackConfig
+from memstack import CompressiveConfig, MemoryStack, StackConfig
 from memstack.config import ModelConfig
 from memstack.train.loop import build_model
 
@@ -89,7 +89,8 @@ def main() -> None:
 
     results = {}
     for memory_on in (True, False):
-        config = StackConfig(segment_len=args.segment_len, compressive=memory_on, gate_init=0.0)
+        compressive = CompressiveConfig(gate_init=0.0) if memory_on else None
+        config = StackConfig(segment_len=args.segment_len, compressive=compressive)
         stack = MemoryStack(tiny_llama(args.seed), config)
         opt = torch.optim.AdamW(stack.param_groups(lr=3e-3, weight_decay=0.01, gate_lr_mult=10))
         gen = torch.Generator().manual_seed(args.seed)

@@ -4,7 +4,7 @@ segment reaches every kind exactly once, through one path, from forward, step an
 import pytest
 import torch
 
-from memstack import KINDS, LayerRecord, MemoryStack, Readout, StackConfig
+from memstack import KINDS, CompressiveConfig, LayerRecord, MemoryStack, Readout, StackConfig
 from tests.conftest import make_model
 
 SEG = 8
@@ -42,9 +42,14 @@ def episodes(monkeypatch):
 
 def test_a_new_kind_joins_through_kinds_and_changes_nothing_it_does_not_gate(episodes):
     ids = torch.randint(0, 256, (2, 3 * SEG))
-    plain = MemoryStack(make_model("llama", seed=3), StackConfig(segment_len=SEG, gate_init=1.0))
+    plain = MemoryStack(
+        make_model("llama", seed=3),
+        StackConfig(segment_len=SEG, compressive=CompressiveConfig(gate_init=1.0)),
+    )
     stack_model = make_model("llama", seed=3)
-    with_kind = MemoryStack(stack_model, StackConfig(segment_len=SEG, gate_init=1.0))
+    with_kind = MemoryStack(
+        stack_model, StackConfig(segment_len=SEG, compressive=CompressiveConfig(gate_init=1.0))
+    )
     assert list(with_kind.kinds) == ["compressive", "episodes"]
     with torch.no_grad(), plain.memory_off("episodes"):
         reference = plain(ids).logits
@@ -69,7 +74,9 @@ def test_activation_checkpointing_writes_each_segment_once(episodes):
 
 
 def test_generate_closes_segments_through_the_same_path_as_forward(episodes):
-    stack = MemoryStack(make_model("llama"), StackConfig(segment_len=SEG, gate_init=1.0))
+    stack = MemoryStack(
+        make_model("llama"), StackConfig(segment_len=SEG, compressive=CompressiveConfig(gate_init=1.0))
+    )
     prompt = torch.randint(0, 256, (1, SEG + 3))
     out = stack.generate(prompt, max_new_tokens=SEG)  # closes segment 1 while decoding
     generated = list(episodes.writes)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from memstack.config import StackConfig, parse_layers
+from memstack.config import CompressiveConfig, StackConfig, parse_layers
 
 
 @pytest.mark.parametrize(
@@ -21,8 +21,8 @@ def test_parse_layers(spec, n, expected):
 
 @pytest.mark.parametrize("spec", ["every:0", "every:x", "a,b", ",", "some"])
 def test_parse_layers_rejects_bad_syntax(spec):
-    with pytest.raises(ValueError, match="memory_layers"):
-        parse_layers(spec, 4)
+    with pytest.raises(ValueError, match="stack.compressive.layers"):
+        parse_layers(spec, 4, name="stack.compressive.layers")
 
 
 def test_parse_layers_rejects_missing_layer():
@@ -34,11 +34,10 @@ def test_parse_layers_rejects_missing_layer():
     "kwargs, match",
     [
         (dict(segment_len=0), "segment_len"),
-        (dict(update_rule="hebbian"), "update_rule"),
         (dict(bptt_segments=0), "bptt_segments"),
         (dict(window=0), "window"),
         (dict(sink_tokens=-1), "sink_tokens"),
-        (dict(memory_layers="every:"), "memory_layers"),
+        (dict(compressive=False), "stack.compressive must be a CompressiveConfig or None"),
     ],
 )
 def test_stack_config_validates(kwargs, match):
@@ -46,8 +45,29 @@ def test_stack_config_validates(kwargs, match):
         StackConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            dict(update_rule="hebbian"),
+            "stack.compressive.update_rule must be one of linear, delta; got 'hebbian'",
+        ),
+        (dict(layers="every:"), "bad stack.compressive.layers 'every:'"),
+        (dict(layers=3), "stack.compressive.layers must be a string such as 'all' or '0,3', got 3"),
+        (dict(gate_init=float("nan")), "stack.compressive.gate_init must be a finite number, got nan"),
+        (dict(gate_init=True), "stack.compressive.gate_init must be a finite number, got True"),
+    ],
+)
+def test_compressive_config_validates(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        CompressiveConfig(**kwargs)
+    assert str(e.value).startswith(message)
+
+
 def test_stack_config_dict_round_trip_and_unknown_keys():
-    cfg = StackConfig(segment_len=64, update_rule="delta", memory_layers="every:2", bptt_segments=3)
+    cfg = StackConfig(
+        segment_len=64, compressive=CompressiveConfig(update_rule="delta", layers="every:2"), bptt_segments=3
+    )
     assert StackConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match=r"unknown config keys \['stack.segmnt'\]; valid: \[.*'segment_len'"):
         StackConfig.from_dict({"segment_len": 8, "segmnt": 3})
@@ -77,6 +97,94 @@ def test_optional_store_section_round_trips_and_is_overridable():
         StoreConfig(readout="kvv")
     with pytest.raises(ValueError, match=r"stack.store.top_k must be an int, got True"):
         StoreConfig(top_k=True)
+
+
+def test_optional_compressive_section_round_trips_and_is_overridable():
+    from memstack.config import Config, apply_overrides
+
+    assert StackConfig().compressive == CompressiveConfig()  # on by default
+    cfg = StackConfig(compressive=CompressiveConfig(layers="0,3", update_rule="delta", gate_init=-3.0))
+    assert StackConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.to_dict()["compressive"] == {"layers": "0,3", "update_rule": "delta", "gate_init": -3.0}
+    assert StackConfig.from_dict({"compressive": None}).compressive is None
+    base = Config()
+    for off in ("none", "off", "false", "None"):
+        assert apply_overrides(base, [f"stack.compressive={off}"]).stack.compressive is None
+    off = apply_overrides(base, ["stack.compressive=off"])
+    for on in ("on", "true"):
+        assert apply_overrides(off, [f"stack.compressive={on}"]).stack.compressive == CompressiveConfig()
+    # a field of a switched-off section switches it on, with the defaults for the rest
+    layers = apply_overrides(off, ["stack.compressive.layers=0,3"])
+    assert layers.stack.compressive == CompressiveConfig(layers="0,3")
+    set_all = apply_overrides(
+        base,
+        ["stack.compressive.update_rule=delta", "stack.compressive.gate_init=-3", "stack.compressive=on"],
+    )
+    assert set_all.stack.compressive == CompressiveConfig(
+        update_rule="delta", gate_init=-3.0
+    )  # on keeps them
+    assert isinstance(set_all.stack.compressive.gate_init, float)
+    assert Config.from_dict(set_all.to_dict()) == set_all  # builds a CompressiveConfig, not a dict
+
+
+OLD_FLAT_STACK = {
+    "segment_len": 64,
+    "compressive": True,
+    "memory_layers": "every:2",
+    "update_rule": "delta",
+    "gate_init": -3.0,
+    "bptt_segments": None,
+    "checkpoint_segments": False,
+    "window": None,
+    "sink_tokens": 0,
+    "store": None,
+}
+"""A stack section as memstack saved it before layer 2 became a section."""
+
+
+def test_old_flat_stack_dicts_are_read():
+    from memstack.config import Config
+
+    expected = CompressiveConfig(layers="every:2", update_rule="delta", gate_init=-3.0)
+    cfg = StackConfig.from_dict(OLD_FLAT_STACK)
+    assert cfg.compressive == expected and cfg.segment_len == 64
+    assert StackConfig.from_dict(cfg.to_dict()) == cfg
+    # compressive: false was layer 2 off; the flat fields had no effect and are dropped
+    assert StackConfig.from_dict({**OLD_FLAT_STACK, "compressive": False}).compressive is None
+    # an old dict that never mentioned compressive had it on (the old default)
+    no_switch = {k: v for k, v in OLD_FLAT_STACK.items() if k != "compressive"}
+    assert StackConfig.from_dict(no_switch).compressive == expected
+    assert StackConfig.from_dict({"compressive": True}).compressive == CompressiveConfig()
+    # an old run's config.json (Config.from_dict reads the stack section the same way)
+    run = Config().to_dict()
+    run["stack"] = OLD_FLAT_STACK
+    assert Config.from_dict(run).stack.compressive == expected
+    run["stack"] = {**OLD_FLAT_STACK, "compressive": False}
+    assert Config.from_dict(run).stack.compressive is None
+    # old values are validated under their new names
+    with pytest.raises(ValueError, match="stack.compressive.update_rule must be one of linear, delta"):
+        StackConfig.from_dict({**OLD_FLAT_STACK, "update_rule": "hebbian"})
+    # a section next to old flat keys is ambiguous
+    with pytest.raises(ValueError, match=r"move them: stack.update_rule -> stack.compressive.update_rule"):
+        StackConfig.from_dict({"compressive": {"layers": "all"}, "update_rule": "delta"})
+
+
+def test_old_override_keys_still_work_and_name_the_new_key():
+    from memstack.config import Config, apply_overrides
+
+    with pytest.warns(FutureWarning, match="stack.update_rule is now stack.compressive.update_rule"):
+        cfg = apply_overrides(Config(), ["stack.update_rule=delta"])
+    assert cfg.stack.compressive.update_rule == "delta"
+    with pytest.warns(FutureWarning, match="stack.memory_layers is now stack.compressive.layers"):
+        cfg = apply_overrides(Config(), ["stack.memory_layers=0,3", "stack.gate_init=-3"])
+    assert cfg.stack.compressive == CompressiveConfig(layers="0,3", gate_init=-3.0)
+    assert apply_overrides(Config(), ["stack.compressive=false"]).stack.compressive is None
+    # as before the section, a flat field does not switch layer 2 back on
+    with pytest.warns(FutureWarning, match="ignored: stack.compressive is off"):
+        cfg = apply_overrides(Config(), ["stack.compressive=false", "stack.update_rule=delta"])
+    assert cfg.stack.compressive is None
+    with pytest.raises(ValueError, match="stack.compressive.update_rule must be one of linear, delta"):
+        apply_overrides(Config(), ["stack.update_rule=hebbian"])
 
 
 # ---------------------------------------------------------------------- training configs
@@ -129,7 +237,10 @@ def test_overrides_parse_to_the_field_type():
         ("stack.segment_len=abc", "expected int"),
         ("run.resume=maybe", "expected a bool"),
         ("optim.lr", "must look like key.sub=value"),
-        ("stack.update_rule=hebbian", "update_rule"),  # the dataclass's own validation still runs
+        # the dataclass's own validation still runs
+        ("stack.compressive.update_rule=hebbian", "stack.compressive.update_rule must be one of"),
+        ("stack.compressive=maybe", "stack.compressive: expected none/off or on, got 'maybe'"),
+        ("stack.compressive.layer=0", r"did you mean stack.compressive.layers\?"),
     ],
 )
 def test_bad_overrides_are_rejected(override, match):

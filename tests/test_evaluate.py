@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memstack import MemoryStack, StackConfig
+from memstack import CompressiveConfig, MemoryStack, StackConfig
 from memstack.data.tasks import filler_text, passkey_sample
 from memstack.data.tokenizer import ByteTokenizer
 from memstack.train.evaluate import (
@@ -27,7 +27,9 @@ from tests.conftest import make_model
 
 
 def test_loss_by_segment_matches_one_long_forward():
-    stack = MemoryStack(make_model("llama"), StackConfig(segment_len=8, gate_init=1.0))
+    stack = MemoryStack(
+        make_model("llama"), StackConfig(segment_len=8, compressive=CompressiveConfig(gate_init=1.0))
+    )
     ids = torch.randint(0, 256, (2, 30))
     with torch.no_grad():
         logits = stack(ids).logits

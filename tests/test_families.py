@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from memstack import MemoryStack, StackConfig, UnsupportedModelError
+from memstack import CompressiveConfig, MemoryStack, StackConfig, UnsupportedModelError
 from tests.conftest import ALL_FAMILIES, make_model
 
 
@@ -82,10 +82,10 @@ def test_unsupported_family_gets_a_clear_error():
 
 def test_memory_layers_selection_and_double_wrap():
     model = make_model("llama", layers=4)
-    stack = MemoryStack(model, StackConfig(segment_len=8, memory_layers="every:2"))
+    stack = MemoryStack(model, StackConfig(segment_len=8, compressive=CompressiveConfig(layers="every:2")))
     assert stack.memory_layers == [0, 2]
     assert sorted(stack.gate_values()) == [0, 2]
     with pytest.raises(ValueError, match="already wrapped"):
         MemoryStack(model)
     with pytest.raises(ValueError, match="do not exist"):
-        MemoryStack(make_model("llama", layers=2), StackConfig(memory_layers="0,5"))
+        MemoryStack(make_model("llama", layers=2), StackConfig(compressive=CompressiveConfig(layers="0,5")))

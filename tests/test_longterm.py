@@ -4,7 +4,7 @@ generate == forward, padding never stored, batch rows apart, checkpointing write
 import pytest
 import torch
 
-from memstack import MemoryStack, StackConfig
+from memstack import CompressiveConfig, MemoryStack, StackConfig
 from memstack.config import StoreConfig
 from memstack.families import rotate
 from memstack.memory.keys import chunk_keys, segment_query
@@ -29,13 +29,21 @@ def store_config(**kw) -> StoreConfig:
 
 def test_nothing_retrieved_or_gate_closed_equals_the_stack_without_a_store():
     ids = torch.randint(0, 256, (2, 3 * SEG))
-    plain = MemoryStack(make_model("llama", seed=5), StackConfig(segment_len=SEG, gate_init=1.0))
+    plain = MemoryStack(
+        make_model("llama", seed=5),
+        StackConfig(segment_len=SEG, compressive=CompressiveConfig(gate_init=1.0)),
+    )
     gated = MemoryStack(
         make_model("llama", seed=5),
-        StackConfig(segment_len=SEG, gate_init=1.0, store=store_config(readout="kv_gated", gate_init=-1e4)),
+        StackConfig(
+            segment_len=SEG,
+            compressive=CompressiveConfig(gate_init=1.0),
+            store=store_config(readout="kv_gated", gate_init=-1e4),
+        ),
     )
     one = MemoryStack(
-        make_model("llama", seed=5), StackConfig(segment_len=SEG, gate_init=1.0, store=store_config())
+        make_model("llama", seed=5),
+        StackConfig(segment_len=SEG, compressive=CompressiveConfig(gate_init=1.0), store=store_config()),
     )
     with torch.no_grad():
         expected = plain(ids).logits
@@ -52,7 +60,7 @@ def test_retrieved_kv_enter_the_softmax_at_the_documented_distance(family):
     """Segment 1, layer 0, block 0 (it searches with segment 0's tail query): the output equals a
     softmax over [retrieved keys at +distance; the segment's causal keys], built by hand."""
     model = make_model(family, layers=1)
-    cfg = StackConfig(segment_len=SEG, compressive=False, store=store_config(block_len=SEG, distance=5))
+    cfg = StackConfig(segment_len=SEG, compressive=None, store=store_config(block_len=SEG, distance=5))
     stack = MemoryStack(model, cfg)
     ids = torch.randint(0, 256, (1, 2 * SEG))
     with torch.no_grad():
@@ -129,7 +137,10 @@ def test_causality_with_the_store(readout):
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])
 def test_generate_equals_greedy_forward_with_the_store(family):
-    stack = MemoryStack(make_model(family), StackConfig(segment_len=SEG, gate_init=1.0, store=store_config()))
+    stack = MemoryStack(
+        make_model(family),
+        StackConfig(segment_len=SEG, compressive=CompressiveConfig(gate_init=1.0), store=store_config()),
+    )
     prompt = torch.randint(0, 256, (2, 2 * SEG + 3))
     with torch.no_grad():
         out = stack.generate(prompt, max_new_tokens=2 * SEG)
@@ -139,7 +150,8 @@ def test_generate_equals_greedy_forward_with_the_store(family):
 
 def test_padding_is_never_stored_and_rows_never_see_each_other():
     stack = MemoryStack(
-        make_model("llama"), StackConfig(segment_len=SEG, gate_init=1.0, store=store_config())
+        make_model("llama"),
+        StackConfig(segment_len=SEG, compressive=CompressiveConfig(gate_init=1.0), store=store_config()),
     )
     a, b = torch.randint(0, 256, (1, 3 * SEG)), torch.randint(0, 256, (1, 3 * SEG - 5))
     batch = torch.cat([a, torch.cat([b, torch.zeros(1, 5, dtype=torch.long)], 1)])
@@ -187,8 +199,11 @@ def test_a_chunk_is_found_by_a_query_made_from_it():
 
 def test_memory_off_store_equals_the_stack_without_it():
     model, ref = model_pair("llama")
-    with_store = MemoryStack(model, StackConfig(segment_len=SEG, gate_init=1.0, store=store_config()))
-    plain = MemoryStack(ref, StackConfig(segment_len=SEG, gate_init=1.0))
+    with_store = MemoryStack(
+        model,
+        StackConfig(segment_len=SEG, compressive=CompressiveConfig(gate_init=1.0), store=store_config()),
+    )
+    plain = MemoryStack(ref, StackConfig(segment_len=SEG, compressive=CompressiveConfig(gate_init=1.0)))
     ids = torch.randint(0, 256, (1, 3 * SEG))
     with torch.no_grad(), with_store.memory_off("store"):
         off = with_store(ids)
@@ -258,7 +273,11 @@ def test_surprise_chunks_are_cut_where_the_stack_is_surprised():
 
 
 def test_generate_equals_forward_with_surprise_chunking():
-    cfg = StackConfig(segment_len=SEG, gate_init=1.0, store=store_config(chunking="surprise", chunk_len=8))
+    cfg = StackConfig(
+        segment_len=SEG,
+        compressive=CompressiveConfig(gate_init=1.0),
+        store=store_config(chunking="surprise", chunk_len=8),
+    )
     stack = MemoryStack(make_model("llama", seed=2), cfg)
     prompt = torch.randint(0, 256, (1, SEG + 5))
     with torch.no_grad():
@@ -269,7 +288,7 @@ def test_generate_equals_forward_with_surprise_chunking():
 
 def test_tokens_readout_equals_the_model_on_the_concatenated_ids():
     model, ref = model_pair("llama")
-    cfg = StackConfig(segment_len=SEG, compressive=False, store=store_config(readout="tokens", top_k=2))
+    cfg = StackConfig(segment_len=SEG, compressive=None, store=store_config(readout="tokens", top_k=2))
     stack = MemoryStack(model, cfg)
     ids = torch.randint(0, 256, (1, 2 * SEG))
     with torch.no_grad():
@@ -287,7 +306,9 @@ def test_tokens_readout_equals_the_model_on_the_concatenated_ids():
 @pytest.mark.parametrize("chunk_len", [4, 5])  # 5: the rows' hits differ in length (padded prefix)
 def test_generate_equals_greedy_forward_with_the_tokens_readout(chunk_len):
     cfg = StackConfig(
-        segment_len=SEG, gate_init=1.0, store=store_config(readout="tokens", chunk_len=chunk_len)
+        segment_len=SEG,
+        compressive=CompressiveConfig(gate_init=1.0),
+        store=store_config(readout="tokens", chunk_len=chunk_len),
     )
     stack = MemoryStack(make_model("llama", seed=4), cfg)
     prompt = torch.randint(0, 256, (2, 2 * SEG + 3))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from memstack import MemoryStack, StackConfig, StackState
+from memstack import CompressiveConfig, MemoryStack, StackConfig, StackState
 from tests.conftest import MAIN_FAMILIES, make_model, model_pair
 
 SEG = 8
@@ -17,7 +17,7 @@ def segments_alone(model, ids, seg):
 @pytest.mark.parametrize("family", MAIN_FAMILIES)
 def test_memory_off_equals_unwrapped_model_per_segment(family):
     model, ref = model_pair(family)
-    stack = MemoryStack(model, StackConfig(segment_len=SEG, compressive=False))
+    stack = MemoryStack(model, StackConfig(segment_len=SEG, compressive=None))
     ids = torch.randint(0, 256, (2, 3 * SEG + 3))
     with torch.no_grad():
         out = stack(ids)
@@ -28,7 +28,7 @@ def test_memory_off_equals_unwrapped_model_per_segment(family):
 @pytest.mark.parametrize("family", MAIN_FAMILIES)
 def test_one_segment_with_memory_equals_unwrapped_and_later_segments_differ(family):
     model, ref = model_pair(family)
-    stack = MemoryStack(model, StackConfig(segment_len=SEG, gate_init=2.0))
+    stack = MemoryStack(model, StackConfig(segment_len=SEG, compressive=CompressiveConfig(gate_init=2.0)))
     ids = torch.randint(0, 256, (2, 2 * SEG))
     with torch.no_grad():
         out = stack(ids)
@@ -41,7 +41,9 @@ def test_one_segment_with_memory_equals_unwrapped_and_later_segments_differ(fami
 
 def test_gates_forced_to_local_equal_unwrapped_model():
     model, ref = model_pair("llama")
-    stack = MemoryStack(model, StackConfig(segment_len=SEG, gate_init=-1e4))  # sigmoid -> 0
+    stack = MemoryStack(
+        model, StackConfig(segment_len=SEG, compressive=CompressiveConfig(gate_init=-1e4))
+    )  # sigmoid -> 0
     ids = torch.randint(0, 256, (1, 3 * SEG))
     with torch.no_grad():
         torch.testing.assert_close(stack(ids).logits, segments_alone(ref, ids, SEG), atol=1e-5, rtol=1e-5)
@@ -63,7 +65,9 @@ def test_loss_is_the_mean_over_all_predicted_tokens():
 @pytest.mark.parametrize("rule", ["linear", "delta"])
 def test_causality_across_segments(rule):
     model = make_model("qwen2")
-    stack = MemoryStack(model, StackConfig(segment_len=SEG, update_rule=rule, gate_init=1.0))
+    stack = MemoryStack(
+        model, StackConfig(segment_len=SEG, compressive=CompressiveConfig(update_rule=rule, gate_init=1.0))
+    )
     ids = torch.randint(0, 256, (1, 4 * SEG))
     t = 2 * SEG + 3
     changed = ids.clone()
@@ -78,7 +82,9 @@ def test_causality_across_segments(rule):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_right_padding_changes_nothing(family):
     model = make_model(family)
-    stack = MemoryStack(model, StackConfig(segment_len=SEG, update_rule="delta", gate_init=1.0))
+    stack = MemoryStack(
+        model, StackConfig(segment_len=SEG, compressive=CompressiveConfig(update_rule="delta", gate_init=1.0))
+    )
     L, real = 3 * SEG, 2 * SEG + 3
     ids = torch.randint(0, 256, (2, L))
     mask = torch.ones(2, L, dtype=torch.long)
@@ -100,7 +106,7 @@ def test_right_padding_changes_nothing(family):
 
 def test_left_padding_filling_whole_segments_changes_nothing():
     model = make_model("mistral")
-    stack = MemoryStack(model, StackConfig(segment_len=SEG, gate_init=1.0))
+    stack = MemoryStack(model, StackConfig(segment_len=SEG, compressive=CompressiveConfig(gate_init=1.0)))
     L = 4 * SEG
     ids = torch.randint(0, 256, (2, L))
     mask = torch.ones(2, L, dtype=torch.long)
@@ -129,7 +135,9 @@ def _grad_of_earlier_tokens(bptt):
     """Loss on segment 3 only; embedding-gradient rows of tokens that appear only in segment 1."""
     model = make_model("llama")
     model.train()
-    stack = MemoryStack(model, StackConfig(segment_len=SEG, gate_init=1.0, bptt_segments=bptt))
+    stack = MemoryStack(
+        model, StackConfig(segment_len=SEG, compressive=CompressiveConfig(gate_init=1.0), bptt_segments=bptt)
+    )
     first = torch.randint(0, 100, (1, SEG))
     rest = torch.randint(100, 256, (1, 2 * SEG))
     ids = torch.cat([first, rest], dim=1)
@@ -162,7 +170,12 @@ def test_activation_checkpointing_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):
         model = make_model("llama")
-        stack = MemoryStack(model, StackConfig(segment_len=SEG, gate_init=1.0, checkpoint_segments=ckpt))
+        stack = MemoryStack(
+            model,
+            StackConfig(
+                segment_len=SEG, compressive=CompressiveConfig(gate_init=1.0), checkpoint_segments=ckpt
+            ),
+        )
         ids = torch.randint(0, 256, (2, 3 * SEG), generator=torch.Generator().manual_seed(0))
         stack(ids, labels=ids, return_logits=False).loss.backward()
         grads.append([p.grad.clone() for p in stack.parameters()])
@@ -173,7 +186,9 @@ def test_activation_checkpointing_gives_the_same_gradients():
 @pytest.mark.parametrize("rule", ["linear", "delta"])
 def test_thousands_of_segments_under_bf16_autocast_stay_finite(rule):
     model = make_model("llama", hidden=32, heads=2)
-    stack = MemoryStack(model, StackConfig(segment_len=4, update_rule=rule, gate_init=1.0))
+    stack = MemoryStack(
+        model, StackConfig(segment_len=4, compressive=CompressiveConfig(update_rule=rule, gate_init=1.0))
+    )
     torch.manual_seed(0)
     stack.reset()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -197,7 +212,9 @@ def test_state_size_is_constant():
 
 
 def test_step_streams_equal_one_long_forward():
-    stack = MemoryStack(make_model("llama"), StackConfig(segment_len=SEG, gate_init=1.0))
+    stack = MemoryStack(
+        make_model("llama"), StackConfig(segment_len=SEG, compressive=CompressiveConfig(gate_init=1.0))
+    )
     ids = torch.randint(0, 256, (2, 3 * SEG))
     with torch.no_grad():
         whole = stack(ids).logits
@@ -212,7 +229,10 @@ def test_step_streams_equal_one_long_forward():
 @pytest.mark.parametrize("family, rule", [("llama", "linear"), ("gpt_neox", "delta"), ("gpt2", "linear")])
 @pytest.mark.parametrize("prompt_len", [5, 2 * SEG])
 def test_generate_equals_greedy_decoding_with_forward(family, rule, prompt_len):
-    stack = MemoryStack(make_model(family), StackConfig(segment_len=SEG, update_rule=rule, gate_init=1.0))
+    stack = MemoryStack(
+        make_model(family),
+        StackConfig(segment_len=SEG, compressive=CompressiveConfig(update_rule=rule, gate_init=1.0)),
+    )
     prompt = torch.randint(0, 256, (2, prompt_len))
     new = 2 * SEG + 3  # crosses at least two segment boundaries
     out = stack.generate(prompt, max_new_tokens=new)
@@ -263,7 +283,9 @@ def test_gates_move_with_their_learning_rate():
 
 def test_save_and_load_round_trip(tmp_path):
     model, fresh = model_pair("qwen3")
-    stack = MemoryStack(model, StackConfig(segment_len=SEG, update_rule="delta"))
+    stack = MemoryStack(
+        model, StackConfig(segment_len=SEG, compressive=CompressiveConfig(update_rule="delta"))
+    )
     with torch.no_grad():
         for gate in stack.gate_parameters():
             gate.normal_()
@@ -321,7 +343,7 @@ def test_model_called_directly_after_wrapping_is_plain_causal_attention():
 
 def test_memory_off_context_runs_the_same_weights_without_memory():
     model, ref = model_pair("llama")
-    stack = MemoryStack(model, StackConfig(segment_len=SEG, gate_init=2.0))
+    stack = MemoryStack(model, StackConfig(segment_len=SEG, compressive=CompressiveConfig(gate_init=2.0)))
     ids = torch.randint(0, 256, (1, 3 * SEG))
     with torch.no_grad():
         with stack.memory_off():
@@ -460,6 +482,63 @@ def test_from_pretrained_rejects_malformed_manifests(tmp_path, manifest, message
     assert "memstack_config.json" in str(err.value)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_stack_saved_in_the_old_flat_config_format_loads(tmp_path, version):
+    """Before layer 2 became a section, ``memstack_config.json`` held ``compressive: true`` and
+    ``memory_layers``, ``update_rule``, ``gate_init`` flat in its stack section."""
+    import json
+
+    from safetensors.torch import save_file
+
+    flat = {
+        "segment_len": SEG,
+        "compressive": True,
+        "memory_layers": "0",
+        "update_rule": "delta",
+        "gate_init": -3.0,
+        "bptt_segments": None,
+        "checkpoint_segments": False,
+        "window": None,
+        "sink_tokens": 0,
+        "store": None,
+    }
+    gate = torch.linspace(-1.0, 1.0, 4)  # the test model has 4 heads
+    name = "layers.0.gate" if version == 1 else "layers.0.compressive.gate"
+    weights = (
+        "memstack_memory.safetensors" if version == 1 else "memstack_memory-0123456789abcdef.safetensors"
+    )
+    save_file({name: gate}, str(tmp_path / weights))
+    manifest = {
+        "format": "memstack",
+        "version": version,
+        "model_type": "llama",
+        "num_heads": 4,
+        "stack": flat,
+    }
+    if version == 2:
+        manifest["weights"] = weights
+    (tmp_path / "memstack_config.json").write_text(json.dumps(manifest))
+
+    stack = MemoryStack.from_pretrained(tmp_path, make_model("llama"))
+    assert stack.config.compressive == CompressiveConfig(layers="0", update_rule="delta", gate_init=-3.0)
+    assert stack.memory_layers == [0] and stack.kinds["compressive"].update_rule == "delta"
+    assert torch.equal(stack.named_gates()[(0, "compressive")].detach(), gate)
+    stack.save_pretrained(tmp_path)  # saved again: the current format, read back the same
+    saved = json.loads((tmp_path / "memstack_config.json").read_text())["stack"]
+    assert saved["compressive"] == {"layers": "0", "update_rule": "delta", "gate_init": -3.0}
+    assert "memory_layers" not in saved
+    assert MemoryStack.from_pretrained(tmp_path, make_model("llama")).config == stack.config
+
+    # compressive: false was layer 2 off: no gates, and the flat fields are ignored
+    off = {**manifest, "stack": {**flat, "compressive": False}}
+    save_file({}, str(tmp_path / weights))
+    if version == 2:
+        off["weights"] = weights
+    (tmp_path / "memstack_config.json").write_text(json.dumps(off))
+    stack = MemoryStack.from_pretrained(tmp_path, make_model("llama"))
+    assert stack.config.compressive is None and not stack.kinds and not stack.named_gates()
+
+
 def test_forward_step_generate_reject_bad_input_before_any_work():
     stack = MemoryStack(make_model("llama"), StackConfig(segment_len=SEG))
     with pytest.raises(ValueError, match=r"at least one row and one token, got shape \(2, 0\)"):
@@ -577,6 +656,6 @@ def test_stack_config_rejects_bools_for_ints_and_non_finite_gates():
     with pytest.raises(ValueError, match="segment_len must be an int >= 1, got True"):
         StackConfig(segment_len=True)
     with pytest.raises(ValueError, match="gate_init must be a finite number"):
-        StackConfig(gate_init=float("nan"))
+        StackConfig(compressive=CompressiveConfig(gate_init=float("nan")))
     with pytest.raises(ValueError, match="window must be an int >= 1 or None, got 0"):
         StackConfig(window=0)

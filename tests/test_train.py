@@ -12,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from memstack.config import (
+    CompressiveConfig,
     Config,
     DataConfig,
     ModelConfig,
@@ -32,7 +33,7 @@ def tiny_config(tmp_path, text_file, **run) -> Config:
     return Config(
         model=ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2),
         data=DataConfig(task="text", path=str(text_file), seq_len=64),
-        stack=StackConfig(segment_len=16, gate_init=0.0),
+        stack=StackConfig(segment_len=16, compressive=CompressiveConfig(gate_init=0.0)),
         optim=OptimConfig(lr=1e-2),
         schedule=ScheduleConfig(max_steps=20, warmup_steps=2),
         run=RunConfig(out_dir=str(tmp_path / "run"), batch_size=4, log_every=1, **run),
@@ -267,7 +268,9 @@ def _accumulation_config(out_dir: Path, accum: int, batch_size: int) -> Config:
     return Config(
         model=ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2),
         data=DataConfig(task="text", seq_len=48),
-        stack=StackConfig(segment_len=16, gate_init=0.0),  # 3 segments: memory is read and written
+        stack=StackConfig(
+            segment_len=16, compressive=CompressiveConfig(gate_init=0.0)
+        ),  # 3 segments: memory is read and written
         optim=OptimConfig(lr=1e-3, grad_accum=accum),
         schedule=ScheduleConfig(max_steps=1, warmup_steps=1),
         run=RunConfig(out_dir=str(out_dir), batch_size=batch_size, log_every=1, ckpt_every=0, device="cpu"),

@@ -6,7 +6,7 @@ out = stack(input_ids, labels=input_ids)
 """
 
 from .attention import ATTENTION_NAME, SegmentContext, SegmentInputs
-from .config import StackConfig
+from .config import CompressiveConfig, StackConfig
 from .families import FAMILIES, UnsupportedModelError
 from .memory.base import LayerRecord, MemoryKind, Readout
 from .memory.compressive import Compressive, CompressiveState
@@ -19,6 +19,7 @@ __all__ = [
     "FAMILIES",
     "KINDS",
     "Compressive",
+    "CompressiveConfig",
     "CompressiveState",
     "LayerRecord",
     "MemoryKind",

@@ -1,4 +1,9 @@
-"""Configuration dataclasses.
+"""Configuration dataclasses: a training run (:class:`Config` and its sections) and its command-line
+form (``a.b=value`` overrides, ``configs/*.py`` files).
+
+The stack's own sections live in :mod:`memstack.stack_config` and the checks every section shares
+in :mod:`memstack.config_fields`; both are re-exported here, so ``from memstack.config import
+StackConfig, StoreConfig, CompressiveConfig, Config, ...`` is the one import path.
 
 Every field is documented where it is declared and validated in ``__post_init__``, so a bad value
 fails when the config is built, not deep inside a forward pass.
@@ -9,265 +14,61 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import json
-import math
 import os
 import runpy
 import types
 import typing
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
-UPDATE_RULES = ("linear", "delta")
+from .config_fields import (
+    _check_choice,
+    _check_int,
+    _check_number,
+    _from_dict,
+    _reject_bool_ints,
+    _section_type,
+)
+from .stack_config import (
+    LEGACY_COMPRESSIVE_FIELDS,
+    UPDATE_RULES,
+    CompressiveConfig,
+    StackConfig,
+    StoreConfig,
+    parse_layers,
+    upgrade_flat_compressive,
+)
 
-
-def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
-    """Reject non-ints (bools included: ``True`` is an int in Python) and values below ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        accepted = f"an int >= {minimum}" + (" or None" if optional else "")
-        raise ValueError(f"{name} must be {accepted}, got {value!r}")
-
-
-@dataclass
-class StoreConfig:
-    """Layer 3, the long-term store: every past chunk kept as it was, found again by attention keys.
-
-    One store per stream (batch row) and store layer. See ``memstack/memory/longterm.py``.
-    """
-
-    layers: str = "every:2"
-    """Decoder layers that write to and read from the store: same syntax as ``memory_layers``."""
-    chunking: str = "fixed"
-    """``fixed`` (``chunk_len`` tokens) or ``surprise`` (cut where the model's -log p is high,
-    EM-LLM; ``chunk_len`` is then the longest chunk and ``chunk_len // 4`` the shortest)."""
-    chunk_len: int = 32
-    """Tokens per chunk (the longest chunk with ``surprise``)."""
-    surprise_gamma: float = 1.0
-    """``surprise``: cut before a token whose -log p exceeds mean + gamma * std of the segment's."""
-    strategy: str = "received_attention"
-    """How a chunk's attention becomes its index keys (memory/keys.py): ``received_attention``,
-    ``attention_weighted``, ``mean_key`` or ``mean_query``."""
-    keys_per_chunk: int = 4
-    """``received_attention``: keywords per chunk (InfLLM uses 4)."""
-    keyword_pool: str = "mean"
-    """``received_attention``: ``mean`` (one vector per chunk, InfLLM) or ``each`` (one per keyword)."""
-    top_k: int = 4
-    """Chunks retrieved per search."""
-    neighbours: int = 0
-    """Also read this many chunks before and after each hit (EM-LLM's contiguity buffer)."""
-    block_len: int = 32
-    """Queries are served in blocks of this many tokens; block j searches with the pooled
-    position-free queries of the ``block_len`` tokens before it (the previous segment's last
-    block for the first), so retrieval is causal and ``generate`` searches once per block."""
-    readout: str = "kv"
-    """``kv``: the hits' keys and values join the local softmax (no training needed);
-    ``kv_gated``: attention over the hits alone, mixed in by a learned per-head gate
-    (Memorizing Transformers); ``tokens``: the hits' token ids are put back in front of the
-    segment (any model, no training; searched once per segment with the previous one's tail)."""
-    gate_init: float = -2.0
-    """``kv_gated``: initial gate logit (sigmoid(-2) = 0.12: start close to the model alone)."""
-    distance: int | None = None
-    """Relative position at which every query sees every retrieved key (rotary models), the same
-    for all (InfLLM's choice). None: ``segment_len``, just beyond the local window."""
-    metric: str = "ip"
-    """``ip``: search by raw inner product, an attention logit; ``cosine``: normalised."""
-    index_factory: str = "Flat"
-    """FAISS factory string used once a layer holds more than ``matmul_threshold`` keys
-    (``Flat``, ``HNSW32``, ``IVF1024,PQ16``, ...); below it a plain matmul serves."""
-    matmul_threshold: int = 65536
-    max_records: int | None = None
-    """Chunks kept per stream and layer (None: no limit)."""
-    eviction: str = "none"
-    """Past ``max_records``: ``none`` (an error, never a silent loss), ``fifo`` or ``least_retrieved``."""
-    kv_dtype: str = "bfloat16"
-    """dtype of the stored K/V (``bfloat16``, ``float16`` or ``float32``)."""
-
-    def __post_init__(self) -> None:
-        _reject_bool_ints(self, "stack.store")
-        parse_layers(self.layers, num_layers=None)
-        _check_choice("stack.store.chunking", self.chunking, ("fixed", "surprise"))
-        _check_int("stack.store.chunk_len", self.chunk_len, minimum=1)
-        _check_choice(
-            "stack.store.strategy",
-            self.strategy,
-            ("received_attention", "attention_weighted", "mean_key", "mean_query"),
-        )
-        _check_int("stack.store.keys_per_chunk", self.keys_per_chunk, minimum=1)
-        _check_choice("stack.store.keyword_pool", self.keyword_pool, ("mean", "each"))
-        _check_int("stack.store.top_k", self.top_k, minimum=1)
-        _check_int("stack.store.neighbours", self.neighbours, minimum=0)
-        _check_int("stack.store.block_len", self.block_len, minimum=1)
-        _check_choice("stack.store.readout", self.readout, ("kv", "kv_gated", "tokens"))
-        _check_number("stack.store.gate_init", self.gate_init, "a finite number", math.isfinite)
-        if self.distance is not None:
-            _check_int("stack.store.distance", self.distance, minimum=0, optional=True)
-        _check_choice("stack.store.metric", self.metric, ("ip", "cosine"))
-        _check_int("stack.store.matmul_threshold", self.matmul_threshold, minimum=0)
-        if self.max_records is not None:
-            _check_int("stack.store.max_records", self.max_records, minimum=1, optional=True)
-        _check_choice("stack.store.eviction", self.eviction, ("none", "fifo", "least_retrieved"))
-        _check_choice("stack.store.kv_dtype", self.kv_dtype, ("bfloat16", "float16", "float32"))
-
-
-@dataclass
-class StackConfig:
-    """What the memory stack around a causal LM looks like.
-
-    Defaults follow the Infini-attention paper (Munkhdalai et al., 2024,
-    https://arxiv.org/abs/2404.07143) where it fixes a choice.
-    """
-
-    segment_len: int = 512
-    """Tokens per segment. Local attention never looks outside the current segment; positions
-    restart at 0 in every segment."""
-
-    compressive: bool = True
-    """Switch layer 2 (Infini-attention compressive memory) on or off. Off: every segment is
-    processed alone, exactly as the unwrapped model would process it."""
-
-    memory_layers: str = "all"
-    """Which decoder layers get compressive memory: ``"all"``, ``"none"``, ``"every:K"`` (layers
-    0, K, 2K, ...), or a comma-separated list of layer indices such as ``"0,3"``. A string, so it
-    can be overridden from the command line like every other field."""
-
-    update_rule: str = "linear"
-    """``"linear"`` (M += sigma(K)^T V) or ``"delta"`` (subtract what memory already returns for
-    each key before writing, eq. (5) of the paper)."""
-
-    gate_init: float = 0.0
-    """Initial value of the per-head gate logit beta. sigmoid(0) = 0.5 mixes memory and local
-    attention equally, as in the paper; a negative value (say -3) starts a pretrained model close
-    to its original behaviour."""
-
-    bptt_segments: int | None = None
-    """Truncate backpropagation through the memory every this many segments (None: never)."""
-
-    checkpoint_segments: bool = False
-    """Recompute each segment's activations in the backward pass (torch.utils.checkpoint), so a
-    long unroll keeps only the memory state per segment."""
-
-    window: int | None = None
-    """Optional sliding window inside the segment: a token sees at most this many tokens
-    (itself included). None: the whole causal segment."""
-
-    sink_tokens: int = 0
-    """With a window: the first ``sink_tokens`` tokens of the segment stay visible to every
-    query (attention sinks, Xiao et al. 2023)."""
-
-    store: StoreConfig | None = None
-    """Layer 3, the long-term store (None: off). ``stack.store=on`` on the command line switches
-    it on with defaults, ``stack.store.top_k=8`` sets a field (and switches it on)."""
-
-    def __post_init__(self) -> None:
-        _check_int("segment_len", self.segment_len, minimum=1)
-        if not isinstance(self.compressive, bool):
-            raise ValueError(f"compressive must be true or false, got {self.compressive!r}")
-        if not isinstance(self.memory_layers, str):
-            raise ValueError(
-                f"memory_layers must be a string such as 'all' or '0,3', got {self.memory_layers!r}"
-            )
-        if self.update_rule not in UPDATE_RULES:
-            raise ValueError(f"update_rule must be one of {UPDATE_RULES}, got {self.update_rule!r}")
-        if isinstance(self.gate_init, bool) or not isinstance(self.gate_init, (int, float)):
-            raise ValueError(f"gate_init must be a finite number, got {self.gate_init!r}")
-        if not math.isfinite(self.gate_init):
-            raise ValueError(f"gate_init must be a finite number (a gate logit), got {self.gate_init!r}")
-        if self.bptt_segments is not None:
-            _check_int("bptt_segments", self.bptt_segments, minimum=1, optional=True)
-        if not isinstance(self.checkpoint_segments, bool):
-            raise ValueError(f"checkpoint_segments must be true or false, got {self.checkpoint_segments!r}")
-        if self.window is not None:
-            _check_int("window", self.window, minimum=1, optional=True)
-        _check_int("sink_tokens", self.sink_tokens, minimum=0)
-        parse_layers(self.memory_layers, num_layers=None)  # syntax check now, range check at wrap
-        if self.store is not None and not isinstance(self.store, StoreConfig):
-            raise ValueError(f"store must be a StoreConfig or None, got {type(self.store).__name__}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of the fields (JSON-serialisable)."""
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        """The config as indented JSON."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StackConfig:
-        """Build from a dict (sections included), rejecting unknown keys with the valid ones."""
-        return _from_dict(cls, data, prefix="stack.")
-
-
-def parse_layers(spec: str, num_layers: int | None) -> list[int]:
-    """Turn a ``memory_layers`` string into layer indices.
-
-    Args:
-        spec: ``"all"``, ``"none"``, ``"every:K"`` or ``"i,j,..."``.
-        num_layers: number of decoder layers, or None to check the syntax only.
-
-    Returns:
-        Sorted layer indices (empty when ``num_layers`` is None and the spec needs it).
-
-    Raises:
-        ValueError: if the spec is malformed or names a layer that does not exist.
-    """
-    accepted = 'accepted: "all", "none", "every:K", or comma-separated indices like "0,2"'
-    spec = spec.strip()
-    n = num_layers if num_layers is not None else 0
-    if spec == "all":
-        return list(range(n))
-    if spec == "none":
-        return []
-    if spec.startswith("every:"):
-        try:
-            k = int(spec.split(":", 1)[1])
-        except ValueError:
-            raise ValueError(f"bad memory_layers {spec!r}; {accepted}") from None
-        if k < 1:
-            raise ValueError(f"memory_layers every:K needs K >= 1, got {spec!r}")
-        return list(range(0, n, k))
-    try:
-        layers = sorted({int(x) for x in spec.split(",") if x.strip()})
-    except ValueError:
-        raise ValueError(f"bad memory_layers {spec!r}; {accepted}") from None
-    if not layers:
-        raise ValueError(f"memory_layers {spec!r} names no layer; {accepted}")
-    if num_layers is not None:
-        bad = [i for i in layers if not 0 <= i < num_layers]
-        if bad:
-            raise ValueError(f"memory_layers {spec!r}: layers {bad} do not exist (model has {num_layers})")
-    return layers
-
-
-# ---------------------------------------------------------------------- training configs
+__all__ = [
+    "DTYPES",
+    "FILLERS",
+    "LEGACY_COMPRESSIVE_FIELDS",
+    "LEGACY_OVERRIDES",
+    "TASKS",
+    "UPDATE_RULES",
+    "CompressiveConfig",
+    "Config",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "ScheduleConfig",
+    "StackConfig",
+    "StoreConfig",
+    "add_set_argument",
+    "apply_overrides",
+    "load_config",
+    "parse_layers",
+    "unknown_key_message",
+    "upgrade_flat_compressive",
+    "valid_keys",
+]
 
 TASKS = ("passkey", "text")
 DTYPES = ("float32", "bfloat16", "float16")
 FILLERS = ("synthetic", "text", "mix")
-
-
-def _check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
-        raise ValueError(f"{name} must be one of {', '.join(accepted)}; got {value!r}")
-
-
-def _check_number(name: str, value: Any, accepted: str, ok: typing.Callable[[float], bool]) -> None:
-    """Reject non-numbers (bools included), NaN and infinities, and values ``ok`` refuses."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or not ok(value)
-    ):
-        raise ValueError(f"{name} must be {accepted}, got {value!r}")
-
-
-def _reject_bool_ints(obj: Any, section: str) -> None:
-    """``True`` passes ``isinstance(x, int)``: refuse a bool wherever an int is declared."""
-    for f in dataclasses.fields(obj):
-        hint = typing.get_type_hints(type(obj))[f.name]
-        value = getattr(obj, f.name)
-        if isinstance(value, bool) and (hint is int or hint == int | None):
-            raise ValueError(f"{section}.{f.name} must be an int, got {value!r}")
 
 
 @dataclass
@@ -451,37 +252,6 @@ class Config:
         return _from_dict(cls, data, prefix="")
 
 
-def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ValueError(f"config section {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown config keys {[prefix + k for k in unknown]}; valid: {sorted(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        sub = _section_type(cls, name)
-        if sub is not None and value is not None:
-            kwargs[name] = _from_dict(sub, value, prefix=f"{prefix}{name}.")
-        elif isinstance(value, list) and name == "betas":
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
-
-
-def _section_type(cls: type, name: str) -> type | None:
-    """The dataclass a field holds, for ``X`` and ``X | None`` fields (None for plain values)."""
-    t = typing.get_type_hints(cls)[name]
-    if dataclasses.is_dataclass(t):
-        return t
-    if typing.get_origin(t) in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(t) if a is not type(None)]
-        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
-            return inner[0]
-    return None
-
-
 def valid_keys(config: Any, prefix: str = "") -> list[str]:
     """Every dotted key of a (nested) config dataclass, e.g. ``optim.lr``; an optional section
     (``stack.store``) is a key itself (set it to ``none`` or ``on``) and so are its fields, even
@@ -558,8 +328,19 @@ def add_set_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+LEGACY_OVERRIDES = {
+    f"stack.{old}": f"stack.compressive.{new}" for old, new in LEGACY_COMPRESSIVE_FIELDS.items()
+}
+"""Old command-line keys that still work (with a FutureWarning naming the new key)."""
+
+
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
     """Apply ``a.b=value`` overrides, each parsed to the field's declared type.
+
+    An optional section is switched with ``none``/``off``/``false`` or ``on``/``true``
+    (``stack.compressive=off``), and setting one of its fields switches it on. The old flat keys
+    ``stack.memory_layers``, ``stack.update_rule`` and ``stack.gate_init`` still set
+    ``stack.compressive.*`` (and, as before, do nothing while layer 2 is off).
 
     Raises:
         ValueError: for a malformed override, an unknown key (the message names the closest ones)
@@ -572,6 +353,17 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
             raise ValueError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
         key = key.strip().lstrip("-")
+        if key in LEGACY_OVERRIDES:
+            old, key = key, LEGACY_OVERRIDES[key]
+            off = data["stack"]["compressive"] is None
+            warnings.warn(
+                f"{old} is now {key}"
+                + (" (ignored: stack.compressive is off, as the old key was)" if off else ""),
+                FutureWarning,
+                stacklevel=2,
+            )
+            if off:  # as before the section: the flat fields had no effect while layer 2 was off
+                continue
         if key not in keys:
             raise ValueError(unknown_key_message(key, keys))
         *path, leaf = key.split(".")

@@ -5,13 +5,14 @@ composition). It cuts long inputs into segments, runs the wrapped model on each 
 :class:`~memstack.attention.SegmentContext`, and closes each segment through one path,
 :meth:`MemoryStack._close_segment`, shared by ``forward``, ``step`` and ``generate``:
 differentiable kinds are committed inside the (possibly checkpointed) segment, the others exactly
-once outside it.
+once outside it. The rest of the class lives in mixins: ``generation.py`` (streams and decoding),
+``persistence.py`` (save / load), ``checks.py`` (input and state checks), ``switches.py`` (kinds
+on and off) and ``parameters.py`` (gates and optimiser groups).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -21,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import ATTENTION_NAME, SegmentContext, SegmentInputs
+from .checks import StackChecks
 from .config import StackConfig, parse_layers
 from .families import attention_modules, family_of, rotary_module, rotate
 from .generation import StackGeneration, token_nll  # noqa: F401  (token_nll re-exported)
@@ -28,8 +30,10 @@ from .memory.base import ClosedSegment, LayerRecord, MemoryKind
 from .memory.compressive import Compressive
 from .memory.longterm import LongTermMemory
 from .memory.mixer import MemoryMixer
+from .parameters import StackParameters
 from .persistence import CONFIG_FILE, FORMAT_VERSION, StackPersistence  # noqa: F401  (re-exported)
 from .state import StackState
+from .switches import StackSwitches
 
 
 class ModelInfo(NamedTuple):
@@ -42,17 +46,17 @@ class ModelInfo(NamedTuple):
 
 
 def _compressive(config: StackConfig, model: ModelInfo) -> tuple[MemoryKind, float] | None:
-    if not config.compressive:
+    c = config.compressive
+    if c is None:
         return None
-    return Compressive(
-        parse_layers(config.memory_layers, model.num_layers), config.update_rule
-    ), config.gate_init
+    layers = parse_layers(c.layers, model.num_layers, name="stack.compressive.layers")
+    return Compressive(layers, c.update_rule), c.gate_init
 
 
 def _store(config: StackConfig, model: ModelInfo) -> tuple[MemoryKind, float | None] | None:
     if config.store is None:
         return None
-    layers = parse_layers(config.store.layers, model.num_layers)
+    layers = parse_layers(config.store.layers, model.num_layers, name="stack.store.layers")
     kind = LongTermMemory(layers, config.store, config.segment_len, metadata={"model_type": model.model_type})
     return kind, (config.store.gate_init if config.store.readout == "kv_gated" else None)
 
@@ -95,7 +99,7 @@ def next_token_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None
     return targets
 
 
-class MemoryStack(StackGeneration, StackPersistence, nn.Module):
+class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches, StackParameters, nn.Module):
     """Memory layers around a Hugging Face causal LM.
 
     Args:
@@ -177,45 +181,8 @@ class MemoryStack(StackGeneration, StackPersistence, nn.Module):
         kind = self.kinds.get("compressive")
         return sorted(kind.layers) if kind is not None else []
 
-    @property
-    def use_memory(self) -> bool:
-        """False while every memory kind is switched off."""
-        return not set(self.kinds) <= self.disabled
-
     def _needs_surprise(self) -> bool:
         return any(getattr(k, "needs_surprise", False) for k in self._active_kinds().values())
-
-    def _active_kinds(self) -> dict[str, MemoryKind]:
-        return {name: kind for name, kind in self.kinds.items() if name not in self.disabled}
-
-    @contextlib.contextmanager
-    def memory_enabled(
-        self, enabled: bool = True, kinds: tuple[str, ...] | None = None
-    ) -> Iterator[MemoryStack]:
-        """Inside a ``with`` block, switch memory kinds on or off (then restore).
-
-        Args:
-            enabled: on or off.
-            kinds: the kinds to switch (default: all), e.g. ``("compressive",)``.
-
-        Raises:
-            ValueError: for a kind name this stack does not have.
-        """
-        names = set(self.kinds) if kinds is None else set(kinds)
-        unknown = sorted(names - set(self.kinds))
-        if unknown:
-            raise ValueError(f"unknown memory kinds {unknown}; this stack has {sorted(self.kinds)}")
-        previous = self.disabled
-        self.disabled = previous - names if enabled else previous | names
-        try:
-            yield self
-        finally:
-            self.disabled = previous
-
-    def memory_off(self, *kinds: str) -> contextlib.AbstractContextManager[MemoryStack]:
-        """Run the same weights without memory (all kinds, or the kinds named) inside a ``with``
-        block, to measure what each memory layer contributes."""
-        return self.memory_enabled(False, kinds or None)
 
     def unwrap(self) -> nn.Module:
         """Give the model back as it was before wrapping: memory modules removed, its previous
@@ -226,70 +193,6 @@ class MemoryStack(StackGeneration, StackPersistence, nn.Module):
         self._mixers, self.kinds = {}, {}
         self.model.set_attn_implementation(self._previous_attn)
         return self.model
-
-    # ------------------------------------------------------------------ input checks
-
-    @property
-    def vocab_size(self) -> int:
-        """Rows of the model's input embedding: token ids must lie in ``[0, vocab_size)``."""
-        return self.model.get_input_embeddings().num_embeddings
-
-    def _check_ids(self, name: str, ids: torch.Tensor) -> None:
-        """Shape, dtype and vocabulary range of token ids, before any work is done."""
-        if not isinstance(ids, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
-        if ids.ndim != 2:
-            raise ValueError(f"{name} must be (batch, length), got shape {tuple(ids.shape)}")
-        if ids.shape[0] < 1 or ids.shape[1] < 1:
-            raise ValueError(f"{name} must hold at least one row and one token, got shape {tuple(ids.shape)}")
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise ValueError(f"{name} must be integer token ids, got dtype {ids.dtype}")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= self.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"{name} holds token id {bad}, outside the model's vocabulary [0, {self.vocab_size - 1}]"
-            )
-
-    def _memory_shape(self) -> tuple[int, int, int]:
-        """(kv_heads, d_k, d_v) of this model's compressive memory."""
-        info = self._model_info(self.model, 0)
-        return info.kv_heads, info.head_dim, info.head_dim
-
-    def _check_state(self, state: StackState, batch: int) -> None:
-        """A state must come from this model and stack (its kinds, layers and shapes) and this batch."""
-        if not isinstance(state, StackState):
-            raise ValueError(f"state must be a StackState, got {type(state).__name__}")
-        for name, layers in state.memories.items():
-            own = sorted(self.kinds[name].layers) if name in self.kinds else []
-            foreign = sorted(set(layers) - set(own))
-            if foreign:
-                raise ValueError(
-                    f"state holds {name} memory for layers {foreign}, but this stack's {name} layers are "
-                    f"{own}: it was made by another model or stack config"
-                )
-        for name, layers in state.others().items():
-            for layer, s in layers.items():
-                rows = getattr(s, "batch_size", batch)
-                if rows != batch:
-                    raise ValueError(
-                        f"state's {name} memory of layer {layer} holds {rows} streams, the input has {batch} "
-                        "rows; call reset() or pass a state made for the same batch"
-                    )
-        if state.batch_size is not None and state.batch_size != batch:
-            raise ValueError(
-                f"state batch size {state.batch_size} differs from the input's {batch} rows; call reset() "
-                "or pass a state made for the same batch"
-            )
-        kv_heads, d_k, d_v = self._memory_shape()
-        for layer, s in state.compressive.items():
-            expected = (batch, kv_heads, d_k, d_v)
-            if tuple(s.M.shape) != expected or tuple(s.z.shape) != expected[:3]:
-                raise ValueError(
-                    f"state of layer {layer} has M {tuple(s.M.shape)} and z {tuple(s.z.shape)}, but this "
-                    f"model's memory is M {expected} (batch, kv_heads, d_k, d_v) and z {expected[:3]}: "
-                    "the state was made by another model"
-                )
 
     # ------------------------------------------------------------------ segments
 
@@ -473,12 +376,7 @@ class MemoryStack(StackGeneration, StackPersistence, nn.Module):
         Returns:
             :class:`StackOutput`.
         """
-        self._check_ids("input_ids", input_ids)
-        for name, t in (("attention_mask", attention_mask), ("labels", labels)):
-            if t is not None and t.shape != input_ids.shape:
-                raise ValueError(
-                    f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}"
-                )
+        self._check_inputs(input_ids, attention_mask, labels)
         device = self.device
         input_ids = input_ids.to(device)
         attention_mask = attention_mask.to(device) if attention_mask is not None else None
@@ -525,45 +423,3 @@ class MemoryStack(StackGeneration, StackPersistence, nn.Module):
         ctx = SegmentContext(inputs, capture=capture)
         self.model(input_ids=segment_ids.to(self.device), position_ids=pos, use_cache=False, memstack=ctx)
         return capture
-
-    # ------------------------------------------------------------------ training helpers
-
-    def named_gates(self) -> dict[tuple[int, str], nn.Parameter]:
-        """``{(layer, kind): beta}``: the per-head gate logits of every memory layer and gated kind."""
-        return {(layer, kind): g for layer, mixer in self._mixers.items() for kind, g in mixer.gates.items()}
-
-    def gate_parameters(self) -> list[nn.Parameter]:
-        """The per-head gate logits beta of every memory layer and gated kind."""
-        return list(self.named_gates().values())
-
-    def gate_values(self, kind: str = "compressive") -> dict[int, torch.Tensor]:
-        """sigmoid(beta) per layer and head for one kind: the share of each head's output that comes
-        from that memory."""
-        return {
-            layer: torch.sigmoid(g.detach().float()).cpu()
-            for (layer, k), g in self.named_gates().items()
-            if k == kind
-        }
-
-    def param_groups(self, lr: float, weight_decay: float = 0.0, gate_lr_mult: float = 100.0) -> list[dict]:
-        """Optimizer parameter groups: gates apart, with their own learning rate and no decay.
-
-        With a normal learning rate the gates barely move (about 0.03 over a whole run in public
-        reproductions, every head stuck at 0.5), hence the multiplier. Matrices get weight decay;
-        biases, norms and gates do not. Frozen parameters (``requires_grad=False``) are left out.
-
-        Returns:
-            Groups for ``torch.optim.AdamW``; each has a ``name`` ("decay", "no_decay", "gates").
-        """
-        gate_ids = {id(p) for p in self.gate_parameters()}
-        decay, no_decay = [], []
-        for p in self.model.parameters():
-            if p.requires_grad and id(p) not in gate_ids:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        gates = [p for p in self.gate_parameters() if p.requires_grad]
-        groups = [
-            {"name": "decay", "params": decay, "lr": lr, "weight_decay": weight_decay},
-            {"name": "no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0},
-            {"name": "gates", "params": gates, "lr": lr * gate_lr_mult, "weight_decay": 0.0},
-        ]
-        return [g for g in groups if g["params"]]

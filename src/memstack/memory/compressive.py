@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
+from ..config import UPDATE_RULES
 from .base import ClosedSegment, LayerRecord, ReadContext, Readout
 
 # sigma(Q) z is a sum of strictly positive terms once anything is written; the guard only
@@ -137,8 +138,8 @@ class Compressive:
     needs_query = False
 
     def __init__(self, layers: Iterable[int], update_rule: str = "linear"):
-        if update_rule not in ("linear", "delta"):
-            raise ValueError(f"update_rule must be 'linear' or 'delta', got {update_rule!r}")
+        if update_rule not in UPDATE_RULES:
+            raise ValueError(f"update_rule must be one of {', '.join(UPDATE_RULES)}; got {update_rule!r}")
         self.layers = frozenset(layers)
         self.update_rule = update_rule
 

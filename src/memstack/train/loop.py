@@ -221,7 +221,7 @@ def fit(
     engine: torch.nn.Module = stack
     if world > 1:
         # The gates take part in a forward only when memory is read: a batch that fits in one
-        # segment (copy warm-up rows, short curriculum stages, compressive=False) leaves them
+        # segment (copy warm-up rows, short curriculum stages, stack.compressive=none) leaves them
         # without a gradient, which plain DDP treats as an error at the next step. Finding the
         # unused parameters costs one graph traversal per forward; only stacks with gates pay it.
         engine = torch.nn.parallel.DistributedDataParallel(
