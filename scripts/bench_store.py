@@ -4,41 +4,59 @@ For each number of keys (10K, 100K, 1M), key dimension (64, 128) and search path
 
 - ``matmul``: the brute-force torch matmul (``matmul_threshold`` above the key count);
 - ``flat``: FAISS ``Flat`` (exact);
-- ``hnsw``: FAISS ``HNSW32``, swept over ``efSearch``;
-- ``ivfpq``: FAISS ``IVF<nlist>,PQ16`` (nlist ~ sqrt(keys)), re-ranked exactly from the kept
-  float32 keys (``refine``), swept over ``nprobe``; training time is reported on its own.
+- ``hnsw``: FAISS ``HNSW32`` built at ``--ef-construction`` (40, FAISS's default), swept over
+  ``efSearch``;
+- ``ivfpq``: FAISS ``IVF<nlist>,PQ<m>np`` (nlist ~ sqrt(keys) unless ``--nlist``; one row per
+  ``--nlist`` value), re-ranked exactly from the kept float32 keys (``refine``), swept over
+  ``nprobe``. ``np`` skips FAISS's polysemous training, which the factory's plain ``PQ16`` turns
+  on although the search never uses it (``polysemous_ht`` 0) and which took 30-60 s of the
+  "training" at 10K keys on the 2-core box (the k-means take 3.5 s for IVF1024 on 40K keys). The
+  store trains the index once ``min_train_keys`` keys exist (39 per IVF list: 40K keys for
+  IVF1024, 160K for IVF4096), on the keys it holds then; the matmul serves until then. Training
+  time is reported on its own; ``build_s`` is the whole fill, training included.
 
 Keys: ``--keys-per-chunk`` keys (default 4) point at each chunk of ``--chunk-len`` (128) tokens.
 Data: ``random`` (unit vectors, uniform on the sphere: the hardest case for approximate search) or
 ``clustered`` (keys around 1000 centres, queries near stored keys: closer to real attention keys).
-Queries: one batch of 64; latency is the median of ``--repeats`` batches divided by 64. Recall@10
-is against exact distinct-record search. Bytes per stored token: measured for the benchmark's
+Queries: one batch of 64; latency is the median of ``--repeats`` batches divided by 64, and
+``ms_single_query`` the median of ``--single`` one-query searches. Recall@10 is against exact
+distinct-record search. Bytes per stored token: measured for the benchmark's
 keys per chunk, and derived for 1 key per chunk from the same store's per-key and per-token bytes.
 
 Usage::
 
     OMP_NUM_THREADS=2 python scripts/bench_store.py            # full run, ~10-15 min on 2 cores
     OMP_NUM_THREADS=2 python scripts/bench_store.py --quick    # 10K and 100K only
+    OMP_NUM_THREADS=2 python scripts/bench_store.py --sizes 1000000 --dims 64 \
+        --kinds matmul hnsw ivfpq --hnsw-max-keys 1000000 1000000 --nlist 1024 4096 \
+        --data clustered --out bench/store_1m_clustered.json        # approximate indexes at 1M
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import shutil
-import statistics
-import tempfile
-import time
-from pathlib import Path
 
-import faiss
-import numpy as np
-import torch
-import torch.nn.functional as F
+# FAISS and torch each bring their own OpenMP runtime; with the default active wait, the threads of
+# one spin on the 2 cores while the other's wait for them, which on a loaded box made one-query
+# IVF-PQ searches take 8 ms instead of 0.7 and HNSW adds 2-5x slower. Read at library load, so
+# set before the imports; an explicit OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from memstack.memory.store import ChunkStore
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from memstack.memory.store import ChunkStore  # noqa: E402
 
 BATCH_CHUNKS = 1024  # chunks per add call
 QUERIES = 64
@@ -75,22 +93,31 @@ def exact_top(keys: np.ndarray, queries: torch.Tensor, kpc: int) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-def build(kind: str, n: int, dim: int, args) -> tuple[ChunkStore, dict]:
+def default_nlist(n: int) -> int:
+    """IVF lists for ``n`` keys: the power of two nearest sqrt(n), at least 64."""
+    return 1 << round(np.log2(max(64, np.sqrt(n))))
+
+
+def build(kind: str, n: int, dim: int, args, nlist: int | None = None) -> tuple[ChunkStore, dict]:
     if kind == "matmul":
         return ChunkStore([0], dim, matmul_threshold=n + 1), {}
     if kind == "flat":
         return ChunkStore([0], dim, index_factory="Flat", matmul_threshold=0), {}
     if kind == "hnsw":
-        return ChunkStore([0], dim, index_factory="HNSW32", matmul_threshold=0), {"efSearch": args.ef_search}
-    nlist = 1 << round(np.log2(max(64, np.sqrt(n))))
-    factory = f"IVF{nlist},PQ16"
+        # efConstruction is a faiss.ParameterSpace name: the store applies it before the first add
+        params = {"efConstruction": args.ef_construction, "efSearch": args.ef_search[0]}
+        store = ChunkStore([0], dim, index_factory="HNSW32", matmul_threshold=0, search_params=params)
+        return store, {"efSearch": args.ef_search}
+    factory = f"IVF{nlist or default_nlist(n)},PQ{args.pq}np"
     store = ChunkStore([0], dim, index_factory=factory, matmul_threshold=0, refine=args.refine)
     return store, {"nprobe": args.nprobe}
 
 
-def measure(kind: str, n: int, dim: int, args, keys: np.ndarray, queries, exact, tokens) -> dict:
+def measure(
+    kind: str, n: int, dim: int, args, keys: np.ndarray, queries, exact, tokens, nlist: int | None = None
+) -> dict:
     kpc, chunk_len = args.keys_per_chunk, args.chunk_len
-    store, sweep = build(kind, n, dim, args)
+    store, sweep = build(kind, n, dim, args, nlist)
     n_chunks = n // kpc
     t0 = time.perf_counter()
     for c0 in range(0, n_chunks, BATCH_CHUNKS):
@@ -113,7 +140,12 @@ def measure(kind: str, n: int, dim: int, args, keys: np.ndarray, queries, exact,
         "backend": info["backend"],
         "train_s": round(info["train_seconds"], 3),
         "add_keys_per_s": round(n / max(add_s - info["train_seconds"], 1e-9)),
+        "build_s": round(add_s, 2),
     }
+    if kind == "hnsw":
+        row["efConstruction"] = args.ef_construction
+    if kind == "ivfpq":
+        row["min_train_keys"] = info["min_train_keys"]  # trained on the keys held at that add
     nb = store.nbytes()
     n_tokens = n_chunks * chunk_len
     per_key = (nb["keys"] + nb["index"]) / n
@@ -134,11 +166,17 @@ def measure(kind: str, n: int, dim: int, args, keys: np.ndarray, queries, exact,
         recall = np.mean(
             [len(set(a) & set(b)) / TOP_K for a, b in zip(ids.tolist(), exact.tolist(), strict=True)]
         )
+        single = []
+        for i in range(min(args.single, QUERIES)):
+            t = time.perf_counter()
+            store.search(0, queries[i : i + 1], TOP_K)
+            single.append(time.perf_counter() - t)
         param = {next(iter(sweep)): value} if value is not None else {}
         row["search"].append(
             {
                 **param,
                 "ms_per_query": round(1e3 * statistics.median(times) / QUERIES, 4),
+                "ms_single_query": round(1e3 * statistics.median(single), 4) if single else None,
                 "recall@10": round(float(recall), 4),
             }
         )
@@ -158,11 +196,13 @@ def measure(kind: str, n: int, dim: int, args, keys: np.ndarray, queries, exact,
 def format_row(row: dict, kpc: int) -> str:
     """One table line: add rate, training, each search setting, bytes per token, save/load."""
     head = f"{row['kind']:7s} {row['keys']:>8d} x {row['dim']:<4d} add {row['add_keys_per_s']:>9d}/s"
-    head += f"  train {row['train_s']:6.2f}s "
+    head += f"  train {row['train_s']:6.2f}s build {row['build_s']:7.1f}s "
     cells = []
     for s in row["search"]:
-        param = ",".join(f"{k}={v}" for k, v in s.items() if k not in ("ms_per_query", "recall@10"))
-        cells.append(f"[{param} {s['ms_per_query']:.3f}ms r={s['recall@10']:.3f}]")
+        shown = ("ms_per_query", "ms_single_query", "recall@10")
+        param = ",".join(f"{k}={v}" for k, v in s.items() if k not in shown)
+        one = "" if s["ms_single_query"] is None else f" 1q {s['ms_single_query']:.3f}ms"
+        cells.append(f"[{param} {s['ms_per_query']:.3f}ms{one} r={s['recall@10']:.3f}]")
     tail = f"B/tok {row[f'bytes_per_token_{kpc}kpc']}/{row['bytes_per_token_1kpc_derived']}"
     tail += f"  save {row['save_s']:.2f}s load {row['load_s']:.2f}s"
     return "  ".join([head, *cells, tail])
@@ -177,19 +217,25 @@ def main() -> None:
     p.add_argument("--nprobe", type=int, nargs="+", default=[16, 64])
     p.add_argument("--refine", type=int, default=10, help="IVF-PQ candidates x refine re-ranked exactly")
     p.add_argument(
+        "--nlist",
+        type=int,
+        nargs="+",
+        default=[None],
+        help="IVF lists, one IVF-PQ row each (default: the power of two nearest sqrt(keys))",
+    )
+    p.add_argument("--pq", type=int, default=16, help="PQ sub-quantizers (bytes per key) of IVF-PQ")
+    p.add_argument("--ef-construction", type=int, default=40, help="HNSW efConstruction")
+    p.add_argument(
         "--hnsw-max-keys",
         type=int,
         nargs=2,
         default=[100_000, 100_000],
         metavar=("D64", "D128"),
-        help="largest HNSW build per dim (on the shared 2-core box HNSW adds ~2-5K keys/s: 1M takes hours)",
+        help="largest HNSW build per dim (HNSW adds only a few thousand keys/s on the shared 2-core "
+        "box: minutes per 1M keys, so the default run stops at 100K)",
     )
-    p.add_argument(
-        "--ivfpq-max-keys",
-        type=int,
-        default=10_000,
-        help="largest IVF-PQ build (PQ training took 30-70 s at 10K keys on the shared 2-core box)",
-    )
+    p.add_argument("--ivfpq-max-keys", type=int, default=1_000_000, help="largest IVF-PQ build")
+    p.add_argument("--single", type=int, default=16, help="one-query searches timed per setting")
     p.add_argument("--keys-per-chunk", type=int, default=4)
     p.add_argument("--chunk-len", type=int, default=128)
     p.add_argument("--data", choices=["random", "clustered"], default="random")
@@ -201,13 +247,15 @@ def main() -> None:
     torch.manual_seed(0)
     tokens = torch.randint(0, 32_000, (BATCH_CHUNKS, args.chunk_len)).unbind(0)
     rows, skipped = [], []
+    load_start = list(os.getloadavg())
     started = time.perf_counter()
     for dim in args.dims:
         for n in sizes:
             keys = make_keys(n, dim, args.data, seed=n + dim)
             queries = make_queries(keys, args.data, seed=n + dim)
             exact = exact_top(keys, queries, args.keys_per_chunk)
-            for kind in args.kinds:
+            runs = [(k, nl) for k in args.kinds for nl in (args.nlist if k == "ivfpq" else [None])]
+            for kind, nlist in runs:
                 cap = args.hnsw_max_keys[0 if dim <= 64 else 1]
                 cap = args.ivfpq_max_keys if kind == "ivfpq" else cap
                 if kind in ("hnsw", "ivfpq") and n > cap:
@@ -220,7 +268,7 @@ def main() -> None:
                         }
                     )
                     continue
-                row = measure(kind, n, dim, args, keys, queries, exact, tokens)
+                row = measure(kind, n, dim, args, keys, queries, exact, tokens, nlist)
                 rows.append(row)
                 print(format_row(row, args.keys_per_chunk), flush=True)
     meta = {
@@ -228,6 +276,9 @@ def main() -> None:
         "faiss": faiss.__version__,
         "omp_threads": faiss.omp_get_max_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        "load_average_start": load_start,
+        "load_average_end": list(os.getloadavg()),
         "platform": platform.platform(),
         "args": vars(args),
         "total_s": round(time.perf_counter() - started, 1),
