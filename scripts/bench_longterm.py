@@ -6,7 +6,8 @@ Systems (inference, ``torch.no_grad()``, no logits kept, batch 1, segment 512):
 - ``compressive``: ``StackConfig(segment_len=512)``;
 - ``stack``: the same plus ``StoreConfig(layers="1,3", chunk_len=32, block_len=64, top_k=4)``,
   the ``kv`` readout, received-attention keys;
-- ``stack_lean``: the store on one layer (3) with one search per 128 queries.
+- ``stack_lean``: the store on one layer (3) with one search per 128 queries;
+- ``stack_lean_meankey``: the same with ``mean_key`` keys (no attention-mass pass at write).
 
 Each (system, length) runs in a fresh subprocess (this script with ``--one``), so one
 measurement's peak memory cannot hide behind another's: peak RSS over a baseline taken after a
@@ -38,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import build_model, peak_rss_mib  # noqa: E402  (the same tiny Llama)
 
-SYSTEMS = ("compressive", "stack", "stack_lean")
+SYSTEMS = ("compressive", "stack", "stack_lean", "stack_lean_meankey")
 SEGMENT_LEN = 512
 
 
@@ -51,6 +52,10 @@ def make_stack(system: str):
         store = StoreConfig(layers="1,3", chunk_len=32, block_len=64, top_k=4, readout="kv")
     elif system == "stack_lean":  # one store layer, one search per 128 queries
         store = StoreConfig(layers="3", chunk_len=32, block_len=128, top_k=4, readout="kv")
+    elif system == "stack_lean_meankey":  # the same without the attention-mass pass
+        store = StoreConfig(
+            layers="3", chunk_len=32, block_len=128, top_k=4, readout="kv", strategy="mean_key"
+        )
     compressive = CompressiveConfig(update_rule="delta")
     return MemoryStack(
         build_model("cpu"), StackConfig(segment_len=SEGMENT_LEN, compressive=compressive, store=store)
@@ -106,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 1048576])
     p.add_argument("--repeats", type=int, default=None, help="default: 3 below 100K tokens, else 1")
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     p.add_argument("--out", default="bench/longterm.json")
     p.add_argument("--one", nargs=2, metavar=("SYSTEM", "LENGTH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = []
     for length in args.lengths:
-        for system in SYSTEMS:
+        for system in args.systems:
             cmd = [sys.executable, __file__, "--one", system, str(length)]
             if args.repeats:
                 cmd += ["--repeats", str(args.repeats)]

@@ -6,11 +6,12 @@ out = stack(input_ids, labels=input_ids)
 """
 
 from .attention import ATTENTION_NAME, SegmentContext, SegmentInputs
-from .config import CompressiveConfig, StackConfig
+from .config import CompressiveConfig, SleepConfig, StackConfig, StoreConfig
 from .families import FAMILIES, UnsupportedModelError
 from .memory.base import LayerRecord, MemoryKind, Readout
 from .memory.compressive import Compressive, CompressiveState
 from .memory.mixer import MemoryMixer
+from .memory.sleep import SleepReport
 from .stack import KINDS, MemoryStack, StackOutput
 from .state import StackState
 
@@ -28,7 +29,10 @@ __all__ = [
     "Readout",
     "SegmentContext",
     "SegmentInputs",
+    "SleepConfig",
+    "SleepReport",
     "StackConfig",
+    "StoreConfig",
     "StackOutput",
     "StackState",
     "UnsupportedModelError",

@@ -34,6 +34,7 @@ from .stack_config import (
     LEGACY_COMPRESSIVE_FIELDS,
     UPDATE_RULES,
     CompressiveConfig,
+    SleepConfig,
     StackConfig,
     StoreConfig,
     parse_layers,
@@ -55,6 +56,7 @@ __all__ = [
     "OptimConfig",
     "RunConfig",
     "ScheduleConfig",
+    "SleepConfig",
     "StackConfig",
     "StoreConfig",
     "add_set_argument",
@@ -241,6 +243,9 @@ class Config:
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    sleep: SleepConfig | None = None
+    """Layer 4: the sleep recipe (``sleep=on`` / ``sleep.steps=200`` on the command line); with
+    ``every_steps`` or ``every_records`` set, training sleeps by itself."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (JSON-serialisable)."""

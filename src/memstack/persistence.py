@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 CONFIG_FILE = "memstack_config.json"
 WEIGHTS_PREFIX = "memstack_memory"
 LEGACY_WEIGHTS_FILE = "memstack_memory.safetensors"
+ADAPTERS_PREFIX = "memstack_adapters"
+"""Sleep's LoRA adapters go to ``memstack_adapters-<content hash>/`` (``adapters.json`` + peft's
+files per adapter), named in the manifest's ``adapters`` field (absent: none)."""
 FORMAT_VERSION = 2
 """Version 2 names the weights file after its content (written before the manifest, the commit
 point) and its gates ``layers.<layer>.<kind>.gate``; version 1 used the fixed name
@@ -64,6 +68,7 @@ class StackPersistence:
         weights = f"{WEIGHTS_PREFIX}-{hashlib.sha256(blob).hexdigest()[:16]}.safetensors"
         with atomic_file(path / weights) as tmp:
             tmp.write_bytes(blob)
+        adapters = self._save_adapters(path)
         manifest = {
             "format": "memstack",
             "version": FORMAT_VERSION,
@@ -71,12 +76,31 @@ class StackPersistence:
             "num_heads": self.model.config.num_attention_heads,
             "stack": self.config.to_dict(),
             "weights": weights,
+            "adapters": adapters,
         }
         with atomic_file(path / CONFIG_FILE) as tmp:
             tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
         for old in path.glob(f"{WEIGHTS_PREFIX}*.safetensors"):
             if old.name != weights:
                 old.unlink(missing_ok=True)
+        for old in path.glob(f"{ADAPTERS_PREFIX}-*"):
+            if old.name != adapters and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _save_adapters(self, path: Path) -> str | None:
+        """Write the sleep adapters to a directory named after their content (before the
+        manifest, like the gates); return its name, or None without adapters."""
+        if not self.adapters.names():
+            return None
+        digest = hashlib.sha256(json.dumps([self.adapters.names(), self.adapters.active()]).encode())
+        for name, p in sorted(self.model.named_parameters()):
+            if "lora_" in name:
+                digest.update(name.encode())
+                digest.update(p.detach().float().cpu().numpy().tobytes())
+        name = f"{ADAPTERS_PREFIX}-{digest.hexdigest()[:16]}"
+        if not (path / name).is_dir():
+            self.adapters.save(path / name)
+        return name
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, model: nn.Module) -> MemoryStack:
@@ -124,6 +148,11 @@ class StackPersistence:
             built = build(config, info)
             if built is not None and built[1] is not None:
                 expected.update({f"layers.{layer}.{name}.gate": layer for layer in built[0].layers})
+        adapters = manifest.get("adapters")
+        if adapters is not None and (
+            not isinstance(adapters, str) or Path(adapters).name != adapters or not (path / adapters).is_dir()
+        ):
+            raise FileNotFoundError(f"{path / CONFIG_FILE} names adapters {adapters!r}, which are missing")
         if set(tensors) != set(expected):
             raise ValueError(f"{path}: expected tensors {sorted(expected)}, found {sorted(tensors)}")
         heads = model.config.num_attention_heads
@@ -139,6 +168,8 @@ class StackPersistence:
             with torch.no_grad():
                 for (layer, kind), gate in stack.named_gates().items():
                     gate.copy_(tensors[f"layers.{layer}.{kind}.gate"])
+            if adapters is not None:
+                stack.adapters.load(path / adapters)
         except BaseException:
             stack.unwrap()
             raise

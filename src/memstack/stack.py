@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +23,15 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import ATTENTION_NAME, SegmentContext, SegmentInputs
 from .checks import StackChecks
-from .config import StackConfig, parse_layers
+from .config import SleepConfig, StackConfig, parse_layers
 from .families import attention_modules, family_of, rotary_module, rotate
 from .generation import StackGeneration, token_nll  # noqa: F401  (token_nll re-exported)
+from .memory.adapters import Adapters
 from .memory.base import ClosedSegment, LayerRecord, MemoryKind
 from .memory.compressive import Compressive
 from .memory.longterm import LongTermMemory
 from .memory.mixer import MemoryMixer
+from .memory.sleep import SleepReport, sleep
 from .parameters import StackParameters
 from .persistence import CONFIG_FILE, FORMAT_VERSION, StackPersistence  # noqa: F401  (re-exported)
 from .state import StackState
@@ -148,6 +150,16 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
         """The stream's memory, used by :meth:`step` (and by :meth:`generate` when asked)."""
         self.disabled: frozenset[str] = frozenset()
         """Kinds switched off for now (see :meth:`memory_off`): neither read nor written."""
+        self.adapters = Adapters(model)
+        """Layer 4: the LoRA adapters sleep trained (``sleep-0001``, ...), on ``model`` in place."""
+
+    def sleep(self, config: SleepConfig | None = None, **kwargs: Any) -> SleepReport:
+        """Consolidate the long-term store's new records into a LoRA adapter (layer 4).
+
+        See :func:`memstack.memory.sleep.sleep` for the objective and the keyword arguments
+        (``state``, ``replay``, ``held_out``, ``augment``, ``directory``, ``progress``).
+        """
+        return sleep(self, config, **kwargs)
 
     def describe(self) -> str:
         """One line per memory layer: what this stack holds around which model."""

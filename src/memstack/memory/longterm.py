@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -40,6 +42,9 @@ from .base import ClosedSegment, LayerRecord, MemoryKV, ReadContext, Readout
 from .chunks import fixed_chunks, surprise_chunks
 from .keys import chunk_keys, received_attention_mass, segment_query
 from .store import ChunkStore
+
+if TYPE_CHECKING:
+    from memstack.state import StackState
 
 KV_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -59,6 +64,29 @@ class StoreState:
     def num_records(self) -> list[int]:
         """Chunks held per row."""
         return [len(s) for s in self.stores]
+
+
+def save_stores(state: StackState, path: str | Path) -> None:
+    """Write every store of ``state`` under ``path/layer-<L>/row-<R>/`` (each atomically, by
+    :meth:`ChunkStore.save`); the tensor memories are not included (``StackState.save`` has them)."""
+    for layer, layer_state in state.memories.get("store", {}).items():
+        for row, store in enumerate(layer_state.stores):
+            store.save(Path(path) / f"layer-{layer}" / f"row-{row}")
+
+
+def load_stores(path: str | Path, expect: dict[str, str] | None = None) -> StackState:
+    """The stores :func:`save_stores` wrote, as a state holding only them (for ``stack.sleep``)."""
+    from memstack.state import StackState
+
+    path = Path(path)
+    layers = sorted(path.glob("layer-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not layers:
+        raise FileNotFoundError(f"{path}: no saved stores (expected layer-<L>/row-<R>/ directories)")
+    memories = {}
+    for layer_dir in layers:
+        rows = sorted(layer_dir.glob("row-*"), key=lambda p: int(p.name.split("-")[1]))
+        memories[int(layer_dir.name.split("-")[1])] = StoreState([ChunkStore.load(r, expect) for r in rows])
+    return StackState(memories={"store": memories})
 
 
 class LongTermMemory:
@@ -105,6 +133,7 @@ class LongTermMemory:
                 max_records=c.max_records,
                 eviction=c.eviction,
                 kv_dtype=KV_DTYPES[c.kv_dtype],
+                kv_dir=c.kv_dir,
                 metadata={**self.metadata, "strategy": c.strategy},
             )
             for _ in range(b)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-FACTORY_EXAMPLES = "'Flat', 'HNSW32', 'IVF1024,Flat', 'IVF1024,PQ16', 'IVF4096,SQ8'"
+FACTORY_EXAMPLES = "'Flat', 'HNSW32', 'IVF1024,Flat', 'IVF1024,PQ16np', 'IVF4096,SQ8'"
 # k-means warns below 39 points per centroid; train only once that many keys exist.
 _TRAIN_POINTS_PER_CENTROID = 39
 _MAX_TRAIN_POINTS_PER_CENTROID = 256  # faiss would subsample beyond this anyway

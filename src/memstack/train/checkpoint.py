@@ -73,6 +73,9 @@ def save_checkpoint(
     weights = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     with atomic_directory(path) as tmp:
         save_file(weights, str(tmp / "model.safetensors"))
+        adapters = getattr(module, "adapters", None)
+        if adapters is not None and adapters.names():  # sleep's LoRA: restored before the weights
+            adapters.save(tmp / "adapters")
         torch.save(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
             tmp / "trainer.pt",
@@ -116,6 +119,9 @@ def load_weights(path: str | Path, module: torch.nn.Module) -> dict[str, Any]:
     path = Path(path)
     meta = read_manifest(path / "meta.json", FORMAT, VERSION)
     weights = load_file(str(path / "model.safetensors"))
+    adapters = getattr(module, "adapters", None)
+    if (path / "adapters").is_dir() and adapters is not None and not adapters.names():
+        adapters.load(path / "adapters")  # the weights' names include the LoRA layers
     missing, unexpected = module.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(

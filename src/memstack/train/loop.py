@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..config import Config, ModelConfig
 from ..io import remove_stale_temporaries, write_json, write_text
+from ..memory.sleep import Day
 from ..stack import MemoryStack
 from .checkpoint import checkpoint_meta, latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -150,6 +151,31 @@ def _mean_over_ranks(values: list[float], world: int, device: torch.device) -> l
     return (t / world).tolist()
 
 
+def _day(config: Config, stack: MemoryStack, world: int) -> Day | None:
+    """The day a sleep schedule needs (None without one); refuses what it cannot do."""
+    cfg = config.sleep
+    if cfg is None or not (cfg.every_steps or cfg.every_records):
+        return None
+    if world > 1:
+        raise ValueError(
+            "sleep.every_steps / sleep.every_records are not supported under torchrun yet (each rank "
+            "would train its own adapter); train without them and run scripts/sleep.py on the run"
+        )
+    if "store" not in stack.kinds:
+        raise ValueError("a sleep schedule needs the long-term store (stack.store=on): sleep consolidates it")
+    return Day(cfg)
+
+
+def _sleep(stack: MemoryStack, config: Config, day: Day, step: int, metrics_path: Path) -> None:
+    """Sleep on the day's stores and log the report to ``sleeps.jsonl`` next to the metrics (the
+    adapters and each report also go under the run directory)."""
+    report = stack.sleep(config.sleep, state=day.state(), directory=metrics_path.parent, progress=False)
+    day.clear()
+    stack.train()
+    with open(metrics_path.parent / "sleeps.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **report.to_dict()}) + "\n")
+
+
 def fit(
     stack: MemoryStack, config: Config, batches: Any, progress: bool = True, stop_after: int | None = None
 ) -> dict[str, Any]:
@@ -231,6 +257,7 @@ def fit(
         )
 
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    day = _day(config, stack, world)
     bar = tqdm(
         range(start, sched.max_steps),
         disable=not progress or rank != 0,
@@ -258,6 +285,8 @@ def fit(
                         else (out.loss, None)
                     )
                 (loss / opt_cfg.grad_accum).backward()
+            if day is not None:
+                day.add(out.state)
             lm_total += out.loss.item() / opt_cfg.grad_accum
             answer_total += (answer.item() if answer is not None else 0.0) / opt_cfg.grad_accum
             tokens += ids.numel() * world
@@ -282,6 +311,8 @@ def fit(
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{lm_total:.3f}", ans=f"{answer_total:.3f}")
             t_last, tokens = now, 0
+        if day is not None and day.due(done):
+            _sleep(stack, config, day, done, metrics_path)
         every = config.run.ckpt_every
         if rank == 0 and ((every and done % every == 0) or done == sched.max_steps):
             ckpt = save_checkpoint(

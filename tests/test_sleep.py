@@ -1,0 +1,275 @@
+"""Tests of memory/sleep.py and memory/adapters.py: layer 4, sleep into LoRA adapters."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_model
+
+from memstack import MemoryStack, StackConfig
+from memstack.config import SleepConfig, StoreConfig
+from memstack.memory.adapters import lora_config
+from memstack.memory.sleep import _crops, _teacher, kl_bucketed, sleep, sleep_loss, teacher_targets
+
+SEG = 16
+
+
+def make_stack(seed: int = 0) -> tuple[MemoryStack, torch.nn.Module]:
+    """A tiny Llama with compressive memory and a store on layer 1, plus an unwrapped copy."""
+    model = make_model("llama", seed=seed)
+    reference = copy.deepcopy(model)
+    stack = MemoryStack(model, StackConfig(segment_len=SEG, store=StoreConfig(layers="1", chunk_len=8)))
+    return stack, reference
+
+
+def read_stream(stack: MemoryStack, n_tokens: int = 96, seed: int = 0) -> torch.Tensor:
+    """Feed one stream through ``stack.step`` segment by segment; return its ids."""
+    ids = torch.randint(0, 256, (1, n_tokens), generator=torch.Generator().manual_seed(seed))
+    for a in range(0, n_tokens, SEG):
+        stack.step(ids[:, a : a + SEG])
+    return ids
+
+
+def frozen_snapshot(stack: MemoryStack) -> dict[str, torch.Tensor]:
+    """Every parameter that is not LoRA (base weights and memory gates), cloned, by its name in
+    the unwrapped model (peft renames ``q_proj.weight`` to ``q_proj.base_layer.weight``)."""
+    return {
+        n.replace(".base_layer", ""): p.detach().clone()
+        for n, p in stack.named_parameters()
+        if "lora_" not in n
+    }
+
+
+def nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL, written out by hand."""
+    log_p = logits.float().log_softmax(-1)[:, :-1]
+    return -log_p.gather(-1, ids[:, 1:, None]).mean()
+
+
+def test_sleep_changes_only_adapter_weights_and_lowers_the_night_loss():
+    stack, _ = make_stack()
+    ids = read_stream(stack)
+    before = frozen_snapshot(stack)
+    flags = {n: p.requires_grad for n, p in stack.named_parameters()}
+    assert all(flags.values())
+    report = sleep(stack, SleepConfig(steps=30, lr=1e-2, batch_size=4), progress=False)
+    after = frozen_snapshot(stack)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert report.adapter == "sleep-0001" and stack.adapters.active() == ["sleep-0001"]
+    assert report.records == 12 and report.tokens == 96
+    assert report.night_loss_after < report.night_loss_before - 0.1
+    # the report's figure is the loss of the memory-off model on the stream's segments
+    with torch.no_grad(), stack.memory_off():
+        direct = torch.stack(
+            [nll(stack(ids[:, a : a + SEG]).logits, ids[:, a : a + SEG]) for a in range(0, 96, SEG)]
+        )
+    assert report.night_loss_after == pytest.approx(float(direct.mean()), rel=1e-5)
+    # trainability is as it was (base and gates trainable), and the night's adapter is frozen
+    for n, p in stack.named_parameters():
+        assert p.requires_grad == ("lora_" not in n), n
+
+
+def test_store_marks_what_was_consolidated_and_an_empty_night_is_a_no_op(capsys):
+    stack, _ = make_stack()
+    read_stream(stack, 48)
+    store = stack.state.memories["store"][1].stores[0]
+    first = store.ids()
+    sleep(stack, SleepConfig(steps=2), progress=False)
+    assert torch.equal(store.ids(consolidated=True), first) and len(store.ids(consolidated=False)) == 0
+    report = sleep(stack, SleepConfig(steps=2), progress=False)
+    assert report.adapter is None and "nothing to consolidate" in capsys.readouterr().out
+    assert stack.adapters.names() == ["sleep-0001"]
+    for _ in range(2):  # new records: only they make the next night
+        stack.step(torch.randint(0, 256, (1, SEG)))
+    report = sleep(stack, SleepConfig(steps=2, evict_consolidated=True), progress=False)
+    assert report.adapter == "sleep-0002" and report.records == 4
+    assert torch.equal(store.ids(), first)  # this night's records evicted; earlier ones kept
+
+
+def test_sleep_on_a_fresh_stack_is_a_no_op(capsys):
+    stack, reference = make_stack()
+    report = sleep(stack, progress=False)
+    assert report.adapter is None and report.steps == 0 and stack.adapters.names() == []
+    assert "nothing to consolidate" in capsys.readouterr().out
+
+
+def _perturb(stack: MemoryStack, name: str, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in stack.adapters.parameters(name):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def test_cat_merge_is_the_exact_sum_and_linear_is_not():
+    stack, _ = make_stack()
+    read_stream(stack, 32)
+    sleep(stack, SleepConfig(steps=1), progress=False)
+    read_stream(stack, 32, seed=1)
+    sleep(stack, SleepConfig(steps=1), progress=False)
+    _perturb(stack, "sleep-0001", 1)
+    _perturb(stack, "sleep-0002", 2)
+    x = torch.randint(0, 256, (2, SEG))
+    with stack.memory_off():
+        both = stack(x).logits
+        stack.adapters.activate(["sleep-0001"])
+        one = stack(x).logits
+        stack.adapters.activate(["sleep-0001", "sleep-0002"])
+        peft = stack.adapters.peft
+        peft.add_weighted_adapter(["sleep-0001", "sleep-0002"], [1.0, 1.0], "lin", combination_type="linear")
+        stack.adapters.activate(["lin"])
+        linear = stack(x).logits
+        peft.delete_adapter("lin")
+        stack.adapters.activate(["sleep-0001", "sleep-0002"])
+        stack.adapters.merge(["sleep-0001", "sleep-0002"], "sleep-0001-0002")
+        merged = stack(x).logits
+    assert (both - one).abs().max() > 1e-2  # the second adapter matters
+    assert torch.allclose(merged, both, atol=1e-5)
+    assert (linear - both).abs().max() > 1e-2
+    assert stack.adapters.names() == ["sleep-0001-0002"] and stack.adapters.next_name() == "sleep-0003"
+    with pytest.raises(ValueError, match="exists already"):
+        stack.adapters.merge(["sleep-0001-0002"], "sleep-0001-0002")
+
+
+def test_merge_into_base_keeps_the_outputs_and_changes_the_base():
+    stack, _ = make_stack()
+    read_stream(stack, 32)
+    sleep(stack, SleepConfig(steps=1), progress=False)
+    _perturb(stack, "sleep-0001", 3)
+    x = torch.randint(0, 256, (1, 40))
+    with_adapter = stack(x).logits
+    before = frozen_snapshot(stack)
+    stack.adapters.merge_into_base()
+    assert stack.adapters.names() == [] and not any("lora_" in n for n, _ in stack.named_parameters())
+    assert torch.allclose(stack(x).logits, with_adapter, atol=1e-5)
+    changed = [n for n, t in frozen_snapshot(stack).items() if not torch.equal(t, before[n])]
+    assert changed and all("proj" in n for n in changed)
+
+
+def test_adapters_save_and_load_by_name_and_a_clash_raises(tmp_path):
+    stack, _ = make_stack()
+    read_stream(stack, 32)
+    sleep(stack, SleepConfig(steps=1), progress=False, directory=tmp_path)
+    _perturb(stack, "sleep-0001", 4)
+    stack.adapters.save(tmp_path / "adapters")
+    x = torch.randint(0, 256, (1, 40))
+    expected = stack(x, state=None).logits
+    fresh, _ = make_stack()
+    fresh.adapters.load(tmp_path / "adapters")
+    assert fresh.adapters.active() == ["sleep-0001"]
+    assert torch.equal(fresh(x).logits, expected)
+    with pytest.raises(ValueError, match="exists already"):
+        fresh.adapters.load(tmp_path / "adapters")
+    assert (tmp_path / "sleep_reports" / "sleep-0001.json").is_file()
+
+
+@pytest.mark.parametrize("replay_ratio,kl_weight", [(0.0, 0.0), (0.25, 0.0), (0.25, 2.0), (1.0, 0.5)])
+def test_replay_ratio_and_kl_weight_weigh_the_objective_as_documented(replay_ratio, kl_weight):
+    """loss = (1 - r) NLL(night) + r (NLL(replay) + lam KL(base || adapted)), by hand."""
+    stack, reference = make_stack()
+    stack.adapters.add("sleep-0001", lora_config(["q_proj", "v_proj"], 4, 8, 0.0))
+    stack.adapters.activate(["sleep-0001"])
+    _perturb(stack, "sleep-0001", 5)
+    night = torch.randint(0, 256, (3, SEG))
+    replay = torch.randint(0, 256, (2, SEG))
+    cfg = SleepConfig(replay_ratio=replay_ratio, kl_weight=kl_weight)
+    with torch.no_grad():
+        got = sleep_loss(stack, cfg, night, torch.ones_like(night, dtype=torch.bool), None, replay)
+    with stack.memory_off():
+        s_night, s_replay = stack(night).logits, stack(replay).logits
+    base = reference(replay).logits  # the unwrapped model without adapters: the frozen base
+    p_log, q_log = base.log_softmax(-1)[:, :-1], s_replay.log_softmax(-1)[:, :-1]
+    kl = (p_log.exp() * (p_log - q_log)).sum(-1).mean()
+    want = (1 - replay_ratio) * nll(s_night, night) + replay_ratio * (nll(s_replay, replay) + kl_weight * kl)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    if kl_weight:
+        assert float(kl) > 1e-3  # the term is really there
+
+
+def test_distill_kl_is_zero_for_identical_models_and_exact_with_the_whole_vocabulary():
+    g = torch.Generator().manual_seed(0)
+    t_logits, s_logits = torch.randn(2, 5, 30, generator=g), torch.randn(2, 5, 30, generator=g)
+    where = torch.ones(2, 5, dtype=torch.bool)
+    for k in (1, 4, 30):
+        idx, logp = teacher_targets(t_logits, k)
+        assert float(kl_bucketed(idx, logp, t_logits, where)) == pytest.approx(0.0, abs=1e-6)
+    idx, logp = teacher_targets(t_logits, 30)
+    p, q = F.softmax(t_logits, -1), F.log_softmax(s_logits, -1)
+    full = (p * (p.log() - q)).sum(-1).mean()
+    assert float(kl_bucketed(idx, logp, s_logits, where)) == pytest.approx(float(full), rel=1e-5)
+    idx, logp = teacher_targets(t_logits, 4)  # bucketing can only lose information
+    assert 0 < float(kl_bucketed(idx, logp, s_logits, where)) < float(full)
+
+
+def test_distill_sleep_moves_the_memory_on_predictions_into_the_adapter():
+    """After a distill sleep, the memory-off student is closer to the memory-on teacher."""
+    stack, _ = make_stack()
+    ids = read_stream(stack, 64)[0]
+    t_idx, t_logp = _teacher(stack, ids, [], 16)[0]
+    x, mask = ids.view(-1, SEG), torch.ones(64 // SEG, SEG, dtype=torch.bool)
+    t_idx, t_logp = t_idx.view(-1, SEG, 16), t_logp.view(-1, SEG, 17)
+
+    def distance() -> float:
+        with torch.no_grad(), stack.memory_off():
+            return float(kl_bucketed(t_idx, t_logp, stack(x).logits, mask))
+
+    before = distance()
+    report = sleep(
+        stack, SleepConfig(objective="distill", steps=30, lr=1e-2, distill_top_k=16), progress=False
+    )
+    assert report.adapter == "sleep-0001" and report.steps == 30
+    assert distance() < 0.8 * before
+
+
+def test_bad_sleep_configs_name_the_field():
+    with pytest.raises(ValueError, match="sleep.objective"):
+        SleepConfig(objective="dream")
+    with pytest.raises(ValueError, match="sleep.replay_ratio"):
+        SleepConfig(replay_ratio=1.5)
+    with pytest.raises(ValueError, match="sleep.merge"):
+        SleepConfig(merge="svd")
+    stack, _ = make_stack()
+    read_stream(stack, 32)
+    with pytest.raises(ValueError, match="needs replay windows"):
+        sleep(stack, SleepConfig(replay_ratio=0.5), progress=False)
+
+
+def test_from_pretrained_restores_the_adapters_and_reproduces_the_outputs(tmp_path):
+    stack, reference = make_stack()
+    read_stream(stack, 32)
+    stack.sleep(SleepConfig(steps=1), progress=False)
+    read_stream(stack, 32, seed=1)
+    stack.sleep(SleepConfig(steps=1), progress=False)
+    _perturb(stack, "sleep-0001", 6)
+    _perturb(stack, "sleep-0002", 7)
+    stack.adapters.activate(["sleep-0002"])  # which ones are active is saved too
+    x = torch.randint(0, 256, (1, 40))
+    expected = stack(x).logits
+    stack.save_pretrained(tmp_path)
+    stack.save_pretrained(tmp_path)  # saving twice keeps one adapters directory
+    assert len(list(tmp_path.glob("memstack_adapters-*"))) == 1
+    back = MemoryStack.from_pretrained(tmp_path, copy.deepcopy(reference))
+    assert back.adapters.names() == ["sleep-0001", "sleep-0002"] and back.adapters.active() == ["sleep-0002"]
+    assert torch.equal(back(x).logits, expected)
+    assert not any(p.requires_grad for n, p in back.named_parameters() if "lora_" in n)
+    # a later sleep on the restored stack continues the numbering
+    read_stream(back, 32, seed=2)
+    assert back.sleep(SleepConfig(steps=1), progress=False).adapter == "sleep-0003"
+
+
+def test_training_crops_cover_every_offset_and_carry_their_teacher():
+    """Crops: documents by length, starts spread over all that fit, teacher rows aligned."""
+    docs = [torch.arange(100), torch.arange(1000, 1010)]
+    teachers = [(d[:, None].repeat(1, 2), d[:, None].float().repeat(1, 3)) for d in docs]
+    ids, mask, (t_idx, t_logp) = _crops(docs, teachers, 16, 2000, torch.Generator().manual_seed(0))
+    short = ids[:, 0] >= 1000
+    assert 0.05 < short.float().mean() < 0.15  # 10 of 110 tokens
+    assert torch.equal(mask[short].sum(1), torch.full((int(short.sum()),), 10))  # padded, not cut
+    starts = ids[~short, 0]
+    assert starts.min() == 0 and starts.max() == 100 - 16 and len(starts.unique()) == 85
+    assert torch.equal(t_idx[..., 0][mask], ids[mask]) and torch.equal(
+        t_logp[..., 2][mask], ids[mask].float()
+    )

@@ -1,0 +1,141 @@
+"""Sleep inside training runs (the sleep.every_steps schedule), in checkpoints, and scripts/sleep.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from memstack.config import (
+    CompressiveConfig,
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+    SleepConfig,
+    StackConfig,
+    StoreConfig,
+)
+from memstack.memory.longterm import load_stores, save_stores
+from memstack.train.batches import make_batches
+from memstack.train.loop import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import sleep as sleep_script  # noqa: E402
+
+TEXT = "In the beginning the cat sat on the mat, and the dog lay on the rug by the fire.\n" * 40
+
+
+def config(tmp_path: Path, text_file: Path, **sleep) -> Config:
+    return Config(
+        model=ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2),
+        data=DataConfig(task="text", path=str(text_file), seq_len=64),
+        stack=StackConfig(
+            segment_len=16,
+            compressive=CompressiveConfig(gate_init=0.0),
+            store=StoreConfig(layers="1", chunk_len=8),
+        ),
+        optim=OptimConfig(lr=1e-2),
+        schedule=ScheduleConfig(max_steps=10, warmup_steps=2),
+        run=RunConfig(out_dir=str(tmp_path / "run"), batch_size=2, log_every=1, ckpt_every=5),
+        sleep=SleepConfig(steps=3, rank=2, **sleep),
+    )
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def weights(stack) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in stack.named_parameters()}
+
+
+def test_a_run_sleeps_on_schedule_and_a_resumed_run_ends_the_same(tmp_path, text_file):
+    cfg = config(tmp_path, text_file, every_steps=5)
+    _, batches = make_batches(cfg)
+    whole = train(cfg, batches, progress=False)["stack"]
+    assert whole.adapters.names() == ["sleep-0001", "sleep-0002"]
+    sleeps = [json.loads(x) for x in (tmp_path / "run" / "sleeps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in sleeps] == [5, 10]
+    # a day is 5 steps x 2 rows, each row a fresh 64-token stream cut into 8-token chunks
+    assert [s["records"] for s in sleeps] == [5 * 2 * 8, 5 * 2 * 8]
+    assert all(s["night_loss_after"] < s["night_loss_before"] for s in sleeps)
+
+    cfg2 = config(tmp_path / "b", text_file, every_steps=5)
+    _, batches = make_batches(cfg2)
+    train(cfg2, batches, progress=False, stop_after=7)  # checkpoint at 5 holds sleep-0001
+    cfg2.run.resume = True
+    _, batches = make_batches(cfg2)
+    resumed = train(cfg2, batches, progress=False)["stack"]
+    assert resumed.adapters.names() == ["sleep-0001", "sleep-0002"]
+    a, b = weights(whole), weights(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a), [
+        n for n in a if not torch.allclose(a[n], b[n])
+    ]
+
+
+def test_a_schedule_without_a_store_is_refused(tmp_path, text_file):
+    cfg = config(tmp_path, text_file, every_steps=5)
+    cfg.stack.store = None
+    _, batches = make_batches(cfg)
+    with pytest.raises(ValueError, match="needs the long-term store"):
+        train(cfg, batches, progress=False)
+
+
+def test_sleep_script_reads_sleeps_saves_and_a_second_night_finds_nothing_new(tmp_path, text_file, capsys):
+    cfg = config(tmp_path, text_file)
+    cfg.schedule.max_steps = 2
+    _, batches = make_batches(cfg)
+    train(cfg, batches, progress=False)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Ada's code is 48213. Ben's code is 11111. " * 3)
+    out = tmp_path / "night1"
+    report = sleep_script.main([str(tmp_path / "run"), "--read", str(notes), "--out", str(out)])
+    assert report["adapter"] == "sleep-0001" and report["tokens"] == len(notes.read_bytes())
+    assert (out / "sleep_reports" / "sleep-0001.json").is_file()
+    state = load_stores(out / "stores")
+    store = state.memories["store"][1].stores[0]
+    assert len(store) == len(store.ids(consolidated=True)) > 0  # saved with the marks
+    capsys.readouterr()
+    again = sleep_script.main(
+        [
+            str(tmp_path / "run"),
+            "--store",
+            str(out / "stores"),
+            "--from",
+            str(out),
+            "--out",
+            str(tmp_path / "n2"),
+        ]
+    )
+    assert again["adapter"] is None and "nothing to consolidate" in capsys.readouterr().out
+
+
+def test_stores_save_and_load_row_by_row(tmp_path):
+    from conftest import make_model
+
+    from memstack import MemoryStack
+
+    stack = MemoryStack(
+        make_model("llama"), StackConfig(segment_len=16, store=StoreConfig(layers="0,1", chunk_len=8))
+    )
+    out = stack(torch.randint(0, 256, (2, 40)))
+    save_stores(out.state, tmp_path / "s")
+    back = load_stores(tmp_path / "s")
+    for layer in (0, 1):
+        for row in (0, 1):
+            a, b = out.state.memories["store"][layer].stores[row], back.memories["store"][layer].stores[row]
+            assert torch.equal(a.ids(), b.ids()) and all(
+                torch.equal(x, y) for x, y in zip(a.tokens(a.ids()), b.tokens(b.ids()), strict=True)
+            )
+    with pytest.raises(FileNotFoundError, match="no saved stores"):
+        load_stores(tmp_path / "nothing")
