@@ -114,7 +114,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--stream-bytes", type=int, default=3000, help="text read per day")
     p.add_argument("--held-out", type=int, default=16, help="held-out windows (test split)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--no-augment-variants", action="store_true", help="skip the augmented copies")
+    p.add_argument(
+        "--augment",
+        choices=["both", "on", "off"],
+        default="both",
+        help="run each sleeping variant with template augmentation, without, or both",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/sleep_eval)")
     add_set_argument(p)  # e.g. --set sleep.steps=200: the recipe every sleeping variant starts from
@@ -138,8 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     train_text = torch.tensor(tokenizer.encode(" ".join(words[:20000])))
     replay = train_text[: (len(train_text) // seg) * seg].view(-1, seg)
 
-    runs = [(v, False) for v in args.variants]
-    runs += [(v, True) for v in args.variants if v != "no sleep" and not args.no_augment_variants]
+    runs = [(v, False) for v in args.variants if args.augment != "on" or v == "no sleep"]
+    runs += [(v, True) for v in args.variants if v != "no sleep" and args.augment != "off"]
     results: dict[str, Any] = {"meta": {"args": vars(args), "facts": nights}, "variants": {}}
     t_all = time.perf_counter()
     for variant, aug in runs:

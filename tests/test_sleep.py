@@ -178,9 +178,9 @@ def test_replay_ratio_and_kl_weight_weigh_the_objective_as_documented(replay_rat
     cfg = SleepConfig(replay_ratio=replay_ratio, kl_weight=kl_weight)
     with torch.no_grad():
         got = sleep_loss(stack, cfg, night, torch.ones_like(night, dtype=torch.bool), None, replay)
-    with stack.memory_off():
+    with torch.no_grad(), stack.memory_off():
         s_night, s_replay = stack(night).logits, stack(replay).logits
-    base = reference(replay).logits  # the unwrapped model without adapters: the frozen base
+        base = reference(replay).logits  # the unwrapped model without adapters: the frozen base
     p_log, q_log = base.log_softmax(-1)[:, :-1], s_replay.log_softmax(-1)[:, :-1]
     kl = (p_log.exp() * (p_log - q_log)).sum(-1).mean()
     want = (1 - replay_ratio) * nll(s_night, night) + replay_ratio * (nll(s_replay, replay) + kl_weight * kl)

@@ -139,3 +139,40 @@ def test_stores_save_and_load_row_by_row(tmp_path):
             )
     with pytest.raises(FileNotFoundError, match="no saved stores"):
         load_stores(tmp_path / "nothing")
+
+
+@pytest.mark.slow
+def test_eval_sleep_runs_nights_on_distinct_facts_and_writes_the_table(tmp_path, text_file):
+    import eval_sleep
+
+    cfg = config(tmp_path, text_file)
+    cfg.schedule.max_steps = 1
+    _, batches = make_batches(cfg)
+    train(cfg, batches, progress=False)
+    out = tmp_path / "eval"
+    args = ["--nights", "2", "--facts", "3", "--stream-bytes", "300", "--held-out", "2"]
+    args += ["--variants", "no sleep", "lm", "--augment", "both", "--out", str(out), "--set", "sleep.steps=2"]
+    results = eval_sleep.main([str(tmp_path / "run"), *args])
+    facts = results["meta"]["facts"]
+    assert len({name for night in facts for name, _ in night}) == 6  # a new name per fact
+    assert list(results["variants"]) == ["no sleep", "lm", "lm + templates"]
+    for rows in results["variants"].values():
+        assert [r["completion"]["n"] for r in rows] == [3, 6]  # every night's facts so far
+        assert [r["unseen_templates"]["n"] for r in rows] == [6, 12]  # two unseen templates each
+    assert all(r["held_out_change"] == 0 and r["report"] is None for r in results["variants"]["no sleep"])
+    lm, aug = results["variants"]["lm"], results["variants"]["lm + templates"]
+    assert all(r["report"]["records"] > 0 and r["report"]["augmented_texts"] == 0 for r in lm)
+    assert all(r["report"]["augmented_texts"] == 3 * 3 for r in aug)  # 3 facts x 3 training templates
+    assert (out / "sleep_eval.json").is_file() and (out / "sleep_eval.png").stat().st_size > 1000
+
+
+def test_augment_finds_each_stored_fact_and_writes_it_in_the_training_templates():
+    from eval_sleep import STORED, TEST_TEMPLATES, TRAIN_TEMPLATES, augment_with
+
+    from memstack.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("bytes")
+    text = "and it came to pass " + STORED.format(name="Ada", code="48213") + " that he went out"
+    texts = [tok.decode(t.tolist()) for t in augment_with(tok)(torch.tensor(tok.encode(text)))]
+    assert texts == [t.format(name="Ada", code="48213") + " " for t in TRAIN_TEMPLATES]
+    assert not set(TRAIN_TEMPLATES) & set(TEST_TEMPLATES)
