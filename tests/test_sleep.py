@@ -94,6 +94,7 @@ def test_sleep_on_a_fresh_stack_is_a_no_op(capsys):
     stack, reference = make_stack()
     report = sleep(stack, progress=False)
     assert report.adapter is None and report.steps == 0 and stack.adapters.names() == []
+    assert stack.describe().endswith("4. sleep (LoRA adapters from the store, stack.sleep()): none yet")
     assert "nothing to consolidate" in capsys.readouterr().out
 
 
@@ -253,6 +254,7 @@ def test_from_pretrained_restores_the_adapters_and_reproduces_the_outputs(tmp_pa
     assert len(list(tmp_path.glob("memstack_adapters-*"))) == 1
     back = MemoryStack.from_pretrained(tmp_path, copy.deepcopy(reference))
     assert back.adapters.names() == ["sleep-0001", "sleep-0002"] and back.adapters.active() == ["sleep-0002"]
+    assert back.describe().endswith("adapters sleep-0001, sleep-0002 (active: sleep-0002)")
     assert torch.equal(back(x).logits, expected)
     assert not any(p.requires_grad for n, p in back.named_parameters() if "lora_" in n)
     # a later sleep on the restored stack continues the numbering

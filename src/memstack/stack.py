@@ -177,6 +177,13 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
                 f"  3. long-term store: layers {sorted(store.layers)}, {c.chunk_len}-token chunks keyed by "
                 f"{c.strategy}, top {c.top_k} per {c.block_len}-query block, {c.readout} readout"
             )
+        names = self.adapters.names()
+        slept = (
+            f"adapters {', '.join(names)} (active: {', '.join(self.adapters.active())})"
+            if names
+            else "none yet"
+        )
+        lines.append(f"  4. sleep (LoRA adapters from the store, stack.sleep()): {slept}")
         return "\n".join(lines)
 
     @staticmethod
