@@ -188,3 +188,31 @@ def test_eval_passkey_on_a_missing_run_exits_without_a_traceback(tmp_path):
     res = run("scripts/eval_passkey.py", str(tmp_path / "nope"), check=False)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.startswith(f"error: run directory {tmp_path / 'nope'} does not exist")
+
+
+def test_quickstart_loads_the_shipped_weights_and_reproduces_the_readme_cells(tmp_path):
+    """The shipped tiny_passkey_store weights give the README's per-cell hits (same seeds)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import quickstart
+
+    readme = json.loads((ROOT / "results/tiny_passkey_store/store_on/passkey_eval.json").read_text())
+    table = readme["text_memory_on"]
+    result = quickstart.main(["--lengths", "960", "--depths", "0.0", "0.5", "--out", str(tmp_path)])
+    on, off = result["memory_on"], result["memory_off"]
+    assert on["hits"] == [[table["hits"][0][0], table["hits"][0][2]]]  # 3/4 and 4/4 in the README
+    assert sum(on["hits"][0]) >= 6 and off["hits"] == [[0, 0]]  # memory is what finds the key
+    assert (tmp_path / "quickstart_heatmap.png").stat().st_size > 1000
+
+
+def test_quickstart_refuses_altered_weights(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import shutil
+
+    import quickstart
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(quickstart.SHIPPED, run_dir)
+    weights = run_dir / "step-001650" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    with pytest.raises(SystemExit, match="does not match"):
+        quickstart.verify(run_dir)
