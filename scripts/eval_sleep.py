@@ -235,6 +235,9 @@ def _plot(results: dict, path: Path) -> None:
         n = [r["night"] for r in rows]
         ax1.plot(n, [r["completion"]["mean"] for r in rows], marker="o", label=label)
         ax2.plot(n, [100 * r["held_out_change"] for r in rows], marker="o", label=label)
+    nights = sorted({r["night"] for rows in results["variants"].values() for r in rows})
+    for ax in (ax1, ax2):
+        ax.set_xticks(nights)
     ax1.set(xlabel="night", ylabel="completion recall, facts so far", ylim=(-0.02, 1.02))
     ax2.set(xlabel="night", ylabel="held-out loss change (%)")
     ax1.legend(fontsize=7)
