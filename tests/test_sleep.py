@@ -275,3 +275,16 @@ def test_training_crops_cover_every_offset_and_carry_their_teacher():
     assert torch.equal(t_idx[..., 0][mask], ids[mask]) and torch.equal(
         t_logp[..., 2][mask], ids[mask].float()
     )
+
+
+def test_rehearsal_trains_on_earlier_records_again():
+    reports = []
+    for rehearsal in (0.0, 1.0):
+        stack, _ = make_stack()
+        read_stream(stack, 48)
+        first = sleep(stack, SleepConfig(steps=1), progress=False)
+        read_stream(stack, 32, seed=1)
+        reports.append(sleep(stack, SleepConfig(steps=1, rehearsal=rehearsal), progress=False))
+    plain, rehearsed = reports
+    assert first.train_tokens == 48 and plain.train_tokens == 32 and plain.rehearsal_documents == 0
+    assert rehearsed.rehearsal_documents == 1 and rehearsed.train_tokens == 32 + 48

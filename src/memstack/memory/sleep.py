@@ -70,8 +70,8 @@ class SleepReport:
     """The night's records joined where adjacent in their stream."""
     augmented_texts: int
     """Texts ``augment`` made from them."""
-    rehearsal_records: int
-    """Earlier records trained on again (``rehearsal``)."""
+    rehearsal_documents: int
+    """Earlier documents (consolidated records, joined) trained on again (``rehearsal``)."""
     train_tokens: int
     """Tokens the training crops are drawn from (documents + augmented texts + rehearsal)."""
     steps: int
@@ -319,7 +319,7 @@ def sleep(
         tokens=int(night_mask.sum()),
         documents=len(night_docs),
         augmented_texts=len(augmented),
-        rehearsal_records=len(rehearse),
+        rehearsal_documents=len(rehearse),
         train_tokens=n_tokens,
         steps=steps,
         seconds=time.perf_counter() - t0,
