@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> dict:
     summary = train(config, batches)
     stack = summary.pop("stack")
     result = {"train": summary}
-    if config.data.task == "passkey" and not args.no_eval and os.environ.get("RANK", "0") == "0":
+    sharded = config.run.fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if sharded and config.data.task == "passkey" and not args.no_eval and os.environ.get("RANK", "0") == "0":
+        print("evaluation skipped under run.fsdp (the stack is sharded); evaluate the saved run with")
+        print(f"python scripts/eval_passkey.py {config.run.out_dir}")
+    elif config.data.task == "passkey" and not args.no_eval and os.environ.get("RANK", "0") == "0":
         e = config.eval
         stack.eval()
         fillers = ["synthetic", "text"] if e.filler == "both" else [e.filler]

@@ -55,16 +55,30 @@ class SegmentInputs:
     checkpointing, so a re-run reads what the forward pass read."""
 
 
-@dataclass
 class SegmentContext:
     """Handed to the model as ``model(..., memstack=ctx)``; each attention layer reads ``inputs``
-    and appends to ``records``."""
+    and appends to ``records``.
 
-    inputs: SegmentInputs
-    records: dict[int, list[LayerRecord]] = field(default_factory=dict)
-    """Per layer, what it saw, position-free (one entry per model call; decoding appends)."""
-    capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
-    """When a dict: each memory layer stores its position-free (query, key) here (tests, analysis)."""
+    A plain class on purpose, not a dataclass: FSDP2's pre-forward hook rebuilds every dataclass,
+    dict and list among a layer's keyword arguments that holds a tensor needing a gradient
+    (``torch.distributed.fsdp._common_utils``), so from the second layer on (when ``records``
+    holds earlier layers' keys) a layer would append to a copy and the memory write would never
+    see it. FSDP2 does not look into a plain object.
+    """
+
+    __slots__ = ("inputs", "records", "capture")
+
+    def __init__(
+        self,
+        inputs: SegmentInputs,
+        records: dict[int, list[LayerRecord]] | None = None,
+        capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ):
+        self.inputs = inputs
+        self.records = {} if records is None else records
+        """Per layer, what it saw, position-free (one entry per model call; decoding appends)."""
+        self.capture = capture
+        """When a dict: each memory layer stores its position-free (query, key) here (tests, analysis)."""
 
 
 def memstack_attention(

@@ -205,12 +205,21 @@ class RunConfig:
     """Save a checkpoint every this many steps (0: only at the end)."""
     resume: bool = True
     """Continue from the latest checkpoint in ``out_dir`` if there is one."""
+    fsdp: bool = False
+    """Under ``torchrun`` (2+ processes), shard parameters, gradients and optimiser state over
+    the ranks with PyTorch FSDP2 (``fully_shard`` on each decoder layer, memory gates included,
+    then on the whole stack) instead of replicating them with DDP: for models that do not fit one
+    GPU. Checkpoints are gathered into the usual unsharded format, so a run resumes with or
+    without it, at any number of ranks. In a single process it changes nothing (plain training).
+    Not with a sleep schedule, nor on a stack that already carries sleep adapters."""
 
     def __post_init__(self) -> None:
         _reject_bool_ints(self, "run")
         _check_int("run.batch_size", self.batch_size, minimum=1)
         _check_int("run.log_every", self.log_every, minimum=1)
         _check_int("run.ckpt_every", self.ckpt_every, minimum=0)
+        if not isinstance(self.fsdp, bool):
+            raise ValueError(f"run.fsdp must be true or false, got {self.fsdp!r}")
 
 
 @dataclass

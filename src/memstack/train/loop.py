@@ -1,6 +1,6 @@
 """The training loop: AdamW with the stack's parameter groups, warmup + cosine, clipping,
 accumulation, bf16 autocast on CUDA, BPTT through MemoryStack, JSON-lines metrics, checkpoints
-with exact resume, and DDP under ``torchrun``.
+with exact resume, and DDP (or FSDP2 with ``run.fsdp``) under ``torchrun``.
 
 Building and fitting are apart: :func:`build_stack` makes a MemoryStack from a config,
 :func:`fit` trains any existing stack (a later phase can fit a stack it already holds), and
@@ -27,10 +27,17 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..config import Config, ModelConfig
+from ..families import attention_modules
 from ..io import remove_stale_temporaries, write_json, write_text
 from ..memory.sleep import Day
 from ..stack import MemoryStack
-from .checkpoint import checkpoint_meta, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    checkpoint_meta,
+    gather_full_state,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -151,6 +158,53 @@ def _mean_over_ranks(values: list[float], world: int, device: torch.device) -> l
     return (t / world).tolist()
 
 
+def decoder_layers(stack: MemoryStack) -> list[torch.nn.Module]:
+    """The base model's decoder layers: the modules holding an attention module (and with it the
+    layer's ``memstack_memory`` gates)."""
+    attn = {id(m) for m in attention_modules(stack.model, stack.family)}
+    return [m for m in stack.model.modules() if any(id(c) in attn for c in m.children())]
+
+
+def _shard(stack: MemoryStack, config: Config, world: int, device: torch.device) -> None:
+    """FSDP2 in place: each decoder layer (its memory gates with it) is a unit of its own, then the
+    stack (embeddings, final norm, head) the root; refuses what sharding cannot do yet.
+
+    The ``memstack=`` :class:`~memstack.attention.SegmentContext` each layer receives is a plain
+    object, so FSDP2's pre-forward hook leaves it (and the records layers append to it) alone; its
+    tensors need no hook of FSDP2's: every gradient into a layer's parameters passes through the
+    layer's hidden-state input or output.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    sleep = config.sleep
+    if sleep is not None and (sleep.every_steps or sleep.every_records):
+        raise ValueError(
+            "run.fsdp=true does not support a sleep schedule (sleep.every_steps / every_records)"
+        )
+    if stack.adapters.names():
+        raise ValueError(
+            "run.fsdp=true cannot train a stack that carries sleep adapters; train without run.fsdp"
+        )
+    if isinstance(stack, FSDPModule):  # sharded by an earlier fit()
+        return
+    mesh = init_device_mesh(device.type, (world,))
+    for layer in decoder_layers(stack):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(stack, mesh=mesh)
+
+
+def _gate_record(stack: MemoryStack) -> dict[str, list[float]]:
+    """The logged gate values of a sharded stack (as :meth:`MemoryStack.gate_values` gives them
+    unsharded): a collective, the gates are gathered from their shards, so every rank calls it."""
+    gates = {}
+    for (layer, kind), g in stack.named_gates().items():
+        if kind == "compressive":
+            g = g.detach().full_tensor()
+            gates[str(layer)] = [round(x, 4) for x in torch.sigmoid(g.float()).cpu().tolist()]
+    return gates
+
+
 def _day(config: Config, stack: MemoryStack, world: int) -> Day | None:
     """The day a sleep schedule needs (None without one); refuses what it cannot do."""
     cfg = config.sleep
@@ -187,6 +241,11 @@ def fit(
     averages over ranks, once per optimiser step. With micro-batches of equal token counts this
     is exactly the loss of one batch holding all of them. Logged losses are averaged over ranks.
 
+    With ``run.fsdp`` and 2+ ranks the stack is sharded with FSDP2 in place (see
+    :func:`_shard`) instead of wrapped in DDP, with the same objective; checkpoints are gathered
+    to rank 0 in the usual format. The returned stack is then still sharded: its forward is a
+    collective that every rank must call.
+
     Args:
         stack: the stack to train, already on its device.
         config: the run's configuration.
@@ -212,6 +271,10 @@ def fit(
     if world > 1:
         dist.barrier()  # the other ranks look for checkpoints only once rank 0 has tidied up
 
+    fsdp = config.run.fsdp and world > 1
+    if fsdp:  # before the optimiser: sharding replaces the parameters
+        _shard(stack, config, world, device)
+
     opt_cfg, sched = config.optim, config.schedule
     optimizer = torch.optim.AdamW(
         stack.param_groups(opt_cfg.lr, opt_cfg.weight_decay, opt_cfg.gate_lr_mult), betas=opt_cfg.betas
@@ -222,7 +285,7 @@ def fit(
     start, loss_value = 0, float("nan")
     ckpt = latest_checkpoint(out_dir) if config.run.resume else None
     if ckpt is not None:
-        start = load_checkpoint(ckpt, stack, optimizer, scheduler)
+        start = load_checkpoint(ckpt, stack, optimizer, scheduler, sharded=fsdp)
         saved_loss = checkpoint_meta(ckpt)["loss"]
         if saved_loss is not None:
             loss_value = float(saved_loss)
@@ -245,7 +308,7 @@ def fit(
         }
 
     engine: torch.nn.Module = stack
-    if world > 1:
+    if world > 1 and not fsdp:
         # The gates take part in a forward only when memory is read: a batch that fits in one
         # segment (copy warm-up rows, short curriculum stages, stack.compressive=none) leaves them
         # without a gradient, which plain DDP treats as an error at the next step. Finding the
@@ -273,7 +336,9 @@ def fit(
         for micro in range(opt_cfg.grad_accum):
             # gradients are averaged over ranks once per optimiser step, on the last micro-batch
             last = micro == opt_cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if world == 1 or last else engine.no_sync()
+            sync = contextlib.nullcontext() if world == 1 or fsdp or last else engine.no_sync()
+            if fsdp:  # FSDP2's no_sync: gradients stay unsharded and accumulate locally
+                stack.set_requires_gradient_sync(last)
             batch = batches.batch(step, micro, rank, world)
             ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
             with sync:
@@ -297,7 +362,12 @@ def fit(
         lm_total, answer_total = _mean_over_ranks([lm_total, answer_total], world, device)
         loss_value = lm_total
         done = step + 1
-        if rank == 0 and (done % config.run.log_every == 0 or done == sched.max_steps):
+        log = done % config.run.log_every == 0 or done == sched.max_steps
+        if log and fsdp:
+            gates = _gate_record(stack)  # a collective
+        elif log and rank == 0:
+            gates = {str(k): [round(x, 4) for x in v.tolist()] for k, v in stack.gate_values().items()}
+        if rank == 0 and log:
             now = time.perf_counter()
             record = {
                 "step": done,
@@ -305,7 +375,7 @@ def fit(
                 "answer_loss": answer_total,
                 "lr": scheduler.get_last_lr()[0],
                 "tokens_per_s": tokens / max(now - t_last, 1e-9),
-                "gates": {str(k): [round(x, 4) for x in v.tolist()] for k, v in stack.gate_values().items()},
+                "gates": gates,
             }
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -314,10 +384,12 @@ def fit(
         if day is not None and day.due(done):
             _sleep(stack, config, day, done, metrics_path)
         every = config.run.ckpt_every
-        if rank == 0 and ((every and done % every == 0) or done == sched.max_steps):
-            ckpt = save_checkpoint(
-                out_dir, done, stack, optimizer, scheduler, config.to_dict(), loss=lm_total
-            )
+        if (every and done % every == 0) or done == sched.max_steps:
+            state = gather_full_state(stack, optimizer) if fsdp else None  # every rank takes part
+            if rank == 0:
+                ckpt = save_checkpoint(
+                    out_dir, done, stack, optimizer, scheduler, config.to_dict(), loss=lm_total, state=state
+                )
         if stop_after is not None and done >= stop_after:
             break
     if world > 1:
