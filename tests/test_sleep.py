@@ -148,6 +148,7 @@ def test_merge_into_base_keeps_the_outputs_and_changes_the_base():
     assert torch.allclose(stack(x).logits, with_adapter, atol=1e-5)
     changed = [n for n, t in frozen_snapshot(stack).items() if not torch.equal(t, before[n])]
     assert changed and all("proj" in n for n in changed)
+    assert stack.adapters.next_name() == "sleep-0002"  # numbering goes on after the merge
 
 
 def test_adapters_save_and_load_by_name_and_a_clash_raises(tmp_path):
@@ -288,3 +289,13 @@ def test_rehearsal_trains_on_earlier_records_again():
     plain, rehearsed = reports
     assert first.train_tokens == 48 and plain.train_tokens == 32 and plain.rehearsal_documents == 0
     assert rehearsed.rehearsal_documents == 1 and rehearsed.train_tokens == 32 + 48
+
+
+def test_merge_base_sleeps_fold_each_night_into_the_weights():
+    stack, _ = make_stack()
+    read_stream(stack, 32)
+    report = sleep(stack, SleepConfig(steps=3, lr=1e-2, merge="base"), progress=False)
+    assert stack.adapters.names() == [] and "merged into the base" in report.message
+    assert report.night_loss_after < report.night_loss_before
+    read_stream(stack, 32, seed=1)
+    assert sleep(stack, SleepConfig(steps=1, merge="base"), progress=False).adapter == "sleep-0002"

@@ -56,6 +56,7 @@ class Adapters:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.peft: PeftModel | None = None
+        self._highest = 0  # numbering survives a merge into the base, which removes every name
 
     def names(self) -> list[str]:
         """Every adapter on the model, in the order they were added."""
@@ -69,7 +70,7 @@ class Adapters:
         """``sleep-NNNN`` one past the highest number in any sleep adapter's name so far (a merged
         ``sleep-0001-0003`` counts as 3)."""
         numbers = [int(x) for n in self.names() if n.startswith(PREFIX) for x in re.findall(r"\d+", n)]
-        return f"{PREFIX}{max(numbers, default=0) + 1:04d}"
+        return f"{PREFIX}{max([*numbers, self._highest]) + 1:04d}"
 
     def _check_new(self, name: str) -> None:
         if not isinstance(name, str) or not _NAME.match(name):
@@ -131,8 +132,10 @@ class Adapters:
             p.requires_grad_(False)
 
     def merge_into_base(self) -> None:
-        """Add the active adapters' deltas into the base weights and remove every adapter."""
+        """Add the active adapters' deltas into the base weights and remove every adapter (the
+        numbering of later sleeps continues)."""
         if self.peft is not None:
+            self._highest = int(self.next_name()[len(PREFIX) :]) - 1
             self.peft.merge_and_unload()
             self.peft = None
 

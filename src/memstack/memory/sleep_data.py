@@ -1,0 +1,137 @@
+"""The data of sleep (memory/sleep.py): the night's documents from the store, the fixed
+windows that measure a night's loss, the random training crops, and the training run's day."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from memstack.config import SleepConfig
+
+if TYPE_CHECKING:
+    from memstack.state import StackState
+
+
+def night_documents(state: StackState, consolidated: bool = False) -> tuple[list[list[torch.Tensor]], dict]:
+    """Per stream, the records not yet consolidated, joined where they were adjacent.
+
+    Returns:
+        ``docs[row]``: 1-D token tensors in stream order, and ``ids[(layer, row)]``: the record ids
+        of each store layer's row store that these documents came from (to mark afterwards).
+    """
+    stores = state.memories.get("store") if state is not None else None
+    if not stores:
+        return [], {}
+    first = min(stores)
+    docs, ids = [], {}
+    for row, store in enumerate(stores[first].stores):
+        rec = store.ids(consolidated=consolidated)
+        for layer, layer_state in stores.items():
+            ids[(layer, row)] = layer_state.stores[row].ids(consolidated=consolidated)
+        if len(rec) == 0:
+            docs.append([])
+            continue
+        fields = store.records(rec)
+        toks = store.tokens(rec)
+        row_docs, current = [], [toks[0]]
+        for i in range(1, len(toks)):
+            adjacent = int(fields["start"][i]) == int(fields["start"][i - 1] + fields["length"][i - 1])
+            if adjacent:
+                current.append(toks[i])
+            else:
+                row_docs.append(torch.cat(current))
+                current = [toks[i]]
+        row_docs.append(torch.cat(current))
+        docs.append(row_docs)
+    return docs, ids
+
+
+def windows(docs: list[torch.Tensor], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut documents into ``(N, seq_len)`` windows, the last of each right-padded (mask False)."""
+    ids, mask = [], []
+    for doc in docs:
+        for a in range(0, len(doc), seq_len):
+            piece = doc[a : a + seq_len]
+            ids.append(F.pad(piece, (0, seq_len - len(piece))))
+            mask.append(torch.arange(seq_len) < len(piece))
+    if not ids:
+        return torch.zeros(0, seq_len, dtype=torch.long), torch.zeros(0, seq_len, dtype=torch.bool)
+    return torch.stack(ids), torch.stack(mask)
+
+
+def _crops(
+    docs: list[torch.Tensor],
+    teachers: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    seq_len: int,
+    batch_size: int,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """A batch of random ``seq_len`` crops: a document drawn with probability proportional to its
+    length, a start uniform over the crops that fit (0 for a short document), right-padded.
+
+    Why crops and not a fixed grid: a fact then appears after every amount of preceding text,
+    from none to a whole window, so it is not learned as the continuation of one fixed context.
+    """
+    lengths = torch.tensor([len(d) for d in docs], dtype=torch.float)
+    picks = torch.multinomial(lengths, batch_size, replacement=True, generator=gen).tolist()
+    ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
+    mask = torch.zeros(batch_size, seq_len, dtype=torch.bool)
+    t_idx = t_logp = None
+    if teachers is not None:
+        k = teachers[0][0].shape[-1]
+        t_idx = torch.zeros(batch_size, seq_len, k, dtype=torch.long)
+        t_logp = torch.zeros(batch_size, seq_len, k + 1)
+    for row, d in enumerate(picks):
+        start = int(torch.randint(max(len(docs[d]) - seq_len, 0) + 1, (1,), generator=gen))
+        piece = slice(start, start + seq_len)
+        n = len(docs[d][piece])
+        ids[row, :n], mask[row, :n] = docs[d][piece], True
+        if teachers is not None:
+            t_idx[row, :n], t_logp[row, :n] = teachers[d][0][piece], teachers[d][1][piece]
+    return ids, mask, None if teachers is None else (t_idx, t_logp)
+
+
+class Day:
+    """What a training run read since its last sleep: the stores of every batch, for the
+    ``SleepConfig.every_steps`` / ``every_records`` schedule of :func:`memstack.train.loop.fit`.
+
+    Each training batch starts a fresh stream, so its stores hold only that batch; the day keeps
+    them as extra rows of one state, and a sleep consolidates them all.
+    """
+
+    def __init__(self, config: SleepConfig) -> None:
+        self.config = config
+        self.stores: dict[int, list] = {}
+
+    def add(self, state: StackState | None) -> None:
+        """Keep the stores of one batch's final state."""
+        for layer, layer_state in (state.memories.get("store", {}) if state is not None else {}).items():
+            self.stores.setdefault(layer, []).extend(layer_state.stores)
+
+    def records(self) -> int:
+        """New records held (at the first store layer)."""
+        if not self.stores:
+            return 0
+        return sum(len(s.ids(consolidated=False)) for s in self.stores[min(self.stores)])
+
+    def due(self, step: int) -> bool:
+        """Whether the schedule asks for a sleep after optimiser step ``step``."""
+        c = self.config
+        return bool(
+            (c.every_steps and step % c.every_steps == 0)
+            or (c.every_records and self.records() >= c.every_records)
+        )
+
+    def state(self) -> StackState:
+        """The day as one state whose rows are every batch row seen."""
+        from memstack.memory.longterm import StoreState
+        from memstack.state import StackState
+
+        stores = {layer: StoreState(list(s)) for layer, s in self.stores.items()}
+        return StackState(memories={"store": stores} if stores else {})
+
+    def clear(self) -> None:
+        """Start a new day (the consolidated stores are dropped)."""
+        self.stores = {}
