@@ -361,15 +361,6 @@ def test_splits_are_disjoint_and_cover_the_text():
         assert test[i : i + 150] not in train
 
 
-def test_clean_filler_text():
-    raw = (
-        "\nGenesis 1\n\n  1 In the beginning.\n  2 And the earth\nwas void.\n\n"
-        "1 Samuel 2\n\n  1 And Hannah.\n"
-    )
-    assert clean_filler_text(raw) == "In the beginning. And the earth was void. And Hannah."
-    assert clean_filler_text("Plain  prose,\nover two lines.") == "Plain prose, over two lines."
-
-
 def test_text_filler_wraps_around_a_short_text(tmp_path):
     tok = ByteTokenizer()
     words = [f"w{chr(97 + i)}x" for i in range(20)]  # 18 train words, 2 test words
