@@ -31,7 +31,7 @@ import torch
 from memstack.config import SleepConfig, add_set_argument
 from memstack.data.filler import filler_text
 from memstack.io import write_json
-from memstack.memory.sleep import sleep
+from memstack.memory.sleep import mean_nll, sleep, text_windows
 from memstack.train.evaluate import load_run, wilson_interval
 
 NAMES = (
@@ -138,10 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
     words = filler_text("train").split(" ")
     streams = [night_stream(rng, words, facts, args.stream_bytes) for facts in nights]
     test_words = filler_text("test")
-    held_ids = torch.tensor(tokenizer.encode(test_words[: seg * args.held_out]))
-    held_out = held_ids[: (len(held_ids) // seg) * seg].view(-1, seg)
-    train_text = torch.tensor(tokenizer.encode(" ".join(words[:20000])))
-    replay = train_text[: (len(train_text) // seg) * seg].view(-1, seg)
+    held_out = text_windows(test_words, tokenizer, seg, args.held_out)
+    replay = text_windows(" ".join(words[:20000]), tokenizer, seg)
+    base_loss = mean_nll(base_stack, held_out, None, 8)
 
     runs = [(v, False) for v in args.variants if args.augment != "on" or v == "no sleep"]
     runs += [(v, True) for v in args.variants if v != "no sleep" and args.augment != "off"]
@@ -168,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
                     progress=False,
                 )
             so_far = [f for fs in nights[: night + 1] for f in fs]
-            held = _held_out_loss(stack, held_out)
+            held = mean_nll(stack, held_out, None, 8)
             row = {
                 "night": night + 1,
                 "completion": rate(recall(stack, tokenizer, so_far, STORED)),
@@ -186,7 +185,6 @@ def main(argv: list[str] | None = None) -> dict:
                 f"  unseen {u['hits']}/{u['n']}  held-out {held:.4f}",
                 flush=True,
             )
-        base_loss = _held_out_loss(copy.deepcopy(base_stack), held_out)
         for row in rows:
             row["held_out_change"] = row["held_out_loss"] / base_loss - 1
         results["variants"][label] = rows
@@ -197,12 +195,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(results))
     _plot(results, out_dir / "sleep_eval.png")
     return results
-
-
-def _held_out_loss(stack: Any, held_out: torch.Tensor) -> float:
-    from memstack.memory.sleep import mean_nll
-
-    return mean_nll(stack, held_out, None, 8)
 
 
 def format_table(results: dict) -> str:

@@ -26,12 +26,8 @@ import torch
 from memstack.config import SleepConfig, add_set_argument
 from memstack.data.filler import filler_text
 from memstack.memory.longterm import load_stores, save_stores
+from memstack.memory.sleep import text_windows
 from memstack.train.evaluate import load_run
-
-
-def _windows(text: str, tokenizer, seg: int, n: int) -> torch.Tensor:
-    ids = torch.tensor(tokenizer.encode(text[: seg * n * 2]))[: seg * n]
-    return ids[: (len(ids) // seg) * seg].view(-1, seg)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -66,8 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         state = load_stores(args.store)
     cfg = config.sleep or SleepConfig()
-    replay = _windows(filler_text("train"), tokenizer, seg, 256) if cfg.replay_ratio > 0 else None
-    held_out = _windows(filler_text("test"), tokenizer, seg, args.held_out)
+    replay = text_windows(filler_text("train"), tokenizer, seg, 256) if cfg.replay_ratio > 0 else None
+    held_out = text_windows(filler_text("test"), tokenizer, seg, args.held_out)
     report = stack.sleep(cfg, state=state, replay=replay, held_out=held_out, directory=out)
     stack.save_pretrained(out)
     save_stores(state, out / "stores")

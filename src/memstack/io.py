@@ -2,7 +2,7 @@
 
 A directory is written into a temporary sibling, every file fsynced, then renamed into place, so a
 crash leaves either the old directory or the new one, never a mix. A process killed mid-write
-leaves its temporary behind (``.NAME.tmp-XXXXXXXX``); the next write of that name, or
+leaves its temporary behind (``.NAME.tmp-<8 random characters>``); the next write of that name, or
 :func:`remove_stale_temporaries`, removes it. New files and directories get the modes the umask
 gives (``tempfile`` alone would leave them private: 0600 and 0700).
 """
@@ -44,9 +44,9 @@ def current_umask() -> int:
 def remove_stale_temporaries(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
     """Remove what killed :func:`atomic_directory` / :func:`write_json` calls left in ``directory``.
 
-    Only entries named like ours (``.TARGET.tmp-XXXXXXXX``, ``.TARGET.old-XXXXXXXX``) are touched,
-    and only those whose TARGET fully matches the regular expression ``name`` (None: any). One
-    writer per target is assumed: a temporary of a write still in progress would be removed too.
+    Only entries named like ours (``.TARGET.tmp-`` or ``.TARGET.old-`` and 8 random characters)
+    are touched, and only those whose TARGET fully matches the regular expression ``name`` (None:
+    any). One writer per target is assumed: a temporary of a write still in progress would be removed too.
     If a process died between moving the old copy of TARGET aside and renaming the new one into
     place, TARGET is missing and its complete old copy is moved back instead of deleted.
 
@@ -178,7 +178,7 @@ def umask_mode(directory: bool) -> int:
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is fsynced and renamed onto ``path``.
 
-    Temporaries are named ``.{name}.tmp-XXXXXXXX``; ones left by a killed earlier write of the
+    Temporaries are named ``.{name}.tmp-<8 random characters>``; ones left by a killed earlier write of the
     same file are removed first. If the body raises, ``path`` is untouched.
 
     Raises:

@@ -8,6 +8,11 @@ import torch
 from torch import nn
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2-sharded DTensor (the tensor itself otherwise)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 class StackParameters:
     """The training half of :class:`~memstack.stack.MemoryStack`: gates and parameter groups."""
 
@@ -21,9 +26,10 @@ class StackParameters:
 
     def gate_values(self, kind: str = "compressive") -> dict[int, torch.Tensor]:
         """sigmoid(beta) per layer and head for one kind: the share of each head's output that comes
-        from that memory."""
+        from that memory. Under FSDP2 the gates are gathered from their shards: a collective that
+        every rank must call."""
         return {
-            layer: torch.sigmoid(g.detach().float()).cpu()
+            layer: torch.sigmoid(_full(g.detach()).float()).cpu()
             for (layer, k), g in self.named_gates().items()
             if k == kind
         }

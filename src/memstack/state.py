@@ -124,7 +124,8 @@ class StackState:
             seen.add(t.data_ptr())
             flat[".".join(map(str, n))] = t
         meta = {"format": STATE_FORMAT, "version": str(STATE_VERSION), "segments": str(self.segments)}
-        blob = save(flat, metadata=meta)  # bytes: safetensors' save_file leaves .tmpXXXX files if killed
+        # to bytes first: safetensors' save_file leaves temporary files behind if killed
+        blob = save(flat, metadata=meta)
         with atomic_file(path) as tmp:
             tmp.write_bytes(blob)
 

@@ -47,7 +47,7 @@ from memstack.config import SleepConfig
 from memstack.io import atomic_file
 
 from .adapters import PREFIX, default_targets, lora_config
-from .sleep_data import Day, _crops, night_documents, windows  # noqa: F401  (re-exported)
+from .sleep_data import Day, _crops, night_documents, text_windows, windows  # noqa: F401  (re-exported)
 from .sleep_losses import _pred_mask, kl_bucketed, kl_full, teacher_targets, token_nll  # noqa: F401
 
 if TYPE_CHECKING:
@@ -173,7 +173,8 @@ def sleep(
     t0 = time.perf_counter()
     docs, ids = night_documents(state)
     night_docs = [d for row in docs for d in row]
-    n_records = sum(len(v) for (layer, _), v in ids.items() if layer == min(layer for layer, _ in ids))
+    first_layer = min((layer for layer, _ in ids), default=None)
+    n_records = sum(len(v) for (layer, _), v in ids.items() if layer == first_layer)
     if not night_docs:
         msg = "sleep: nothing to consolidate (the store has no records written since the last sleep)"
         print(msg)

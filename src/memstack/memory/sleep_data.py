@@ -3,7 +3,7 @@ windows that measure a night's loss, the random training crops, and the training
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,14 @@ def night_documents(state: StackState, consolidated: bool = False) -> tuple[list
         row_docs.append(torch.cat(current))
         docs.append(row_docs)
     return docs, ids
+
+
+def text_windows(text: str, tokenizer: Any, seq_len: int, n: int | None = None) -> torch.Tensor:
+    """``(N, seq_len)`` consecutive windows of ``text``'s tokens (the first ``n`` of them; all
+    whole windows if None): replay and held-out data for a sleep."""
+    ids = torch.tensor(tokenizer.encode(text if n is None else text[: 2 * seq_len * n]))
+    ids = ids[: (len(ids) // seq_len) * seq_len].view(-1, seq_len)
+    return ids if n is None else ids[:n]
 
 
 def windows(docs: list[torch.Tensor], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -194,17 +194,6 @@ def _shard(stack: MemoryStack, config: Config, world: int, device: torch.device)
     fully_shard(stack, mesh=mesh)
 
 
-def _gate_record(stack: MemoryStack) -> dict[str, list[float]]:
-    """The logged gate values of a sharded stack (as :meth:`MemoryStack.gate_values` gives them
-    unsharded): a collective, the gates are gathered from their shards, so every rank calls it."""
-    gates = {}
-    for (layer, kind), g in stack.named_gates().items():
-        if kind == "compressive":
-            g = g.detach().full_tensor()
-            gates[str(layer)] = [round(x, 4) for x in torch.sigmoid(g.float()).cpu().tolist()]
-    return gates
-
-
 def _day(config: Config, stack: MemoryStack, world: int) -> Day | None:
     """The day a sleep schedule needs (None without one); refuses what it cannot do."""
     cfg = config.sleep
@@ -363,9 +352,7 @@ def fit(
         loss_value = lm_total
         done = step + 1
         log = done % config.run.log_every == 0 or done == sched.max_steps
-        if log and fsdp:
-            gates = _gate_record(stack)  # a collective
-        elif log and rank == 0:
+        if log and (fsdp or rank == 0):  # under FSDP2 gathering the gates is a collective
             gates = {str(k): [round(x, 4) for x in v.tolist()] for k, v in stack.gate_values().items()}
         if rank == 0 and log:
             now = time.perf_counter()
