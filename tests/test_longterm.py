@@ -6,7 +6,6 @@ import torch
 
 from memstack import CompressiveConfig, MemoryStack, StackConfig
 from memstack.config import StoreConfig
-from memstack.families import rotate
 from memstack.memory.keys import chunk_keys, segment_query
 from memstack.memory.store import ChunkStore
 from tests.conftest import make_model, model_pair
@@ -20,6 +19,13 @@ def greedy_by_forward(stack: MemoryStack, prompt: torch.Tensor, steps: int) -> t
     for _ in range(steps):
         ids = torch.cat([ids, stack(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return ids
+
+
+def llama_rotate(model, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Llama's rotation, written from its modeling code: x cos + rotate_half(x) sin."""
+    cos, sin = model.model.rotary_emb(x, positions[None])
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
 
 
 def store_config(**kw) -> StoreConfig:
@@ -101,9 +107,9 @@ def test_retrieved_kv_enter_the_softmax_at_the_documented_distance(family):
     v_mem = v_mem.float().permute(1, 0, 2, 3).reshape(h_kv, -1, d)[None]
     pos = torch.arange(SEG)
     if family == "llama":
-        q_loc, k_loc = stack._rotate_at(q, pos), stack._rotate_at(k, pos)
-        q_m = stack._rotate_at(q, torch.full((SEG,), 5))
-        k_m = stack._rotate_at(k_mem, torch.zeros(k_mem.shape[2], dtype=torch.long))
+        q_loc, k_loc = llama_rotate(model, q, pos), llama_rotate(model, k, pos)
+        q_m = llama_rotate(model, q, torch.full((SEG,), 5))
+        k_m = llama_rotate(model, k_mem, torch.zeros(k_mem.shape[2], dtype=torch.long))
     else:
         q_loc, k_loc, q_m, k_m = q, k, q, k_mem
     g = h // h_kv
@@ -209,16 +215,6 @@ def test_memory_off_store_equals_the_stack_without_it():
         off = with_store(ids)
         torch.testing.assert_close(off.logits, plain(ids).logits, atol=1e-5, rtol=0)
     assert "store" not in off.state.memories
-
-
-def test_rotate_inverts_unrotate():
-    from memstack.families import unrotate
-
-    x = torch.randn(2, 3, 5, 8)
-    cos, sin = torch.randn(1, 5, 4).cos(), torch.randn(1, 5, 4).sin()
-    ang = torch.randn(1, 5, 2)
-    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)  # a real half-split rotation
-    torch.testing.assert_close(unrotate(rotate(x, cos, sin), cos, sin), x, atol=1e-5, rtol=0)
 
 
 def test_a_state_with_a_store_is_checked_and_never_half_saved(tmp_path):

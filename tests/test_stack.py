@@ -324,16 +324,6 @@ def test_memory_off_context_runs_the_same_weights_without_memory():
     assert torch.equal(gen_off, expected)
 
 
-def test_softcapping_is_rejected_with_a_clear_error():
-    from memstack.attention import memstack_attention
-
-    model = make_model("llama")
-    MemoryStack(model, StackConfig(segment_len=SEG))
-    q = torch.randn(1, 4, 3, 16)
-    with pytest.raises(ValueError, match="LlamaAttention uses attention logit soft-capping"):
-        memstack_attention(model.model.layers[0].self_attn, q, q, q, None, softcap=30.0)
-
-
 # ---------------------------------------------------------------------- data safety and clear errors
 
 

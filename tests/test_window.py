@@ -8,10 +8,12 @@ import torch
 from memstack.memory.window import local_attention
 
 
-def naive_attention(q, k, v, scale, allowed):
+def naive_attention(q, k, v, scale, allowed, softcap=None, sinks=None):
     """Loop over batch, head and query; ``allowed(b, i, j)`` says whether query i sees key j.
 
-    Query heads are grouped onto KV heads in blocks (head h reads KV head h // group)."""
+    Query heads are grouped onto KV heads in blocks (head h reads KV head h // group). Gemma 2's
+    soft-capping maps each score s to ``softcap * tanh(s / softcap)``; GPT-OSS's sink adds
+    ``exp(sinks[h])`` to the softmax's denominator."""
     B, H, Tq, D = q.shape
     Hkv, Tkv = k.shape[1], k.shape[2]
     group = H // Hkv
@@ -24,13 +26,28 @@ def naive_attention(q, k, v, scale, allowed):
                 if not js:  # a query that sees nothing (padding): no reference value
                     continue
                 scores = torch.stack([(q[b, h, i].double() @ k[b, kh, j].double()) * scale for j in js])
-                w = torch.softmax(scores, dim=0)
+                if softcap is not None:
+                    scores = softcap * torch.tanh(scores / softcap)
+                w = torch.exp(scores - scores.max())
+                sink = math.exp(float(sinks[h]) - float(scores.max())) if sinks is not None else 0.0
+                w = w / (w.sum() + sink)
                 out[b, i, h] = sum(w[n] * v[b, kh, j].double() for n, j in enumerate(js))
     return out
 
 
 def causal(tq, tkv):
     return lambda b, i, j: j <= tkv - tq + i
+
+
+@pytest.mark.parametrize("softcap, with_sinks", [(None, True), (2.0, False), (2.0, True)])
+def test_the_models_own_window_softcap_sinks_and_value_size(softcap, with_sinks):
+    # Gemma 2 (soft-capping, its own sliding window), GPT-OSS (sinks), MLA (value size != key size).
+    q, k, v = torch.randn(2, 4, 9, 8) * 3, torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 5)
+    sinks = torch.randn(4) if with_sinks else None
+    out = local_attention(q, k, v, None, scaling=0.5, model_window=4, softcap=softcap, sinks=sinks)
+    allowed = lambda b, i, j: i - 4 < j <= i  # noqa: E731  (transformers: kv_idx > q_idx - window)
+    expected = naive_attention(q, k, v, 0.5, allowed, softcap=softcap, sinks=sinks)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (4, 1)])

@@ -7,7 +7,7 @@ out = stack(input_ids, labels=input_ids)
 
 from .attention import ATTENTION_NAME, SegmentContext, SegmentInputs
 from .config import CompressiveConfig, SleepConfig, StackConfig, StoreConfig
-from .families import FAMILIES, UnsupportedModelError
+from .discovery import Architecture, UnsupportedModelError, discover
 from .memory.base import LayerRecord, MemoryKind, Readout
 from .memory.compressive import Compressive, CompressiveState
 from .memory.mixer import MemoryMixer
@@ -17,7 +17,7 @@ from .state import StackState
 
 __all__ = [
     "ATTENTION_NAME",
-    "FAMILIES",
+    "Architecture",
     "KINDS",
     "Compressive",
     "CompressiveConfig",
@@ -36,5 +36,6 @@ __all__ = [
     "StackOutput",
     "StackState",
     "UnsupportedModelError",
+    "discover",
 ]
 __version__ = "0.1.0"

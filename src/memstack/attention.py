@@ -26,9 +26,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .config import StackConfig
-from .families import unrotate
-from .memory.base import LayerRecord, MemoryKind, MemoryKV, ReadContext, RotateFn
-from .memory.window import local_attention
+from .memory.base import LayerRecord, MemoryKind, MemoryKV, ReadContext
+from .memory.window import local_attention, sparse_mask
+from .rotary import RotaryTables
 
 ATTENTION_NAME = "memstack"
 
@@ -42,14 +42,14 @@ class SegmentInputs:
     """The memory kinds in use (empty: memory off, local attention only)."""
     states: dict[str, dict[int, Any]]
     """``{kind: {layer: state}}`` before this segment; a missing layer has nothing stored yet."""
-    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
-    """cos, sin ``(1 or B, T, R)`` of this call's positions from the model's rotary module."""
+    rotary: RotaryTables | None = None
+    """Each layer's rotary rotation (cached per positions); None: no layer has one."""
+    first: int = 0
+    """Position id of this call's first token (after any prefix; decoding: > 0)."""
     start: int = 0
     """Segment position of this call's first token (decoding: > 0)."""
     valid: torch.Tensor | None = None
     """``(B, T)`` bool of the segment, False at padding; None: all valid."""
-    rotate: RotateFn | None = None
-    """The model's rotation at given positions (None without rotary embeddings)."""
     scratch: dict = field(default_factory=dict)
     """Per (kind, layer) scratch that lives as long as the segment: created outside activation
     checkpointing, so a re-run reads what the forward pass read."""
@@ -96,13 +96,15 @@ def memstack_attention(
 
     Shapes: query ``(B, H, Tq, D)``, key/value ``(B, H_kv, Tkv, D)`` (Tkv >= Tq with a KV cache,
     whose last Tq entries are this call's tokens). Returns ``((B, Tq, H, D), None)``.
+
+    The model's own attention features arrive in ``kwargs`` and are honoured as its eager
+    attention does: ``sliding_window`` (the layer's window, also where transformers passes no
+    mask), ``softcap`` (Gemma 2's logit soft-capping) and ``s_aux`` (GPT-OSS's learned sinks).
     """
-    if kwargs.get("softcap") is not None:
-        raise ValueError(
-            f"{type(module).__name__} uses attention logit soft-capping, which memstack does not support"
-        )
     cfg = memstack.inputs.config if memstack is not None else None
     mixer = getattr(module, "memstack_memory", None)
+    if kwargs.get("indices") is not None:
+        attention_mask = sparse_mask(attention_mask, kwargs["indices"], key.shape[2])
 
     def local(memory: MemoryKV | None = None) -> torch.Tensor:
         return local_attention(
@@ -115,18 +117,25 @@ def memstack_attention(
             sink_tokens=cfg.sink_tokens if cfg else 0,
             dropout=dropout,
             memory=memory,
+            model_window=kwargs.get("sliding_window"),
+            softcap=kwargs.get("softcap"),
+            sinks=kwargs.get("s_aux"),
         )
 
     if memstack is None or mixer is None or not (memstack.inputs.kinds or memstack.capture is not None):
         return local(), None
 
-    inputs, layer, q_len = memstack.inputs, module.layer_idx, query.shape[2]
+    inputs, layer, q_len = memstack.inputs, module.memstack_layer, query.shape[2]
     q_free, k_free = query, key[:, :, -q_len:]  # this call's tokens only
     new_value = value[:, :, -q_len:]
-    if inputs.rotary is not None:
+    rotation = (
+        inputs.rotary.rotation(layer, inputs.first, q_len, query.shape[-1], query.device)
+        if inputs.rotary is not None
+        else None
+    )
+    if rotation is not None:
         # The paper's memory has no position encoding: read and write with un-rotated Q/K.
-        cos, sin = inputs.rotary
-        q_free, k_free = unrotate(query, cos, sin), unrotate(k_free, cos, sin)
+        q_free, k_free = rotation.unrotate(query), rotation.unrotate(k_free)
     if memstack.capture is not None:
         memstack.capture[layer] = (q_free, k_free)
 
@@ -136,7 +145,8 @@ def memstack_attention(
         state = inputs.states.get(name, {}).get(layer)
         if state is not None:
             scratch = inputs.scratch.setdefault((name, layer), {})
-            ctx = ReadContext(inputs.start, inputs.valid, inputs.rotate, scaling, scratch)
+            rotate = inputs.rotary.rotate_fn(layer) if inputs.rotary is not None else None
+            ctx = ReadContext(inputs.start, inputs.valid, rotate, scaling, scratch)
             readouts[name] = kind.read(state, q_free, ctx)
     keep_query = any(kind.needs_query for kind in kinds.values())
     memstack.records.setdefault(layer, []).append(

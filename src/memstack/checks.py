@@ -15,8 +15,12 @@ class StackChecks:
 
     @property
     def vocab_size(self) -> int:
-        """Rows of the model's input embedding: token ids must lie in ``[0, vocab_size)``."""
-        return self.model.get_input_embeddings().num_embeddings
+        """Rows of the model's input embedding: token ids must lie in ``[0, vocab_size)`` (the
+        text config's vocabulary where the input embedding is not one table, as MusicGen's)."""
+        embedding = self.model.get_input_embeddings()
+        if isinstance(embedding, torch.nn.Embedding):
+            return embedding.num_embeddings
+        return int(self.model.config.get_text_config().vocab_size)
 
     def _check_ids(self, name: str, ids: torch.Tensor) -> None:
         """Shape, dtype and vocabulary range of token ids, before any work is done."""
@@ -47,9 +51,10 @@ class StackChecks:
                 )
 
     def _memory_shape(self) -> tuple[int, int, int]:
-        """(kv_heads, d_k, d_v) of this model's compressive memory."""
-        info = self._model_info(self.model, 0)
-        return info.kv_heads, info.head_dim, info.head_dim
+        """(kv_heads, d_k, d_v) of this model's compressive memory (its first memory layer's)."""
+        layers = self.memory_layers or self.arch.layers
+        site = self.arch.sites[layers[0]]
+        return site.kv_heads, site.key_dim, site.value_dim
 
     def _check_state(self, state: StackState, batch: int) -> None:
         """A state must come from this model and stack (its kinds, layers and shapes) and this batch."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -44,7 +44,9 @@ class _OpenSegment:
     """A segment being decoded token by token: its KV cache, what its layers recorded, the read
     scratch, and the tokens readout's prefix (``offset`` tokens, ``mask`` over the cache)."""
 
-    cache: DynamicCache
+    cache: Cache | None = None
+    """None until the first call: the model builds the cache its layers need (hybrid models'
+    recurrent states, sparse attention's indexer keys), as in its own ``generate``."""
     records: dict[int, list[LayerRecord]] = field(default_factory=dict)
     scratch: dict = field(default_factory=dict)
     offset: int = 0
@@ -183,21 +185,21 @@ class StackGeneration:
 
     def _open_segment(self, state: StackState, batch: int) -> _OpenSegment:
         """A fresh KV cache for the next segment, with the tokens readout's prefix prefilled."""
-        open_ = _OpenSegment(DynamicCache())
+        open_ = _OpenSegment()
         prefix = self._prefix(state, batch)
         if prefix is not None:
             prefix_ids, prefix_valid = prefix
             open_.offset, open_.mask = prefix_ids.shape[1], prefix_valid.long()
-            pos, rotary = self._positions(0, open_.offset)
-            ctx = SegmentContext(self._inputs(state, rotary, 0, None, {}))  # the prefix is not the segment's
-            self.model(
+            pos = self._positions(0, open_.offset)
+            ctx = SegmentContext(self._inputs(state, 0, 0, None, {}))  # the prefix is not the segment's
+            open_.cache = self.model(
                 input_ids=prefix_ids,
                 attention_mask=open_.mask,
                 position_ids=pos,
-                cache=open_.cache,
+                cache=None,
                 use_cache=True,
                 memstack=ctx,
-            )
+            ).cache
         return open_
 
     def _decode(
@@ -205,9 +207,10 @@ class StackGeneration:
     ) -> torch.Tensor:
         """Feed tokens at segment positions ``start..`` through the open segment's cache, memory
         read-only, and record what each layer saw; return the logits ``(B, T, V)``."""
-        pos, rotary = self._positions(seg_open.offset + start, ids.shape[1])
+        first = seg_open.offset + start
+        pos = self._positions(first, ids.shape[1])
         ctx = SegmentContext(
-            self._inputs(state, rotary, start, None, seg_open.scratch), records=seg_open.records
+            self._inputs(state, first, start, None, seg_open.scratch), records=seg_open.records
         )
         mask = None
         if seg_open.mask is not None:
@@ -221,4 +224,5 @@ class StackGeneration:
             use_cache=True,
             memstack=ctx,
         )
+        seg_open.cache = out.cache
         return out.logits

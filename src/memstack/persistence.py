@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from .config import StackConfig
-from .families import attention_modules, family_of
+from .discovery import discover
 from .io import atomic_file, read_manifest, umask_mode
 
 if TYPE_CHECKING:
@@ -140,7 +140,8 @@ class StackPersistence:
             tensors = {f"{k.rsplit('.', 1)[0]}.compressive.gate": t for k, t in tensors.items()}
         # A dry run of the composition says which gates the stack will have, so that nothing
         # touches the model before every tensor is known to fit.
-        info = cls._model_info(model, len(attention_modules(model, family_of(model))))
+        arch = discover(model)
+        info = cls._model_info(arch)
         expected = {}
         from .stack import KINDS  # the composition lives with the stack
 
@@ -155,10 +156,10 @@ class StackPersistence:
             raise FileNotFoundError(f"{path / CONFIG_FILE} names adapters {adapters!r}, which are missing")
         if set(tensors) != set(expected):
             raise ValueError(f"{path}: expected tensors {sorted(expected)}, found {sorted(tensors)}")
-        heads = model.config.num_attention_heads
         for name, saved in tensors.items():
+            layer = expected[name]
+            heads = arch.sites[layer].heads
             if tuple(saved.shape) != (heads,):
-                layer = expected[name]
                 raise ValueError(
                     f"{path}: gate of layer {layer} ({name}) has shape {tuple(saved.shape)}, "
                     f"the model needs ({heads},)"

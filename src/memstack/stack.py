@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import ATTENTION_NAME, SegmentContext, SegmentInputs
 from .checks import StackChecks
 from .config import SleepConfig, StackConfig, parse_layers
-from .families import attention_modules, family_of, rotary_module, rotate
+from .discovery import Architecture, discover
 from .generation import StackGeneration, token_nll  # noqa: F401  (token_nll re-exported)
 from .memory.adapters import Adapters
 from .memory.base import ClosedSegment, LayerRecord, MemoryKind
@@ -42,23 +42,37 @@ class ModelInfo(NamedTuple):
     """What a memory kind's builder may need to know about the wrapped model."""
 
     num_layers: int
-    kv_heads: int
-    head_dim: int
+    """Layer numbers run from 0 to ``num_layers - 1``."""
+    attention_layers: tuple[int, ...]
+    """The layers with attention (all of them but in hybrid models)."""
     model_type: str
+
+    def layers(self, spec: str, name: str) -> list[int]:
+        """The attention layers a selection names: ``all`` skips a hybrid's other layers; naming
+        one of them explicitly is an error."""
+        chosen = parse_layers(spec, self.num_layers, name=name)
+        if spec.strip() in ("all", "none") or spec.strip().startswith("every:"):
+            return [i for i in chosen if i in self.attention_layers]
+        other = [i for i in chosen if i not in self.attention_layers]
+        if other:
+            raise ValueError(
+                f"{name} {spec!r}: layers {other} have no attention "
+                f"(attention layers: {list(self.attention_layers)})"
+            )
+        return chosen
 
 
 def _compressive(config: StackConfig, model: ModelInfo) -> tuple[MemoryKind, float] | None:
     c = config.compressive
     if c is None:
         return None
-    layers = parse_layers(c.layers, model.num_layers, name="stack.compressive.layers")
-    return Compressive(layers, c.update_rule), c.gate_init
+    return Compressive(model.layers(c.layers, "stack.compressive.layers"), c.update_rule), c.gate_init
 
 
 def _store(config: StackConfig, model: ModelInfo) -> tuple[MemoryKind, float | None] | None:
     if config.store is None:
         return None
-    layers = parse_layers(config.store.layers, model.num_layers, name="stack.store.layers")
+    layers = model.layers(config.store.layers, "stack.store.layers")
     kind = LongTermMemory(layers, config.store, config.segment_len, metadata={"model_type": model.model_type})
     return kind, (config.store.gate_init if config.store.readout == "kv_gated" else None)
 
@@ -105,28 +119,30 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
     """Memory layers around a Hugging Face causal LM.
 
     Args:
-        model: an already loaded ``*ForCausalLM`` whose family is in
-            :data:`memstack.families.FAMILIES`. It is modified in place: its attention
+        model: an already loaded ``*ForCausalLM`` whose attention goes through transformers'
+            ``AttentionInterface`` (:func:`memstack.discovery.discover` finds its attention
+            layers, shapes and rotary layout by probing it). It is modified in place: its attention
             implementation becomes memstack's and its attention modules get a
             ``memstack_memory`` submodule (the gates) on the memory layers.
         config: the stack's configuration (defaults: :class:`StackConfig`).
 
     Raises:
-        UnsupportedModelError: if the model's attention does not go through the registry.
+        UnsupportedModelError: with the reason, if the model cannot be wrapped.
     """
 
     def __init__(self, model: nn.Module, config: StackConfig | None = None):
         super().__init__()
         self.config = config if config is not None else StackConfig()
-        self.family = family_of(model)
+        self.arch: Architecture = discover(model)
+        """The model's attention layers, shapes and rotary layout, found by probing it."""
         self.model = model
-        attn = attention_modules(model, self.family)
-        if any(hasattr(m, "memstack_memory") for m in attn):
+        sites = self.arch.sites
+        if any(hasattr(s.module, "memstack_memory") for s in sites.values()):
             raise ValueError("this model is already wrapped by a MemoryStack; load a fresh copy")
         self.kinds: dict[str, MemoryKind] = {}
         """The memory kinds in use, by name, in mixing order."""
         gates: dict[int, dict[str, float]] = {}
-        info = self._model_info(model, len(attn))
+        info = self._model_info(self.arch)
         for name, build in KINDS.items():
             built = build(self.config, info)
             if built is None:
@@ -140,10 +156,12 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
         device = next(model.parameters()).device
         self._mixers: dict[int, MemoryMixer] = {}
         for layer, kinds in sorted(gates.items()):
-            mixer = MemoryMixer(model.config.num_attention_heads, kinds).to(device)
-            attn[layer].memstack_memory = mixer  # registered as a submodule of the model
+            mixer = MemoryMixer(sites[layer].heads, kinds).to(device)
+            sites[layer].module.memstack_memory = mixer  # registered as a submodule of the model
             self._mixers[layer] = mixer
-        self._rotary = rotary_module(model, self.family)
+        for layer, site in sites.items():
+            site.module.memstack_layer = layer  # the number memory keys its state by
+        self._rotary = self.arch.rotary_tables()
         self._previous_attn = model.config._attn_implementation
         model.set_attn_implementation(ATTENTION_NAME)
         self.state: StackState | None = None
@@ -163,8 +181,8 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
 
     def describe(self) -> str:
         """One line per memory layer: what this stack holds around which model."""
-        cfg, n = self.config, len(attention_modules(self.model, self.family))
-        lines = [f"{type(self.model).__name__} ({n} layers), segments of {cfg.segment_len} tokens"]
+        cfg = self.config
+        lines = [f"{type(self.model).__name__} ({self.arch.summary()}), segments of {cfg.segment_len} tokens"]
         window = f"window {cfg.window}" if cfg.window else "the whole segment"
         lines.append(f"  1. working memory: causal attention over {window}")
         kind = self.kinds.get("compressive")
@@ -187,12 +205,8 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
         return "\n".join(lines)
 
     @staticmethod
-    def _model_info(model: nn.Module, num_layers: int) -> ModelInfo:
-        cfg = model.config
-        heads = cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return ModelInfo(num_layers, kv_heads, head_dim, cfg.model_type)
+    def _model_info(arch: Architecture) -> ModelInfo:
+        return ModelInfo(arch.num_layers, tuple(arch.layers), arch.model_type)
 
     @property
     def memory_layers(self) -> list[int]:
@@ -206,9 +220,10 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
     def unwrap(self) -> nn.Module:
         """Give the model back as it was before wrapping: memory modules removed, its previous
         attention implementation restored. The stack is unusable afterwards."""
-        attn = attention_modules(self.model, self.family)
         for layer in self._mixers:
-            del attn[layer].memstack_memory
+            del self.arch.sites[layer].module.memstack_memory
+        for site in self.arch.sites.values():
+            del site.module.memstack_layer
         self._mixers, self.kinds = {}, {}
         self.model.set_attn_implementation(self._previous_attn)
         return self.model
@@ -219,27 +234,17 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _positions(self, start: int, length: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """Position ids ``(1, T)`` and the model's own cos/sin at those positions."""
-        pos = torch.arange(start, start + length, device=self.device)[None]
-        if self._rotary is None:
-            return pos, None
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            cos, sin = self._rotary(torch.empty(0, dtype=torch.float32, device=self.device), pos)
-        return pos, (cos, sin)
-
-    def _rotate_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The model's own rotary rotation of ``x (B, H, T, D)`` at ``positions (T,)``."""
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            cos, sin = self._rotary(
-                torch.empty(0, dtype=torch.float32, device=x.device), positions[None].to(x.device)
-            )
-        return rotate(x, cos, sin)
+    def _positions(self, first: int, length: int) -> torch.Tensor | None:
+        """Position ids ``(1, T)`` from ``first``, for rotary models; None otherwise, so that a model
+        with learned positions numbers them its own way (RoBERTa starts after its padding index)."""
+        if not self._rotary.sources or all(s is None for s in self._rotary.sources.values()):
+            return None
+        return torch.arange(first, first + length, device=self.device)[None]
 
     def _inputs(
         self,
         state: StackState,
-        rotary,
+        first: int = 0,
         start: int = 0,
         valid: torch.Tensor | None = None,
         scratch: dict | None = None,
@@ -248,10 +253,10 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
             self.config,
             self._active_kinds(),
             state.memories,
-            rotary,
+            self._rotary,
+            first=first,
             start=start,
             valid=valid,
-            rotate=self._rotate_at if self._rotary is not None else None,
             scratch=scratch if scratch is not None else {},
         )
 
@@ -270,14 +275,7 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
         differentiable kinds and outside it, exactly once, for the others; ``generate`` calls it
         when a decoded segment fills.
         """
-        segment = ClosedSegment(
-            ids,
-            valid,
-            state.segments,
-            self.config.segment_len,
-            self._rotate_at if self._rotary is not None else None,
-            nll,
-        )
+        segment = ClosedSegment(ids, valid, state.segments, self.config.segment_len, None, nll)
         memories = dict(state.memories)
         for name, kind in self._active_kinds().items():
             if kind.differentiable != differentiable:
@@ -286,7 +284,8 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
             for layer in sorted(kind.layers & set(records)):
                 record = LayerRecord.cat(records[layer])
                 old = layers.get(layer)
-                layers[layer] = kind.write(kind.empty(record) if old is None else old, record, segment)
+                at_layer = segment._replace(rotate=self._rotary.rotate_fn(layer))
+                layers[layer] = kind.write(kind.empty(record) if old is None else old, record, at_layer)
             memories[name] = layers
         return StackState(memories, state.segments)
 
@@ -308,7 +307,7 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
             ids = torch.cat([prefix_ids, seg_ids], dim=1)
             ones = torch.ones_like(seg_ids, dtype=torch.long)
             mask = torch.cat([prefix_valid.long(), seg_mask if seg_mask is not None else ones], dim=1)
-        pos, rotary = self._positions(0, ids.shape[1])
+        pos = self._positions(0, ids.shape[1])
         has_padding = mask is not None and not bool(mask.all())
         seg_valid = seg_mask.bool() if seg_mask is not None and not bool(seg_mask.all()) else None
         out_names: list = []
@@ -319,7 +318,7 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
         def run(*flat_state: torch.Tensor):
             before = StackState({**state.others(), **StackState.unflatten(names, flat_state)}, state.segments)
             valid = mask.bool() if has_padding else None
-            ctx = SegmentContext(self._inputs(before, rotary, 0, valid, scratch))
+            ctx = SegmentContext(self._inputs(before, 0, 0, valid, scratch))
             logits = self.model(
                 input_ids=ids,
                 attention_mask=mask if has_padding else None,
@@ -436,9 +435,9 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
         Returns:
             ``{layer: (query (B, H, T, D), key (B, H_kv, T, D))}`` for every memory layer, float32.
         """
-        pos, rotary = self._positions(0, segment_ids.shape[1])
+        pos = self._positions(0, segment_ids.shape[1])
         capture: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        inputs = SegmentInputs(self.config, {}, {}, rotary)  # no kinds: capture only
+        inputs = SegmentInputs(self.config, {}, {}, self._rotary)  # no kinds: capture only
         ctx = SegmentContext(inputs, capture=capture)
         self.model(input_ids=segment_ids.to(self.device), position_ids=pos, use_cache=False, memstack=ctx)
         return capture

@@ -86,8 +86,9 @@ class Readout(NamedTuple):
     """Keys and values that join the local softmax (no gate)."""
 
 
-RotateFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``rotate(x (B, H, T, D), positions (T,))``: the model's own rotary rotation at those positions."""
+RotateFn = Callable[..., torch.Tensor]
+"""``rotate(x (B, H, T, D), first, step=1)``: the model's own rotary rotation of the layer at
+positions ``first + step * t`` (``step=0``: every token at ``first``)."""
 
 
 class ReadContext(NamedTuple):

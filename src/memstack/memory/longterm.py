@@ -148,7 +148,7 @@ class LongTermMemory:
         positions = torch.arange(t_len, device=key.device)
         q_rot, k_rot = query, key
         if segment.rotate is not None:  # the model's real attention: rotated Q/K at 0..T-1
-            q_rot, k_rot = segment.rotate(query, positions), segment.rotate(key, positions)
+            q_rot, k_rot = segment.rotate(query, 0), segment.rotate(key, 0)
         tails = []
         for row in range(b):
             valid = (
@@ -246,8 +246,8 @@ class LongTermMemory:
         q_mem = query.float()
         if ctx.rotate is not None:
             # every query at +distance from every retrieved key: q R(distance) . R(0) k
-            q_mem = ctx.rotate(q_mem, torch.full((t_q,), self.distance, device=query.device))
-            keys = ctx.rotate(keys, torch.zeros(keys.shape[2], dtype=torch.long, device=query.device))
+            q_mem = ctx.rotate(q_mem, self.distance, step=0)
+            keys = ctx.rotate(keys, 0, step=0)
         spans, col = [], 0
         for j in blocks:
             rows = (

@@ -209,7 +209,7 @@ def sleep(
     targets = (
         cfg.target_modules.split(",")
         if cfg.target_modules
-        else default_targets(stack.model, stack.family.lora_targets)
+        else default_targets(stack.model, stack.arch.lora_targets)
     )
     previously_active = adapters.active()
     params = adapters.add(name, lora_config(targets, cfg.rank, cfg.alpha, cfg.dropout))

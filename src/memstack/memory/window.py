@@ -44,6 +44,9 @@ def local_attention(
     sink_tokens: int = 0,
     dropout: float = 0.0,
     memory: MemoryKV | None = None,
+    model_window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal softmax attention inside the segment, optionally over retrieved memory too.
 
@@ -63,6 +66,10 @@ def local_attention(
             allows. One SDPA call: the query is ``[q, memory.query]`` and the keys
             ``[0, memory.key]`` (memory) then ``[k, 0]`` (local), so the two inner products add
             up to exactly ``q . k`` for local keys and ``memory.query . memory.key`` for memory.
+        model_window: the model's own sliding window for this layer (transformers' semantics, the
+            same as ``window``), applied on top of ``window`` and without sinks.
+        softcap: the model's logit soft-capping, ``softcap * tanh(logits / softcap)`` (Gemma 2).
+        sinks: ``(H,)`` learned sink logits that join every softmax and are dropped (GPT-OSS).
 
     Returns:
         ``(B, Tq, H, D)``, the layout the transformers attention modules reshape from.
@@ -76,11 +83,15 @@ def local_attention(
         value = repeat(value, "b hkv t d -> b (hkv g) t d", g=h // h_kv)
 
     band = band_mask(q_len, kv_len, window, sink_tokens, query.device)
+    if model_window is not None and model_window < kv_len:
+        own = band_mask(q_len, kv_len, model_window, 0, query.device)
+        band = own if band is None else band & own
     mask = attention_mask
+    extras = (softcap, sinks, dropout)
     if memory is not None:
-        return _with_memory(query, key, value, mask, band, memory, scaling, dropout)
+        return _with_memory(query, key, value, mask, band, memory, scaling, extras)
     if mask is None and band is None:
-        if q_len == kv_len:
+        if q_len == kv_len and softcap is None and sinks is None:
             out = F.scaled_dot_product_attention(
                 query, key, value, dropout_p=dropout, is_causal=q_len > 1, scale=scaling
             )
@@ -93,8 +104,40 @@ def local_attention(
     # A query that may attend to nothing (a padded position) would give NaN, and NaN poisons
     # the weight gradients even where the loss ignores it; let such rows see every key instead.
     mask = mask | ~mask.any(dim=-1, keepdim=True)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
-    return out.transpose(1, 2)  # (B, Tq, H, D)
+    return attend(query, key, value, mask, scaling, *extras).transpose(1, 2)  # (B, Tq, H, D)
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float | None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Masked softmax attention ``(B, H, Tq, Dv)``: SDPA, or the model's eager formula when it
+    soft-caps its logits or has learned sinks (SDPA can do neither)."""
+    if softcap is None and sinks is None:
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale
+        )
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    logits = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+    if sinks is not None:
+        b, h, q_len, _ = logits.shape
+        column = sinks.to(logits.dtype).reshape(1, h, 1, 1).expand(b, h, q_len, 1)
+        logits = torch.cat([logits, column], dim=-1)
+        logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(logits, dim=-1)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    return torch.matmul(probs.to(value.dtype), value)
 
 
 def _with_memory(
@@ -105,7 +148,7 @@ def _with_memory(
     band: torch.Tensor | None,
     memory: MemoryKV,
     scaling: float | None,
-    dropout: float,
+    extras: tuple,
 ) -> torch.Tensor:
     """Local attention and retrieved memory in one softmax (keys already repeated for GQA)."""
     b, h, q_len, d = query.shape
@@ -145,9 +188,19 @@ def _with_memory(
             [memory.visible[:, None, a:e, c:f], mask[..., a:e, :end].expand(b, 1, e - a, end)], dim=-1
         )
         seen = seen | ~seen.any(dim=-1, keepdim=True)  # as above: no NaN for rows that see nothing
-        outs.append(
-            F.scaled_dot_product_attention(
-                q[:, :, a:e], keys, values, attn_mask=seen, dropout_p=dropout, scale=scale
-            )
-        )
+        outs.append(attend(q[:, :, a:e], keys, values, seen, scale, *extras))
     return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+def sparse_mask(attention_mask: torch.Tensor | None, indices: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """DeepSeek-V3.2's sparse attention: each query sees only the keys its indexer picked
+    (``indices (B, Tq, topk)``), within the causal mask, as the model's own eager path does."""
+    b, q_len, _ = indices.shape
+    picked = torch.zeros(b, 1, q_len, kv_len, dtype=torch.bool, device=indices.device)
+    picked.scatter_(-1, indices.long()[:, None], True)
+    if attention_mask is None:
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=indices.device).tril(kv_len - q_len)
+        return picked & causal
+    if attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    return attention_mask & picked

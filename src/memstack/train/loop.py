@@ -27,7 +27,6 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..config import Config, ModelConfig
-from ..families import attention_modules
 from ..io import remove_stale_temporaries, write_json, write_text
 from ..memory.sleep import Day
 from ..stack import MemoryStack
@@ -161,7 +160,7 @@ def _mean_over_ranks(values: list[float], world: int, device: torch.device) -> l
 def decoder_layers(stack: MemoryStack) -> list[torch.nn.Module]:
     """The base model's decoder layers: the modules holding an attention module (and with it the
     layer's ``memstack_memory`` gates)."""
-    attn = {id(m) for m in attention_modules(stack.model, stack.family)}
+    attn = {id(m) for m in stack.arch.modules()}
     return [m for m in stack.model.modules() if any(id(c) in attn for c in m.children())]
 
 

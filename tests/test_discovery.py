@@ -1,4 +1,4 @@
-"""Per-family facts: memory sees the projections' Q/K with the rotary rotation undone."""
+"""Discovery: memory sees the projections' Q/K with the rotary rotation undone, in every family."""
 
 import pytest
 import torch
@@ -73,10 +73,10 @@ def test_unrotated_qk_equal_projection_outputs(family):
         torch.testing.assert_close(k, k_ref.float(), atol=1e-5, rtol=1e-5)
 
 
-def test_unsupported_family_gets_a_clear_error():
+def test_hand_written_attention_gets_a_clear_error():
     cfg = AutoConfig.for_model("bloom", vocab_size=256, hidden_size=32, n_head=2, n_layer=1)
     model = AutoModelForCausalLM.from_config(cfg)
-    with pytest.raises(UnsupportedModelError, match=r"BloomForCausalLM.*Supported model types: .*llama"):
+    with pytest.raises(UnsupportedModelError, match=r"BloomForCausalLM.*AttentionInterface"):
         MemoryStack(model)
 
 
