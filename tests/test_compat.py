@@ -137,3 +137,16 @@ def test_a_wrapped_hybrid_keeps_memory_only_on_attention_layers():
         )
     out = stack(torch.randint(0, 256, (1, 20)))
     assert sorted(out.state.memories["compressive"]) == stack.arch.layers
+
+
+def test_can_i_wrap_checks_a_saved_checkpoint(tmp_path):
+    import json
+    import runpy
+    from pathlib import Path
+
+    main = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "can_i_wrap.py"))["main"]
+    build_tiny("qwen3").save_pretrained(tmp_path / "ckpt")
+    assert main(["--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "v.json")]) == 0
+    saved = json.loads((tmp_path / "v.json").read_text())
+    assert [v["status"] for v in saved["verdicts"]] == ["supported"]
+    assert saved["verdicts"][0]["model_type"] == "qwen3"

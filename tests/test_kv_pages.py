@@ -72,3 +72,27 @@ def test_kv_pages_are_unmapped_once_their_chunks_are_evicted(tmp_path):
     del store
     gc.collect()
     assert len(_mapped_pages()) == before
+
+
+def test_values_may_be_wider_than_keys_in_ram_in_pages_and_saved(tmp_path):
+    # DeepSeek's MLA: D_v != D_k. Every place K/V live must keep each at its own width.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    g = torch.Generator().manual_seed(3)
+    lengths = [3, 5, 4]
+    k = [torch.randn(2, n, 4, generator=g) for n in lengths]
+    v = [torch.randn(2, n, 6, generator=g) for n in lengths]
+    keys = {0: (torch.randn(3, DIM, generator=g), torch.arange(3))}
+    toks = [torch.arange(n) for n in lengths]
+    stores = [ChunkStore([0], DIM, kv_dtype=torch.float32, **kw) for kw in ({}, {"kv_dir": scratch})]
+    for i, store in enumerate(stores):
+        ids = store.add(toks, [0, 3, 8], 0, keys, kv={0: (k, v)}, time=0.0)
+        store.save(tmp_path / f"saved{i}")
+    loaded = [ChunkStore.load(tmp_path / f"saved{i}") for i in range(2)]
+    for store in stores + loaded:
+        k_out, v_out, got = store.kv(0, ids)
+        assert k_out.shape == (3, 2, 5, 4) and v_out.shape == (3, 2, 5, 6)
+        for i, n in enumerate(lengths):
+            assert torch.equal(k_out[i, :, :n], k[i]) and torch.equal(v_out[i, :, :n], v[i])
+    with pytest.raises(ValueError, match="same heads and length"):
+        stores[0].add(toks[:1], [20], 1, {}, kv={0: ([k[0]], [v[0][:1]])}, time=1.0)

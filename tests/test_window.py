@@ -8,7 +8,7 @@ import torch
 from memstack.memory.window import local_attention
 
 
-def naive_attention(q, k, v, scale, allowed, softcap=None, sinks=None):
+def naive_attention(q, k, v, scale, allowed, softcap=None, sinks=None, bias=None):
     """Loop over batch, head and query; ``allowed(b, i, j)`` says whether query i sees key j.
 
     Query heads are grouped onto KV heads in blocks (head h reads KV head h // group). Gemma 2's
@@ -28,6 +28,8 @@ def naive_attention(q, k, v, scale, allowed, softcap=None, sinks=None):
                 scores = torch.stack([(q[b, h, i].double() @ k[b, kh, j].double()) * scale for j in js])
                 if softcap is not None:
                     scores = softcap * torch.tanh(scores / softcap)
+                if bias is not None:  # an additive mask's finite values (b, h, i, j)
+                    scores = scores + torch.stack([bias[b, h, i, j].double() for j in js])
                 w = torch.exp(scores - scores.max())
                 sink = math.exp(float(sinks[h]) - float(scores.max())) if sinks is not None else 0.0
                 w = w / (w.sum() + sink)
@@ -47,6 +49,17 @@ def test_the_models_own_window_softcap_sinks_and_value_size(softcap, with_sinks)
     out = local_attention(q, k, v, None, scaling=0.5, model_window=4, softcap=softcap, sinks=sinks)
     allowed = lambda b, i, j: i - 4 < j <= i  # noqa: E731  (transformers: kv_idx > q_idx - window)
     expected = naive_attention(q, k, v, 0.5, allowed, softcap=softcap, sinks=sinks)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_additive_per_head_mask_is_a_bias_not_only_a_mask():
+    # Doge hands a float (B, H, Tq, Tkv) mask whose finite entries vary: they must bias the logits.
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    bias = torch.randn(2, 4, 6, 6)
+    causal_ok = torch.ones(6, 6, dtype=torch.bool).tril()
+    mask = bias.masked_fill(~causal_ok, torch.finfo(torch.float32).min)
+    out = local_attention(q, k, v, mask)
+    expected = naive_attention(q, k, v, 8**-0.5, causal(6, 6), bias=bias)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 

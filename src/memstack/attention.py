@@ -123,7 +123,7 @@ def memstack_attention(
         )
 
     if memstack is None or mixer is None or not (memstack.inputs.kinds or memstack.capture is not None):
-        return local(), None
+        return local().contiguous(), None  # contiguous as HF's own: some models .view() it
 
     inputs, layer, q_len = memstack.inputs, module.memstack_layer, query.shape[2]
     q_free, k_free = query, key[:, :, -q_len:]  # this call's tokens only
@@ -155,7 +155,7 @@ def memstack_attention(
     joint = [r.memory for r in readouts.values() if r.memory is not None]
     if len(joint) > 1:
         raise ValueError(f"layer {layer}: more than one memory kind joins the local softmax")
-    return mixer.mix(local(joint[0] if joint else None), readouts), None
+    return mixer.mix(local(joint[0] if joint else None), readouts).contiguous(), None
 
 
 def register() -> None:

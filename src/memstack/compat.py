@@ -1,6 +1,7 @@
 """Can memstack wrap a model? The core invariants, checked against the unwrapped model.
 
-:func:`check_model` wraps a copy of a model with compressive memory and checks, each against the
+:func:`check_model` wraps a copy of a model with compressive memory and the long-term store on
+every attention layer and checks, each against the
 unwrapped model or against the stack itself run another way:
 
 - ``first segment``: the first segment's logits equal the unwrapped model's (empty memory);
@@ -25,12 +26,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import CompressiveConfig, StackConfig
+from .config import CompressiveConfig, StackConfig, StoreConfig
 from .discovery import AttentionSite, UnsupportedModelError
 from .rotary import identity_like
 from .zoo import DoesNotBuildTiny, build_tiny
 
 SEG = 8
+STACK = StackConfig(
+    segment_len=SEG,
+    compressive=CompressiveConfig(),
+    store=StoreConfig(chunk_len=4, top_k=2, block_len=4, strategy="received_attention"),
+)
+"""Compressive memory and the long-term store on every attention layer."""
 INVARIANTS = ("first segment", "memory off", "causality", "right padding", "un-rotation", "generate")
 
 
@@ -99,7 +106,7 @@ def check_model(model: nn.Module, seed: int = 0) -> Verdict:
     ref = copy.deepcopy(model).eval()
     wrapped = copy.deepcopy(model).eval()
     try:
-        stack = MemoryStack(wrapped, StackConfig(segment_len=SEG, compressive=CompressiveConfig()))
+        stack = MemoryStack(wrapped, STACK)
     except UnsupportedModelError as err:
         return Verdict(model_type, "refused", str(err))
     verdict = Verdict(model_type, "supported", summary=stack.arch.summary())

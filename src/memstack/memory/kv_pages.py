@@ -1,10 +1,10 @@
 """Where a store's K/V live: in RAM, or in memory-mapped pages on disk once a store is large.
 
-A stored chunk's K/V are ``(H_kv, L, D)`` tensors in ``kv_dtype``. In RAM that is 534 bytes per
-token and layer for the tiny benchmark model, so a million-token stream holds about half a GiB
-per store layer; a 7B model's is 100x that. :class:`KVPages` keeps them instead in fixed-size
-pages of a memory-mapped scratch file, so the kernel can write cold chunks out and read hot ones
-back on demand; the store keeps *views* into the pages and every reader (``ChunkStore.kv``,
+A stored chunk's K/V are ``(H_kv, L, D_k)`` and ``(H_kv, L, D_v)`` tensors in ``kv_dtype``. In RAM
+that is 534 bytes per token and layer for the tiny benchmark model, so a million-token stream holds
+about half a GiB per store layer; a 7B model's is 100x that. :class:`KVPages` keeps them instead in
+fixed-size pages of a memory-mapped scratch file, so the kernel can write cold chunks out and read
+hot ones back on demand; the store keeps *views* into the pages and every reader (``ChunkStore.kv``,
 ``save``) works unchanged.
 
 Why each page file is unlinked right after it is mapped: the mapping stays valid (POSIX), the
@@ -49,7 +49,8 @@ class KVPages:
         self.directory = directory
         self.dtype = dtype
         self.page_tokens = int(page_tokens)
-        self._page: torch.Tensor | None = None  # (2, H, P, D) view of the page being filled
+        self._page: torch.Tensor | None = None  # (H, P, D_k + D_v) view of the page being filled
+        self._key_dim = 0
         self._used = 0
         self.pages_created = 0
 
@@ -57,27 +58,30 @@ class KVPages:
         fd, name = tempfile.mkstemp(prefix="memstack-kv-", suffix=".bin", dir=self.directory)
         os.close(fd)
         try:
-            mm = np.memmap(name, dtype=_STORAGE[self.dtype], mode="w+", shape=(2, h, tokens, d))
+            mm = np.memmap(name, dtype=_STORAGE[self.dtype], mode="w+", shape=(h, tokens, d))
         finally:
             os.unlink(name)  # the mapping outlives the name; the kernel frees it with the last view
         self.pages_created += 1
         return torch.from_numpy(mm).view(self.dtype)
 
     def put(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copy one chunk's ``K, V (H, L, D)`` into the pages; return views of the copies."""
-        h, length, d = k.shape
+        """Copy one chunk's ``K (H, L, D_k)`` and ``V (H, L, D_v)`` into the pages (side by side
+        in the last dimension); return views of the copies."""
+        h, length, dk = k.shape
+        d = dk + v.shape[2]
         if length > self.page_tokens:
             page, lo = self._new_page(h, length, d), 0
         else:
             page = self._page
-            fits = page is not None and page.shape[1] == h and page.shape[3] == d
+            fits = page is not None and page.shape[0] == h and page.shape[2] == d and self._key_dim == dk
             if not fits or self._used + length > self.page_tokens:
-                self._page, self._used = self._new_page(h, self.page_tokens, d), 0
+                self._page, self._used, self._key_dim = self._new_page(h, self.page_tokens, d), 0, dk
             page, lo = self._page, self._used
             self._used += length
-        page[0, :, lo : lo + length] = k.to(self.dtype)
-        page[1, :, lo : lo + length] = v.to(self.dtype)
-        return page[0, :, lo : lo + length], page[1, :, lo : lo + length]
+        rows = page[:, lo : lo + length]
+        rows[..., :dk] = k.to(self.dtype)
+        rows[..., dk:] = v.to(self.dtype)
+        return rows[..., :dk], rows[..., dk:]
 
 
 class StoreKV:
@@ -96,11 +100,11 @@ class StoreKV:
                 if x.dim() != 3 or x.shape[1] != length or x.shape[::2] != part[0].shape[::2]:
                     raise ValueError(
                         f"kv[{layer}] {name}[{i}] has shape {tuple(x.shape)}; expected "
-                        f"(H_kv, {length}, D_k) like the other chunks of the call"
+                        f"(H_kv, {length}, D_{name.lower()}) like the other chunks of the call"
                     )
             out.append([x.detach() for x in part])
-        if any(k.shape != v.shape for k, v in zip(*out, strict=True)):
-            raise ValueError(f"kv[{layer}]: K and V must have the same shape per chunk")
+        if any(k.shape[:2] != v.shape[:2] for k, v in zip(*out, strict=True)):
+            raise ValueError(f"kv[{layer}]: K and V must have the same heads and length per chunk")
         return out[0], out[1]
 
     def _keep_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +119,7 @@ class StoreKV:
         """The records' stored K/V at ``layer``, zero-padded to the longest.
 
         Returns:
-            ``K (n, H_kv, L, D_k)``, ``V`` (same shape) in ``kv_dtype`` and ``lengths (n,)`` int64.
+            ``K (n, H_kv, L, D_k)``, ``V (n, H_kv, L, D_v)`` in ``kv_dtype`` and ``lengths (n,)`` int64.
 
         Raises:
             ValueError: unknown layer or id, or a record written without K/V at this layer.
@@ -127,10 +131,10 @@ class StoreKV:
         missing = [int(self._ids[r]) for r, p in zip(rows, pairs, strict=True) if p is None]
         if missing:
             raise ValueError(f"records {missing[:5]} were written without K/V at layer {layer}")
-        h, d = lk.kv_shape if lk.kv_shape else (0, 0)
+        h, dk, dv = lk.kv_shape if lk.kv_shape else (0, 0, 0)
         lengths = torch.tensor([p[0].shape[1] for p in pairs], dtype=torch.int64)
         longest = int(lengths.max()) if len(pairs) else 0
-        out = [torch.zeros(len(pairs), h, longest, d, dtype=self.kv_dtype) for _ in range(2)]
+        out = [torch.zeros(len(pairs), h, longest, d, dtype=self.kv_dtype) for d in (dk, dv)]
         for i, p in enumerate(pairs):
             for j in range(2):
                 out[j][i, :, : p[j].shape[1]] = p[j]

@@ -209,8 +209,9 @@ class ChunkStore(StoreIndex, StoreKV, StorePersistence):
             segment: index of the segment the chunks came from.
             keys: per store layer ``(vectors (m, dim) float, chunk (m,) int64)``: each key points at
                 chunk ``chunk[j]`` of this call. A layer may be absent; a chunk may have no key.
-            kv: optional per store layer ``(K, V)``: a sequence of ``n`` tensors ``(H_kv, L_i, D_k)``
-                or one ``(n, H_kv, L, D_k)`` tensor; stored in ``kv_dtype``.
+            kv: optional per store layer ``(K, V)``: each a sequence of ``n`` tensors ``(H_kv, L_i, D)``
+                or one ``(n, H_kv, L, D)`` tensor, ``D_k`` for K and ``D_v`` for V (they may differ,
+                as in DeepSeek's MLA); stored in ``kv_dtype``.
             time: write time; wall-clock ``time.time()`` if None.
 
         Returns:
@@ -240,11 +241,13 @@ class ChunkStore(StoreIndex, StoreKV, StorePersistence):
                         f"{self.max_records} with eviction='none'; choose eviction='fifo' or "
                         f"'least_retrieved', or a larger max_records"
                     )
-            for layer, (k, _) in new_kv.items():  # K/V shape must agree with earlier records
-                shape = (k[0].shape[0], k[0].shape[2])
+            for layer, (k, v) in new_kv.items():  # K/V shape must agree with earlier records
+                shape = (k[0].shape[0], k[0].shape[2], v[0].shape[2])
                 known = self._layer[layer].kv_shape
                 if known is not None and known != shape:
-                    raise ValueError(f"kv[{layer}] has (H_kv, D_k)={shape}; earlier records have {known}")
+                    raise ValueError(
+                        f"kv[{layer}] has (H_kv, D_k, D_v)={shape}; earlier records have {known}"
+                    )
             first_row, first_id = self._rows, self._next_id
             ids = np.arange(first_id, first_id + n, dtype=np.int64)
             self._append_records(ids, starts, segment, when, chunks, lengths)
@@ -253,7 +256,7 @@ class ChunkStore(StoreIndex, StoreKV, StorePersistence):
                 counts[first_row : self._rows] = 0
                 self._kv[layer].extend([None] * n)
             for layer, (k, v) in new_kv.items():
-                self._layer[layer].kv_shape = (k[0].shape[0], k[0].shape[2])
+                self._layer[layer].kv_shape = (k[0].shape[0], k[0].shape[2], v[0].shape[2])
                 pairs = zip(k, v, strict=True)
                 self._kv[layer][first_row:] = [self._keep_kv(layer, kk, vv) for kk, vv in pairs]
             for layer, (vectors, chunk) in new_keys.items():

@@ -247,6 +247,8 @@ class StorePersistence:
             lk.max_keys_per_record = c["max_keys_per_record"][str(layer)]
             lk.train_seconds = c["train_seconds"][str(layer)]
             shape = c["kv_shape"][str(layer)]
+            if shape and len(shape) == 2:  # saved before values could differ in size: (H_kv, D)
+                shape = [*shape, shape[1]]
             lk.kv_shape = tuple(shape) if shape else None
             self._kv[layer] = [None] * r
             if f"kv_rows.{layer}" in a:

@@ -56,7 +56,7 @@ class _LayerKeys:
         self.index: faiss.Index | None = None  # holds exactly rows [:n], in order
         self.train_seconds = 0.0
         self.max_keys_per_record = 0
-        self.kv_shape: tuple[int, int] | None = None  # (H_kv, D_k) of the K/V stored at this layer
+        self.kv_shape: tuple[int, int, int] | None = None  # (H_kv, D_k, D_v) of this layer's K/V
         self.cache: tuple | None = None  # (version, device, ...) for the matmul path
 
 

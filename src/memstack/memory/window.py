@@ -86,8 +86,13 @@ def local_attention(
     if model_window is not None and model_window < kv_len:
         own = band_mask(q_len, kv_len, model_window, 0, query.device)
         band = own if band is None else band & own
-    mask = attention_mask
-    extras = (softcap, sinks, dropout)
+    mask, bias = attention_mask, None
+    if mask is not None and mask.dtype != torch.bool:
+        # An additive mask may carry more than allow/deny (Doge's per-head dynamic mask): keep
+        # its values as a bias on the logits and its -inf entries as the boolean mask.
+        allowed = mask > torch.finfo(mask.dtype).min / 2
+        mask, bias = allowed, mask.masked_fill(~allowed, 0)
+    extras = (softcap, sinks, dropout, bias)
     if memory is not None:
         return _with_memory(query, key, value, mask, band, memory, scaling, extras)
     if mask is None and band is None:
@@ -97,8 +102,6 @@ def local_attention(
             )
             return out.transpose(1, 2)
         band = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask > torch.finfo(mask.dtype).min / 2  # additive -> boolean
     if band is not None:
         mask = band if mask is None else mask & band
     # A query that may attend to nothing (a padded position) would give NaN, and NaN poisons
@@ -116,10 +119,14 @@ def attend(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     dropout: float = 0.0,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked softmax attention ``(B, H, Tq, Dv)``: SDPA, or the model's eager formula when it
-    soft-caps its logits or has learned sinks (SDPA can do neither)."""
+    soft-caps its logits or has learned sinks (SDPA can do neither). ``bias`` (broadcast like
+    ``mask``) is added to the logits after soft-capping, where the model's additive mask goes."""
     if softcap is None and sinks is None:
+        if bias is not None:
+            mask = bias.to(query.dtype).masked_fill(~mask, torch.finfo(query.dtype).min)
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale
         )
@@ -127,6 +134,8 @@ def attend(
     logits = torch.matmul(query, key.transpose(-1, -2)) * scale
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
     logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
     if sinks is not None:
         b, h, q_len, _ = logits.shape
@@ -169,8 +178,6 @@ def _with_memory(
             if band is not None
             else torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
         )
-    elif mask.dtype != torch.bool:
-        mask = mask > torch.finfo(mask.dtype).min / 2
     if mask.ndim == 2:
         mask = mask[None, None]
     elif band is not None:
@@ -179,16 +186,21 @@ def _with_memory(
     # their causal limit: one SDPA call per block, not one over every block's memory.
     mem_k, loc_k = k[:, :, :n], k[:, :, n:]
     mem_v, loc_v = v[:, :, :n], v[:, :, n:]
+    *extras, bias = extras
+    heads = mask.shape[1]  # 1, or per head (Doge)
     outs = []
     for a, e, c, f in memory.spans or ((0, q_len, 0, n),):
         end = kv_len - q_len + e
         keys = torch.cat([mem_k[:, :, c:f], loc_k[:, :, :end]], dim=2)
         values = torch.cat([mem_v[:, :, c:f], loc_v[:, :, :end]], dim=2)
-        seen = torch.cat(
-            [memory.visible[:, None, a:e, c:f], mask[..., a:e, :end].expand(b, 1, e - a, end)], dim=-1
-        )
+        visible = memory.visible[:, None, a:e, c:f].expand(b, heads, e - a, f - c)
+        seen = torch.cat([visible, mask[..., a:e, :end].expand(b, heads, e - a, end)], dim=-1)
         seen = seen | ~seen.any(dim=-1, keepdim=True)  # as above: no NaN for rows that see nothing
-        outs.append(attend(q[:, :, a:e], keys, values, seen, scale, *extras))
+        part_bias = None
+        if bias is not None:  # memory columns carry no bias of the model's
+            local_bias = bias[..., a:e, :end].expand(b, heads, e - a, end)
+            part_bias = torch.cat([torch.zeros_like(visible, dtype=bias.dtype), local_bias], dim=-1)
+        outs.append(attend(q[:, :, a:e], keys, values, seen, scale, *extras, bias=part_bias))
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
