@@ -5,7 +5,13 @@ Three systems, all built from the same seeded tiny Llama (no download):
 - ``bare``: the unwrapped model, full causal attention (SDPA) over the whole input;
 - ``memstack``: the model wrapped in ``MemoryStack(StackConfig(segment_len=512))``;
 - ``bare_segments``: the unwrapped model run on each 512-token segment alone (one forward per
-  segment, no memory), the baseline for what memstack's segmenting should cost.
+  segment, no memory), the baseline for what memstack's segmenting should cost;
+- ``infini_pytorch``: lucidrains' ``infini-transformer-pytorch`` (a peer implementation of the
+  same compressive memory, ``pip install -e ".[bench]"``; skipped when not installed) at the same
+  sizes: width 128, 4 layers, 4 heads of 32, feed-forward 512, vocabulary 256, segments of 512
+  with its memories passed on (and, in training, backpropagated through) as memstack does. Its
+  blocks are its own (GELU feed-forward, not Llama's SwiGLU), so compare it by its ratio to the
+  bare model, not token for token.
 
 Two modes: ``inference`` (``torch.no_grad()``, no logits kept) and ``train`` (forward and backward
 with ``labels=input_ids``). Every (mode, length, system) is measured in a fresh subprocess (this
@@ -40,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SYSTEMS = ("bare", "memstack", "bare_segments")
+SYSTEMS = ("bare", "memstack", "bare_segments", "infini_pytorch")
 SEGMENT_LEN = 512
 VOCAB = 256
 SEED = 0
@@ -114,6 +120,37 @@ def make_step(system: str, mode: str, model: nn.Module) -> Callable[[torch.Tenso
                         reduction="sum",
                     )
                 del logits
+            if train:
+                (loss_sum / int((targets != -100).sum())).backward()
+
+    elif system == "infini_pytorch":
+        from infini_transformer_pytorch import InfiniTransformer
+
+        torch.manual_seed(SEED)
+        device = next(model.parameters()).device
+        peer = InfiniTransformer(num_tokens=VOCAB, dim=128, depth=4, dim_head=32, heads=4, ff_mult=4).to(
+            device
+        )
+        peer.train(train)
+        model = peer  # zero_grad below clears the peer's gradients
+
+        def run(ids: torch.Tensor) -> None:
+            targets = next_token_targets(ids, None) if train else None
+            loss_sum, memories = torch.zeros((), device=ids.device), None
+            for start in range(0, ids.shape[1], SEGMENT_LEN):
+                out = peer(
+                    ids[:, start : start + SEGMENT_LEN], past_memories=memories, return_new_memories=True
+                )
+                memories = out.past_memories
+                if train:
+                    seg_targets = targets[:, start : start + SEGMENT_LEN]
+                    loss_sum = loss_sum + F.cross_entropy(
+                        out.logits.flatten(0, 1).float(),
+                        seg_targets.flatten(),
+                        ignore_index=-100,
+                        reduction="sum",
+                    )
+                del out
             if train:
                 (loss_sum / int((targets != -100).sum())).backward()
 
@@ -305,14 +342,39 @@ def render(results: list[dict[str, Any]]) -> tuple[str, list[str], dict[str, Any
                 ratio = a / b if a is not None and b else None
                 ratios["inference_peak"][f"{system}_peak({top})/peak({ref})"] = ratio
                 notes.append(f"- inference {system}: peak({top}) / peak({ref}) = {fmt(ratio, '.2f')}")
+
+    def ratio_of(mode: str, a: str, b: str, length: int, key: str) -> float | None:
+        x, y = get(mode, a, length, key), get(mode, b, length, key)
+        return x / y if x is not None and y else None
+
+    ratios["train_peak"], ratios["inference_speed"] = {}, {}
     for length in sorted({r["length"] for r in results if r["mode"] == "train"}):
-        t_mem = get("train", "memstack", length, "median_s")
-        for other in ("bare_segments", "bare"):
-            t_other = get("train", other, length, "median_s")
-            ratio = t_mem / t_other if t_mem is not None and t_other else None
-            ratios["train_time"][f"memstack/{other}@{length}"] = ratio
-            notes.append(f"- train {length}: memstack time / {other} time = {fmt(ratio, '.2f')}")
+        for system in ("memstack", "infini_pytorch"):
+            for other in ("bare_segments", "bare"):
+                ratio = ratio_of("train", system, other, length, "median_s")
+                if ratio is None:
+                    continue
+                ratios["train_time"][f"{system}/{other}@{length}"] = ratio
+                notes.append(f"- train {length}: {system} time / {other} time = {fmt(ratio, '.2f')}")
+            ratio = ratio_of("train", system, "bare_segments", length, "peak_mib")
+            if ratio is not None:
+                ratios["train_peak"][f"{system}/bare_segments@{length}"] = ratio
+                notes.append(f"- train {length}: {system} peak / bare_segments peak = {fmt(ratio, '.2f')}")
+    for length in sorted({r["length"] for r in results if r["mode"] == "inference"}):
+        for system in ("memstack", "infini_pytorch"):
+            ratio = ratio_of("inference", system, "bare_segments", length, "tokens_per_s")
+            if ratio is not None:
+                ratios["inference_speed"][f"{system}/bare_segments@{length}"] = ratio
+                notes.append(
+                    f"- inference {length}: {system} tokens/s / bare_segments tokens/s = {fmt(ratio, '.2f')}"
+                )
     return "\n".join(lines), notes, ratios
+
+
+def _has_peer() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("infini_transformer_pytorch") is not None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -331,7 +393,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[2048, 8192],
         help="training (forward+backward) sequence lengths",
     )
-    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    p.add_argument(
+        "--systems",
+        nargs="+",
+        default=[s for s in SYSTEMS if s != "infini_pytorch" or _has_peer()],
+        choices=SYSTEMS,
+        help="default: all (infini_pytorch only when installed)",
+    )
     p.add_argument(
         "--repeats",
         type=int,

@@ -134,3 +134,14 @@ def test_checkpoints_with_the_old_gate_name_still_load():
     assert not missing and not unexpected
     for gate in stack.gate_parameters():
         assert torch.equal(gate, torch.ones_like(gate))  # gate_init 0 + 1
+
+
+def test_feature_map_gradient_is_elu_plus_one_derivative():
+    # The custom backward reads sigma(x) only: against autograd of the plain formula, and gradcheck.
+    from memstack.memory.compressive import feature_map
+
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad((feature_map(x) * torch.arange(7.0, dtype=torch.float64)).sum(), x)
+    (ref,) = torch.autograd.grad(((F.elu(x) + 1) * torch.arange(7.0, dtype=torch.float64)).sum(), x)
+    torch.testing.assert_close(g, ref)
+    assert torch.autograd.gradcheck(feature_map, (x,))

@@ -137,17 +137,41 @@ LAYOUTS = tuple(
 
 
 class _TwoTerm:
-    """``y = x[..., ia] * a + x[..., ib] * b`` with ``a, b`` of shape ``(1 or B, 1, T, D)``."""
+    """``y = x[..., ia] * a + partner(x) * b`` with ``a, b`` of shape ``(1 or B, 1, T, D)``;
+    ``partner(x)`` is ``x[..., ib]``, done by flipping views where the layout allows (a gather's
+    backward is a scatter, several times slower than the flip's)."""
 
-    __slots__ = ("ia", "a", "ib", "b")
+    __slots__ = ("ia", "a", "partner", "b")
 
-    def __init__(self, ia: torch.Tensor | None, a: torch.Tensor, ib: torch.Tensor, b: torch.Tensor):
-        self.ia, self.a, self.ib, self.b = ia, a, ib, b
+    def __init__(self, ia: torch.Tensor | None, a: torch.Tensor, partner: Callable, b: torch.Tensor):
+        self.ia, self.a, self.partner, self.b = ia, a, partner, b
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         first = x * self.a if self.ia is None else x[..., self.ia] * self.a
-        return torch.addcmul(first, x[..., self.ib], self.b)
+        return torch.addcmul(first, self.partner(x), self.b)
+
+
+def _flip_partner(layout: RotaryLayout, width: int, head_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x[..., partner]`` for a layout without permutation, by flipping halves (or pairs) of the
+    rotated span; dimensions outside the span are kept (their coefficient is 0)."""
+    pairs = layout.style.startswith("pairs")
+    shape = (width // 2, 2) if pairs else (2, width // 2)
+    flip_dim = -1 if pairs else -2
+    lo = head_dim - width if layout.trailing else 0
+
+    def partner(x: torch.Tensor) -> torch.Tensor:
+        span = x[..., lo : lo + width].unflatten(-1, shape).flip(flip_dim).flatten(-2)
+        if width == head_dim:
+            return span
+        rest = x[..., :lo] if layout.trailing else x[..., width:]
+        return torch.cat([rest, span] if layout.trailing else [span, rest], dim=-1)
+
+    return partner
+
+
+def _gather(index: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: x[..., index]
 
 
 class Rotation:
@@ -170,13 +194,16 @@ class Rotation:
         col = dim_of.clamp(min=0)
         c = torch.where(inside, cos[..., col], torch.ones_like(cos[..., col]))  # (B, T, D)
         s = torch.where(inside, sin[..., col], torch.zeros_like(sin[..., col])) * sign
-        identity = bool((perm == torch.arange(head_dim, device=perm.device)).all())
-        self._forward = _TwoTerm(None if identity else perm, c[:, None], perm[partner], s[:, None])
+        identity = layout.style != "deinterleaved"
+        flip = _flip_partner(layout, cos.shape[-1], head_dim) if identity else None
+        forward_partner = flip or _gather(perm[partner])
+        self._forward = _TwoTerm(None if identity else perm, c[:, None], forward_partner, s[:, None])
         # Inverse of y = c * z + s * z[partner] (z = x[perm]), pair by pair: z = (c y - s y[partner]) / n.
         norm = c * c + s * s
         inv = torch.argsort(perm)
         c_inv, s_inv = (c / norm)[..., inv], (-s / norm)[..., inv]
-        self._inverse = _TwoTerm(None if identity else inv, c_inv[:, None], partner[inv], s_inv[:, None])
+        inverse_partner = flip or _gather(partner[inv])
+        self._inverse = _TwoTerm(None if identity else inv, c_inv[:, None], inverse_partner, s_inv[:, None])
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """Position-free ``(B, H, T, D)`` -> rotated, float32."""

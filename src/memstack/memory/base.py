@@ -46,6 +46,8 @@ class LayerRecord(NamedTuple):
     @staticmethod
     def cat(parts: list[LayerRecord]) -> LayerRecord:
         """Join records of consecutive pieces of one segment (decoding token by token)."""
+        if len(parts) == 1:  # a whole segment in one call: no copy (it would also be kept for backward)
+            return parts[0]
         query = None if parts[0].query is None else torch.cat([p.query for p in parts], dim=2)
         return LayerRecord(
             torch.cat([p.key for p in parts], dim=2), torch.cat([p.value for p in parts], dim=2), query

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from einops import einsum, rearrange
+from einops import einsum
 
 from ..config import UPDATE_RULES
 from .base import ClosedSegment, LayerRecord, ReadContext, Readout
@@ -59,9 +59,27 @@ def init_state(batch: int, kv_heads: int, d_k: int, d_v: int, device: torch.devi
     )
 
 
+class _Feature(torch.autograd.Function):
+    """sigma(x) = ELU(x) + 1 whose backward reads its own output: sigma'(x) = min(sigma(x), 1)
+    (1 where x > 0, exp(x) = sigma(x) elsewhere). One clamp and one multiply instead of
+    ``elu_backward``, and ``x`` is not kept for backward (sigma(x) is, and the einsums that
+    consume it keep it anyway)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = F.elu(x) + 1.0
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (out,) = ctx.saved_tensors
+        return grad * out.clamp(max=1.0)
+
+
 def feature_map(x: torch.Tensor) -> torch.Tensor:
     """sigma(x) = ELU(x) + 1, the paper's non-linearity (from Katharopoulos et al. 2020)."""
-    return F.elu(x) + 1.0
+    return _Feature.apply(x)
 
 
 def retrieve(state: CompressiveState, query: torch.Tensor) -> torch.Tensor:
@@ -76,12 +94,13 @@ def retrieve(state: CompressiveState, query: torch.Tensor) -> torch.Tensor:
         ``(B, H, T, d_v)`` float32. Rows whose memory is empty return 0 (callers use
         :meth:`CompressiveState.is_empty` to fall back to local attention).
     """
-    h_kv = state.M.shape[1]
-    sq = rearrange(feature_map(query.float()), "b (hkv g) t k -> b hkv g t k", hkv=h_kv)
-    num = einsum(sq, state.M, "b hkv g t k, b hkv k v -> b hkv g t v")
-    den = einsum(sq, state.z, "b hkv g t k, b hkv k -> b hkv g t")[..., None]
-    out = num / den.clamp_min(_DENOMINATOR_EPS)
-    return rearrange(out, "b hkv g t v -> b (hkv g) t v")
+    b, h, t, _ = query.shape
+    h_kv, d_v = state.M.shape[1], state.M.shape[-1]
+    sq = feature_map(query.float()).reshape(b, h_kv, (h // h_kv) * t, -1)  # query groups stacked on T
+    # Numerator and denominator in one product: [M | z] is (d_k, d_v + 1).
+    both = torch.matmul(sq, torch.cat([state.M, state.z[..., None]], dim=-1))
+    out = both[..., :d_v] / both[..., d_v:].clamp_min(_DENOMINATOR_EPS)
+    return out.view(b, h, t, d_v)
 
 
 def update(
