@@ -145,3 +145,22 @@ def test_feature_map_gradient_is_elu_plus_one_derivative():
     (ref,) = torch.autograd.grad(((F.elu(x) + 1) * torch.arange(7.0, dtype=torch.float64)).sum(), x)
     torch.testing.assert_close(g, ref)
     assert torch.autograd.gradcheck(feature_map, (x,))
+
+
+def test_retrieve_gradients_equal_autograd_of_the_formula():
+    # _Retrieve recomputes sigma(q) and the numerator in backward: its gradients for q, M and z
+    # must be autograd's of eq. (3) written out, including rows whose denominator is clamped.
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 3, generator=g, requires_grad=True)
+    M = torch.randn(2, 2, 3, 6, generator=g, requires_grad=True)
+    z = torch.rand(2, 2, 3, generator=g).requires_grad_()
+    w = torch.randn(2, 4, 5, 6, generator=g)
+    z_small = (z * torch.tensor([1.0, 0.0])[None, :, None]).detach().requires_grad_()
+    for zz in (z, z_small):  # the second: KV head 1 has z = 0, the denominator clamp holds
+        got = torch.autograd.grad((retrieve(CompressiveState(M, zz), q) * w).sum(), (q, M, zz))
+        sq = (F.elu(q) + 1).view(2, 2, 2, 5, 3)
+        num = torch.einsum("bhgtk,bhkv->bhgtv", sq, M)
+        den = torch.einsum("bhgtk,bhk->bhgt", sq, zz)[..., None].clamp_min(1e-6)
+        ref = torch.autograd.grad(((num / den).reshape(2, 4, 5, 6) * w).sum(), (q, M, zz))
+        for a, b in zip(got, ref, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -82,6 +82,35 @@ def feature_map(x: torch.Tensor) -> torch.Tensor:
     return _Feature.apply(x)
 
 
+class _Retrieve(torch.autograd.Function):
+    """``sigma(q) M / max(sigma(q) z, eps)`` from ``q (..., n, d_k)`` and ``Mz = [M | z]``
+    ``(..., d_k, d_v + 1)``, keeping only ``q``, ``Mz`` and the denominator for backward: sigma(q)
+    and the numerator are recomputed there (one small product) instead of being kept, float32,
+    for every layer and segment until the backward pass reaches them."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, mz: torch.Tensor) -> torch.Tensor:
+        both = torch.matmul(F.elu(q) + 1.0, mz)
+        den = both[..., -1:].contiguous()  # a copy: a view would keep all of `both` alive
+        ctx.save_for_backward(q, mz, den)
+        return both[..., :-1] / den.clamp_min(_DENOMINATOR_EPS)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, mz, den = ctx.saved_tensors
+        s = F.elu(q) + 1.0
+        num = torch.matmul(s, mz[..., :-1])
+        clamped = den.clamp_min(_DENOMINATOR_EPS)
+        grad_num = grad / clamped
+        # d(num / den)/d den = -num / den^2, and nothing where the clamp held the denominator.
+        grad_den = -(grad * num).sum(-1, keepdim=True) / clamped.square() * (den > _DENOMINATOR_EPS)
+        grad_both = torch.cat([grad_num, grad_den], dim=-1)
+        grad_mz = torch.matmul(s.transpose(-1, -2), grad_both)
+        grad_q = torch.matmul(grad_both, mz.transpose(-1, -2)) * s.clamp(max=1.0)
+        return grad_q, grad_mz
+
+
 def retrieve(state: CompressiveState, query: torch.Tensor) -> torch.Tensor:
     """Eq. (3): A_mem = sigma(Q) M / (sigma(Q) z).
 
@@ -96,10 +125,9 @@ def retrieve(state: CompressiveState, query: torch.Tensor) -> torch.Tensor:
     """
     b, h, t, _ = query.shape
     h_kv, d_v = state.M.shape[1], state.M.shape[-1]
-    sq = feature_map(query.float()).reshape(b, h_kv, (h // h_kv) * t, -1)  # query groups stacked on T
+    q = query.float().reshape(b, h_kv, (h // h_kv) * t, -1)  # query groups stacked on T
     # Numerator and denominator in one product: [M | z] is (d_k, d_v + 1).
-    both = torch.matmul(sq, torch.cat([state.M, state.z[..., None]], dim=-1))
-    out = both[..., :d_v] / both[..., d_v:].clamp_min(_DENOMINATOR_EPS)
+    out = _Retrieve.apply(q, torch.cat([state.M, state.z[..., None]], dim=-1))
     return out.view(b, h, t, d_v)
 
 
