@@ -50,6 +50,8 @@ class SegmentInputs:
     """Segment position of this call's first token (decoding: > 0)."""
     valid: torch.Tensor | None = None
     """``(B, T)`` bool of the segment, False at padding; None: all valid."""
+    unread: frozenset[str] = frozenset()
+    """Kinds not read by this call (their retrieval policy skips the segment); still recorded."""
     scratch: dict = field(default_factory=dict)
     """Per (kind, layer) scratch that lives as long as the segment: created outside activation
     checkpointing, so a re-run reads what the forward pass read."""
@@ -143,7 +145,7 @@ def memstack_attention(
     readouts = {}
     for name, kind in kinds.items():
         state = inputs.states.get(name, {}).get(layer)
-        if state is not None:
+        if state is not None and name not in inputs.unread:
             scratch = inputs.scratch.setdefault((name, layer), {})
             rotate = inputs.rotary.rotate_fn(layer) if inputs.rotary is not None else None
             ctx = ReadContext(inputs.start, inputs.valid, rotate, scaling, scratch)

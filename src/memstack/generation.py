@@ -51,6 +51,8 @@ class _OpenSegment:
     scratch: dict = field(default_factory=dict)
     offset: int = 0
     mask: torch.Tensor | None = None
+    unread: frozenset[str] = frozenset()
+    """Kinds whose retrieval policy skips this segment."""
 
 
 class StackGeneration:
@@ -144,8 +146,11 @@ class StackGeneration:
             out = self.forward(ids[:, n_closed - seg : n_closed], state=state)
             state, logits = out.state, out.logits[:, -1]
         # The open segment: prefill its tokens into a fresh cache, memory read-only.
-        seg_open = self._open_segment(state, ids.shape[0])
         fill = ids.shape[1] - n_closed
+        # An uncertainty policy decides from the tokens known when the segment opens: the
+        # prompt's part of it, else the segment before (memstack/policy.py).
+        known = ids[:, n_closed:] if fill else (ids[:, n_closed - seg : n_closed] if n_closed else None)
+        seg_open = self._open_segment(state, ids.shape[0], known)
         surprise = self._needs_surprise()
         nll: list[torch.Tensor] = []  # per position of the open segment, when a kind needs it
         if fill:
@@ -180,18 +185,18 @@ class StackGeneration:
                     )
                 nll = []
                 state = StackState(state.memories, state.segments + 1)
-                seg_open, fill = self._open_segment(state, ids.shape[0]), 0
+                seg_open, fill = self._open_segment(state, ids.shape[0], ids[:, -seg:]), 0
         return ids
 
-    def _open_segment(self, state: StackState, batch: int) -> _OpenSegment:
+    def _open_segment(self, state: StackState, batch: int, known: torch.Tensor | None = None) -> _OpenSegment:
         """A fresh KV cache for the next segment, with the tokens readout's prefix prefilled."""
-        open_ = _OpenSegment()
-        prefix = self._prefix(state, batch)
+        open_ = _OpenSegment(unread=self._unread(state, known))
+        prefix = self._prefix(state, batch, open_.unread)
         if prefix is not None:
             prefix_ids, prefix_valid = prefix
             open_.offset, open_.mask = prefix_ids.shape[1], prefix_valid.long()
             pos = self._positions(0, open_.offset)
-            ctx = SegmentContext(self._inputs(state, 0, 0, None, {}))  # the prefix is not the segment's
+            ctx = SegmentContext(self._inputs(state, 0, 0, None, {}, open_.unread))  # not the segment's
             open_.cache = self.model(
                 input_ids=prefix_ids,
                 attention_mask=open_.mask,
@@ -209,9 +214,8 @@ class StackGeneration:
         read-only, and record what each layer saw; return the logits ``(B, T, V)``."""
         first = seg_open.offset + start
         pos = self._positions(first, ids.shape[1])
-        ctx = SegmentContext(
-            self._inputs(state, first, start, None, seg_open.scratch), records=seg_open.records
-        )
+        inputs = self._inputs(state, first, start, None, seg_open.scratch, seg_open.unread)
+        ctx = SegmentContext(inputs, records=seg_open.records)
         mask = None
         if seg_open.mask is not None:
             seg_open.mask = torch.cat([seg_open.mask, torch.ones_like(ids, dtype=torch.long)], dim=1)

@@ -168,6 +168,8 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
         """The stream's memory, used by :meth:`step` (and by :meth:`generate` when asked)."""
         self.disabled: frozenset[str] = frozenset()
         """Kinds switched off for now (see :meth:`memory_off`): neither read nor written."""
+        self.consulted: list[int] = []
+        """Stream segments (0-based) that read the store, since the stream began (memstack/policy.py)."""
         self.adapters = Adapters(model)
         """Layer 4: the LoRA adapters sleep trained (``sleep-0001``, ...), on ``model`` in place."""
 
@@ -248,6 +250,7 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
         start: int = 0,
         valid: torch.Tensor | None = None,
         scratch: dict | None = None,
+        unread: frozenset[str] = frozenset(),
     ) -> SegmentInputs:
         return SegmentInputs(
             self.config,
@@ -257,6 +260,7 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
             first=first,
             start=start,
             valid=valid,
+            unread=unread,
             scratch=scratch if scratch is not None else {},
         )
 
@@ -300,7 +304,8 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
         """Run one segment: read memory, attend locally, write memory. Returns (loss sum, logits, state)."""
         names, flat = state.flatten()
         seg_ids, seg_mask = ids, mask
-        prefix_len, prefix = 0, self._prefix(state, ids.shape[0])
+        unread = self._unread(state, ids, mask)
+        prefix_len, prefix = 0, self._prefix(state, ids.shape[0], unread)
         if prefix is not None:  # the tokens readout: retrieved chunks' token ids before the segment
             prefix_ids, prefix_valid = prefix
             prefix_len = prefix_ids.shape[1]
@@ -318,7 +323,7 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
         def run(*flat_state: torch.Tensor):
             before = StackState({**state.others(), **StackState.unflatten(names, flat_state)}, state.segments)
             valid = mask.bool() if has_padding else None
-            ctx = SegmentContext(self._inputs(before, 0, 0, valid, scratch))
+            ctx = SegmentContext(self._inputs(before, 0, 0, valid, scratch, unread))
             logits = self.model(
                 input_ids=ids,
                 attention_mask=mask if has_padding else None,
@@ -352,10 +357,10 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
         after = self._close_segment(after, first_records, seg_ids, seg_valid, differentiable=False, nll=nll)
         return loss_sum, logits, StackState(after.memories, state.segments + 1)
 
-    def _prefix(self, state: StackState, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _prefix(self, state: StackState, batch: int, unread: frozenset = frozenset()) -> tuple | None:
         """Token ids (left-padded) and validity ``(B, P)`` a kind puts before the next segment, or None."""
         for name, kind in self._active_kinds().items():
-            prefix = getattr(kind, "prefix", None)
+            prefix = getattr(kind, "prefix", None) if name not in unread else None
             layers = state.memories.get(name)
             if prefix is not None and layers:
                 found = prefix(layers[min(layers)])
@@ -400,6 +405,7 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
         attention_mask = attention_mask.to(device) if attention_mask is not None else None
         targets = next_token_targets(labels.to(device), attention_mask) if labels is not None else None
         state = state if state is not None else StackState()
+        self.consulted = [] if state.segments == 0 else self.consulted
         self._check_state(state, input_ids.shape[0])
 
         seg = self.config.segment_len

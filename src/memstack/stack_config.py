@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config_fields import _check_choice, _check_int, _check_number, _from_dict, _reject_bool_ints
+from .policy import RetrievalPolicy
 
 UPDATE_RULES = ("linear", "delta")
 
@@ -101,11 +102,16 @@ class StoreConfig:
     disk) instead of RAM, for long streams (``memory/kv_pages.py``); None: in RAM."""
     kv_dtype: str = "bfloat16"
     """dtype of the stored K/V (``bfloat16``, ``float16`` or ``float32``)."""
+    policy: str = "always"
+    """When the store is read (memstack/policy.py): ``always``, ``every:K`` or ``uncertainty:H``
+    (only when the segment's mean next-token entropy without the store exceeds H nats). Every
+    segment is written whatever the policy."""
 
     def __post_init__(self) -> None:
         _reject_bool_ints(self, "stack.store")
         parse_layers(self.layers, num_layers=None, name="stack.store.layers")
         _check_choice("stack.store.chunking", self.chunking, ("fixed", "surprise"))
+        RetrievalPolicy.parse(self.policy)
         _check_int("stack.store.chunk_len", self.chunk_len, minimum=1)
         _check_choice(
             "stack.store.strategy",

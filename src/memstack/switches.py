@@ -8,7 +8,10 @@ import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import torch
+
 from .memory.base import MemoryKind
+from .policy import mean_entropy
 
 if TYPE_CHECKING:
     from .stack import MemoryStack
@@ -25,6 +28,49 @@ class StackSwitches:
 
     def _active_kinds(self) -> dict[str, MemoryKind]:
         return {name: kind for name, kind in self.kinds.items() if name not in self.disabled}
+
+    def _unread(
+        self, state, ids: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> frozenset[str]:
+        """The kinds whose retrieval policy (memstack/policy.py) skips reading this stream segment.
+
+        ``ids``/``mask``: the segment, for ``uncertainty`` policies, which run it once without
+        those kinds (no gradient, nothing recorded) and measure its mean next-token entropy.
+        """
+        skip, test = set(), []
+        for name, kind in self._active_kinds().items():
+            policy = getattr(kind, "policy", None)
+            if policy is None or not state.memories.get(name):
+                continue
+            if not policy.scheduled(state.segments) or policy.threshold == float("inf"):
+                skip.add(name)
+            elif policy.threshold is not None:
+                test.append((name, policy.threshold))
+        if test:
+            if ids is None:
+                raise ValueError("an uncertainty retrieval policy needs the segment's tokens to decide")
+            entropy = self._entropy_without(state, frozenset(skip | {n for n, _ in test}), ids, mask)
+            skip |= {name for name, threshold in test if not entropy > threshold}
+        if state.memories.get("store") and "store" in self._active_kinds() and "store" not in skip:
+            self.consulted.append(state.segments)
+        return frozenset(skip)
+
+    @torch.no_grad()
+    def _entropy_without(self, state, unread: frozenset[str], ids: torch.Tensor, mask) -> float:
+        """Mean next-token entropy of a segment read without the ``unread`` kinds (a dry run)."""
+        from .attention import SegmentContext
+
+        padded = mask is not None and not bool(mask.all())
+        inputs = self._inputs(state, 0, 0, mask.bool() if padded else None, {})
+        inputs.unread = unread
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=mask if padded else None,
+            position_ids=self._positions(0, ids.shape[1]),
+            use_cache=False,
+            memstack=SegmentContext(inputs),
+        ).logits
+        return mean_entropy(logits, mask.bool() if padded else None)
 
     @contextlib.contextmanager
     def memory_enabled(

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import StoreConfig
+from ..policy import RetrievalPolicy
 from .base import ClosedSegment, LayerRecord, MemoryKV, ReadContext, Readout
 from .chunks import fixed_chunks, surprise_chunks
 from .keys import chunk_keys, received_attention_mass, segment_query
@@ -114,6 +115,8 @@ class LongTermMemory:
         """The stack hands -log p of each token to :meth:`write` (EM-LLM's surprise chunking)."""
         self.layers = frozenset(layers)
         self.config = config
+        self.policy = RetrievalPolicy.parse(config.policy)
+        """When this store is read (memstack/policy.py)."""
         self.distance = segment_len if config.distance is None else config.distance
         self.metadata = dict(metadata or {})
 
