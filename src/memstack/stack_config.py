@@ -304,7 +304,7 @@ class SleepConfig:
     """LoRA dropout."""
     target_modules: str | None = None
     """Comma-separated module names LoRA adapts (``q_proj,v_proj``); None: peft's default for the
-    model type, else the family table."""
+    model type, else the linear layers found inside the model's attention (memstack/discovery.py)."""
     steps: int = 100
     """Optimiser steps (ignored when ``epochs`` is set)."""
     epochs: float | None = None
