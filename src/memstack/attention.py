@@ -52,6 +52,10 @@ class SegmentInputs:
     """``(B, T)`` bool of the segment, False at padding; None: all valid."""
     unread: frozenset[str] = frozenset()
     """Kinds not read by this call (their retrieval policy skips the segment); still recorded."""
+    trace: dict | None = None
+    """When explaining (memstack/explain.py): ``{(kind, layer, segment): [event, ...]}``."""
+    segment: int = 0
+    """Stream segment of this call (for the trace)."""
     scratch: dict = field(default_factory=dict)
     """Per (kind, layer) scratch that lives as long as the segment: created outside activation
     checkpointing, so a re-run reads what the forward pass read."""
@@ -108,11 +112,11 @@ def memstack_attention(
     if kwargs.get("indices") is not None:
         attention_mask = sparse_mask(attention_mask, kwargs["indices"], key.shape[2])
 
-    def local(memory: MemoryKV | None = None) -> torch.Tensor:
+    def local(memory: MemoryKV | None = None, values: torch.Tensor | None = None) -> torch.Tensor:
         return local_attention(
             query,
             key,
-            value,
+            value if values is None else values,
             attention_mask,
             scaling=scaling,
             window=cfg.window if cfg else None,
@@ -148,7 +152,10 @@ def memstack_attention(
         if state is not None and name not in inputs.unread:
             scratch = inputs.scratch.setdefault((name, layer), {})
             rotate = inputs.rotary.rotate_fn(layer) if inputs.rotary is not None else None
-            ctx = ReadContext(inputs.start, inputs.valid, rotate, scaling, scratch)
+            trace = (
+                None if inputs.trace is None else inputs.trace.setdefault((name, layer, inputs.segment), [])
+            )
+            ctx = ReadContext(inputs.start, inputs.valid, rotate, scaling, scratch, trace)
             readouts[name] = kind.read(state, q_free, ctx)
     keep_query = any(kind.needs_query for kind in kinds.values())
     memstack.records.setdefault(layer, []).append(
@@ -157,6 +164,14 @@ def memstack_attention(
     joint = [r.memory for r in readouts.values() if r.memory is not None]
     if len(joint) > 1:
         raise ValueError(f"layer {layer}: more than one memory kind joins the local softmax")
+    if inputs.trace is not None:  # explaining: each head's attention mass on the retrieved keys
+        mass = None
+        if joint:  # the same attention with ones for their values and zeros for the local ones
+            ones = joint[0]._replace(value=torch.ones_like(joint[0].value[..., :1]))
+            mass = local(ones, torch.zeros_like(value[..., :1]))[..., 0].float()  # (B, Tq, H)
+        read = {k: r.empty for k, r in readouts.items() if r.output is not None}
+        event = (query.shape[0], q_len, mass, read)
+        inputs.trace.setdefault(("shares", layer, inputs.segment), []).append(event)
     return mixer.mix(local(joint[0] if joint else None), readouts).contiguous(), None
 
 

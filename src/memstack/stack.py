@@ -174,11 +174,8 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
         """Layer 4: the LoRA adapters sleep trained (``sleep-0001``, ...), on ``model`` in place."""
 
     def sleep(self, config: SleepConfig | None = None, **kwargs: Any) -> SleepReport:
-        """Consolidate the long-term store's new records into a LoRA adapter (layer 4).
-
-        See :func:`memstack.memory.sleep.sleep` for the objective and the keyword arguments
-        (``state``, ``replay``, ``held_out``, ``augment``, ``directory``, ``progress``).
-        """
+        """Consolidate the long-term store's new records into a LoRA adapter (layer 4); see
+        :func:`memstack.memory.sleep.sleep` for the objective and the keyword arguments."""
         return sleep(self, config, **kwargs)
 
     def describe(self) -> str:
@@ -261,6 +258,8 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
             start=start,
             valid=valid,
             unread=unread,
+            trace=getattr(self, "_trace", None),
+            segment=state.segments,
             scratch=scratch if scratch is not None else {},
         )
 

@@ -96,6 +96,13 @@ class StackSwitches:
         finally:
             self.disabled = previous
 
+    def explain(self, input_ids: torch.Tensor, tokenizer=None, max_new_tokens: int = 0):
+        """Which chunks each block retrieved and each head's shares of local attention,
+        compressive memory and the store (:func:`memstack.explain.explain`)."""
+        from .explain import explain
+
+        return explain(self, input_ids, tokenizer, max_new_tokens)
+
     def memory_off(self, *kinds: str) -> contextlib.AbstractContextManager[MemoryStack]:
         """Run the same weights without memory (all kinds, or the kinds named) inside a ``with``
         block, to measure what each memory layer contributes."""

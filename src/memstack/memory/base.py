@@ -101,6 +101,7 @@ class ReadContext(NamedTuple):
     rotate: RotateFn | None  # None for models without rotary embeddings
     scaling: float | None  # the layer's softmax scale (None: 1/sqrt(d))
     scratch: dict  # per segment, kind and layer; survives activation checkpointing's re-run
+    trace: list | None = None  # when explaining (memstack/explain.py): a read appends what it found
 
 
 class ClosedSegment(NamedTuple):

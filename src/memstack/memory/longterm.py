@@ -321,8 +321,10 @@ class LongTermMemory:
             if pooled is None or len(store) == 0 or not bool(pooled.any()):
                 per_row.append(None)
                 continue
-            _, ids = store.search(0, pooled[None].to(torch.float32).cpu(), c.top_k)
-            ids = ids[0][ids[0] >= 0]
+            scores, ids = store.search(0, pooled[None].to(torch.float32).cpu(), c.top_k)
+            scores, ids = scores[0][ids[0] >= 0], ids[0][ids[0] >= 0]
+            if ctx.trace is not None:  # explaining (memstack/explain.py)
+                ctx.trace.append((block, row, ids.tolist(), scores.tolist(), store))
             if c.neighbours:
                 ids = store.neighbours(ids, c.neighbours)
             per_row.append(store.kv(0, ids) if len(ids) else None)
