@@ -5,6 +5,7 @@ import torch
 
 from memstack import CompressiveConfig, MemoryStack, StackConfig, StackState
 from tests.conftest import make_model, model_pair
+from tests.test_config import OLD_FLAT_STACK
 
 SEG = 8
 
@@ -162,18 +163,7 @@ def test_a_stack_saved_in_the_old_flat_config_format_loads(tmp_path, version):
 
     from safetensors.torch import save_file
 
-    flat = {
-        "segment_len": SEG,
-        "compressive": True,
-        "memory_layers": "0",
-        "update_rule": "delta",
-        "gate_init": -3.0,
-        "bptt_segments": None,
-        "checkpoint_segments": False,
-        "window": None,
-        "sink_tokens": 0,
-        "store": None,
-    }
+    flat = {**OLD_FLAT_STACK, "segment_len": SEG, "memory_layers": "0"}
     gate = torch.linspace(-1.0, 1.0, 4)  # the test model has 4 heads
     name = "layers.0.gate" if version == 1 else "layers.0.compressive.gate"
     weights = (

@@ -63,7 +63,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> float | None:
 
 def _identity_qk(model: nn.Module, sites: dict[int, AttentionSite], ids: torch.Tensor) -> dict:
     """Each layer's Q/K when handed the identity rotation, at the hidden states of a normal run."""
-    from .discovery import PROBE_NAME, _Probe
+    from .discovery import PROBE_NAME, _Probe, neutral_forward
 
     probe, seen, handles = _Probe(), {}, []
     previous = model.config._attn_implementation
@@ -73,12 +73,8 @@ def _identity_qk(model: nn.Module, sites: dict[int, AttentionSite], ids: torch.T
         def hook(mod, args, kwargs, layer=layer):
             pe, rotary = kwargs.get("position_embeddings"), sites[layer].rotary
             if probe.in_neutral is None and pe is not None and rotary is not None:
-                probe.in_neutral = layer
-                try:
-                    identity = identity_like(pe)[int(rotary.layout.sin_first) if isinstance(pe, tuple) else 0]
-                    mod.forward(*args, **{**kwargs, "position_embeddings": identity})
-                finally:
-                    probe.in_neutral = None
+                identity = identity_like(pe)[int(rotary.layout.sin_first) if isinstance(pe, tuple) else 0]
+                neutral_forward(probe, layer, mod, args, kwargs, identity)
             return None
 
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))

@@ -283,6 +283,16 @@ def discover(model: nn.Module) -> Architecture:
     return Architecture(model_type, sites, _lora_targets(model, modules))
 
 
+def neutral_forward(probe: _Probe, key, module: nn.Module, args: tuple, kwargs: dict, identity) -> None:
+    """Run ``module`` again at the same hidden states with ``identity`` as its position embeddings
+    (rotated by nothing); the probing attention records its Q/K in ``probe.neutral[key]``."""
+    probe.in_neutral = key
+    try:
+        module.forward(*args, **{**kwargs, "position_embeddings": identity})
+    finally:
+        probe.in_neutral = None
+
+
 def _position_embeddings(model, probe: _Probe, modules: list[nn.Module]) -> dict[int, tuple]:
     """Run the probe again, capturing each layer's position embeddings and its Q/K under each
     identity rotation (:func:`~memstack.rotary.identity_like`)."""
@@ -298,11 +308,7 @@ def _position_embeddings(model, probe: _Probe, modules: list[nn.Module]) -> dict
                 return None
             captured[id(mod)] = (pe, index)
             for n, identity in enumerate(identity_like(pe)):
-                probe.in_neutral = (index, n)
-                try:  # the same layer at the same hidden states, rotated by nothing
-                    mod.forward(*args, **{**kwargs, "position_embeddings": identity})
-                finally:
-                    probe.in_neutral = None
+                neutral_forward(probe, (index, n), mod, args, kwargs, identity)
             return None
 
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
