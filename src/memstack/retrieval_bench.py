@@ -1,0 +1,345 @@
+"""Chunk retrieval side by side: attention keys, raw token keys, dense embeddings and BM25.
+
+The pieces behind ``scripts/bench_retrieval.py``, kept here so that tests can check them against
+brute force. Every system ranks the *same* chunks of the *same* text for the *same* questions:
+
+- a text is cut into fixed chunks of ``chunk_len`` characters (bytes: the corpora are ASCII, so a
+  character is one token of the byte-level models), and read in segments of ``segment_len``
+  characters, a multiple of ``chunk_len``, each segment on its own, as the store keys a segment
+  from that segment's attention;
+- facts and needles are written *over* the text at a word boundary (``data/retrieval_tasks.py``),
+  so a sample changes only the segments its sentence touches;
+- a question is read alone, and its pooled position-free queries (:func:`keys.segment_query`)
+  search the index, as the store's read does.
+
+Attention systems read Q, K and the attention weights of every layer with forward hooks
+(:class:`AttentionReader`): for a Llama-style causal LM the outputs of ``q_proj``/``k_proj``
+(before rotary: position-free, InfLLM's choice), for a BERT encoder those of ``query``/``key``
+(absolute positions are in the hidden states, as they are for that model everywhere). The mass a
+key received is the model's own attention weights summed over the segment's queries and the
+query heads of its KV group, :func:`keys.received_attention_mass`'s quantity.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import torch
+from einops import rearrange, reduce
+from torch import nn
+
+from .memory.keys import chunk_keys, group_mean, segment_query
+from .train.evaluate import wilson_interval
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def rank_metrics(ranking: Sequence[int], relevant: set[int]) -> dict[str, float]:
+    """recall@1, recall@5 (a relevant chunk in the top 1 / 5) and reciprocal rank of the first one.
+
+    The reciprocal rank is 0 when no relevant chunk is in ``ranking`` (the reported MRR is thus
+    MRR@len(ranking)).
+    """
+    rank = next((i + 1 for i, c in enumerate(ranking) if c in relevant), None)
+    return {
+        "recall@1": float(rank == 1),
+        "recall@5": float(rank is not None and rank <= 5),
+        "mrr": 0.0 if rank is None else 1.0 / rank,
+    }
+
+
+def summarise(rows: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean and 95% interval of each metric over samples.
+
+    Recalls are rates: Wilson interval. MRR is a mean of values in [0, 1]: normal interval
+    ``mean +- 1.96 sd / sqrt(n)``, clipped to [0, 1]. Timings and sizes get the mean only.
+    """
+    out: dict[str, dict[str, float]] = {}
+    n = len(rows)
+    for name in rows[0]:
+        values = np.array([r[name] for r in rows], dtype=np.float64)
+        mean = float(values.mean())
+        if name.startswith("recall"):
+            low, high = wilson_interval(int(round(values.sum())), n)
+        elif name == "mrr":
+            half = 1.96 * float(values.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
+            low, high = max(0.0, mean - half), min(1.0, mean + half)
+        else:
+            out[name] = {"mean": mean}
+            continue
+        out[name] = {"mean": mean, "low": low, "high": high}
+    out["n"] = {"mean": float(n)}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Searching
+
+
+def rank_by_vectors(
+    vectors: np.ndarray, chunk_index: np.ndarray, query: np.ndarray, depth: int
+) -> tuple[list[int], float, int]:
+    """Chunks ranked by their best index vector's inner product with ``query`` (FAISS flat search).
+
+    Several vectors may point at one chunk (``keyword_pool="each"``): a chunk's score is its best
+    vector's, as a store that retrieves vectors then dedupes chunks would rank them.
+
+    Returns:
+        ``(ranking of up to depth chunks, search seconds, index bytes)``.
+    """
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    per_chunk = max(1, math.ceil(len(vectors) / max(1, int(chunk_index.max()) + 1)))
+    started = time.perf_counter()
+    _, ids = index.search(
+        np.ascontiguousarray(query[None], dtype=np.float32), min(len(vectors), depth * per_chunk)
+    )
+    seconds = time.perf_counter() - started
+    ranking: list[int] = []
+    for i in ids[0]:
+        c = int(chunk_index[i]) if i >= 0 else -1
+        if c >= 0 and c not in ranking:
+            ranking.append(c)
+    return ranking[:depth], seconds, index.ntotal * index.d * 4
+
+
+def rank_by_tokens(
+    keys: np.ndarray, token_chunk: np.ndarray, queries: np.ndarray, k: int, scale: float, depth: int
+) -> tuple[list[int], float, int]:
+    """Memorizing Transformers' kNN attention, summed per chunk.
+
+    Every token's key is indexed; each query token retrieves its ``k`` nearest keys by inner
+    product and spreads a softmax (logits times ``scale``) over them; a chunk's score is the
+    total weight its tokens received from all query tokens.
+
+    Returns:
+        ``(ranking of up to depth chunks, search seconds, index bytes)``.
+    """
+    index = faiss.IndexFlatIP(keys.shape[1])
+    index.add(np.ascontiguousarray(keys, dtype=np.float32))
+    started = time.perf_counter()
+    scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(keys)))
+    logits = scores.astype(np.float64) * scale
+    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+    weights /= weights.sum(axis=1, keepdims=True)
+    total: dict[int, float] = {}
+    for row_ids, row_w in zip(ids, weights, strict=True):
+        for i, w in zip(row_ids, row_w, strict=True):
+            if i >= 0:
+                c = int(token_chunk[i])
+                total[c] = total.get(c, 0.0) + float(w)
+    seconds = time.perf_counter() - started
+    ranking = sorted(total, key=lambda c: -total[c])[:depth]
+    return ranking, seconds, index.ntotal * index.d * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading attention
+
+
+@dataclass
+class LayerView:
+    """One layer's attention for a batch of segments."""
+
+    query: torch.Tensor  # (B, H, T, D) float32, before rotary
+    key: torch.Tensor  # (B, H_kv, T, D) float32, before rotary
+    mass: torch.Tensor  # (B, H_kv, T) float32: weights summed over valid queries and each KV group
+
+
+class AttentionReader:
+    """Q, K and received attention of every attention layer of a Hugging Face model.
+
+    Llama-style modules (``q_proj``/``k_proj``) and BERT's (``query``/``key``) are recognised;
+    the model is switched to eager attention, which returns the weights.
+
+    Raises:
+        ValueError: the model has no attention module of either kind.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model.eval()
+        model.set_attn_implementation("eager")
+        cfg = model.config
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.projections: list[tuple[nn.Module, nn.Module]] = []
+        for module in model.modules():
+            if hasattr(module, "q_proj") and hasattr(module, "k_proj"):
+                self.projections.append((module.q_proj, module.k_proj))
+            elif isinstance(getattr(module, "query", None), nn.Linear) and isinstance(
+                getattr(module, "key", None), nn.Linear
+            ):
+                self.projections.append((module.query, module.key))
+        if not self.projections:
+            raise ValueError(f"{type(model).__name__} has no q_proj/k_proj or query/key attention modules")
+
+    @property
+    def num_layers(self) -> int:
+        """Attention layers found."""
+        return len(self.projections)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[LayerView]:
+        """Run the model on ``(B, T)`` ids (``attention_mask`` 1 for real tokens) and read every layer."""
+        captured: dict[nn.Module, torch.Tensor] = {}
+
+        def keep(module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            captured[module] = output.detach().float()
+
+        hooks = [proj.register_forward_hook(keep) for pair in self.projections for proj in pair]
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        valid = attention_mask.float()
+        views = []
+        for (q_proj, k_proj), weights in zip(self.projections, out.attentions, strict=True):
+            q, k = captured[q_proj], captured[k_proj]
+            query = rearrange(q, "b t (h d) -> b h t d", h=self.heads)
+            key = rearrange(k, "b t (h d) -> b h t d", h=self.kv_heads)
+            received = reduce(weights.float() * valid[:, None, :, None], "b h q t -> b h t", "sum")
+            mass = reduce(received, "b (hkv g) t -> b hkv t", "sum", hkv=self.kv_heads)
+            views.append(LayerView(query, key, mass * valid[:, None, :]))
+        return views
+
+
+# ---------------------------------------------------------------------------------------------
+# An attention system: strategies on top of a reader
+
+
+@dataclass(frozen=True)
+class KeyStrategy:
+    """A key strategy of ``memory/keys.py`` with its options; ``name`` is how tables show it."""
+
+    name: str
+    strategy: str
+    keyword_pool: str = "mean"
+    keys_per_chunk: int = 4
+
+
+STRATEGIES = (
+    KeyStrategy("received_attention", "received_attention"),
+    KeyStrategy("received_attention_each", "received_attention", keyword_pool="each"),
+    KeyStrategy("attention_weighted", "attention_weighted"),
+    KeyStrategy("mean_key", "mean_key"),
+    KeyStrategy("mean_query", "mean_query"),
+)
+TOKENS = "token_keys"
+"""The raw per-token key search (Memorizing Transformers), shown beside the strategies."""
+
+
+Tokenize = Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor, list[list[tuple[int, int]]]]]
+"""texts -> (ids (B, T), attention_mask (B, T), per text the character span of each token; (0, 0)
+for special tokens and padding)."""
+
+
+@dataclass
+class SegmentKeys:
+    """Everything a segment contributes to one layer's indexes: per strategy and for raw tokens."""
+
+    vectors: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (vectors, chunk index within segment)
+    tokens: tuple[np.ndarray, np.ndarray]  # (token keys (m, H_kv*D), chunk index within segment)
+
+
+def token_chunk_spans(
+    offsets: Sequence[tuple[int, int]], chunk_len: int, n_chunks: int
+) -> list[tuple[int, int]]:
+    """Per chunk of a segment, the span of tokens that start inside it (``(s, s)`` if none).
+
+    A token belongs to the chunk its first character is in; special tokens (empty span) to none.
+    """
+    spans = []
+    starts = [a if b > a else -1 for a, b in offsets]
+    for c in range(n_chunks):
+        inside = [i for i, a in enumerate(starts) if c * chunk_len <= a < (c + 1) * chunk_len]
+        spans.append((inside[0], inside[-1] + 1) if inside else (0, 0))
+    return spans
+
+
+class AttentionKeyer:
+    """Keys every chunk of a segment under every strategy, and pools a question, at each layer."""
+
+    def __init__(self, reader: AttentionReader, tokenize: Tokenize, chunk_len: int, batch_size: int = 32):
+        self.reader, self.tokenize, self.chunk_len, self.batch_size = reader, tokenize, chunk_len, batch_size
+
+    def segments(self, texts: Sequence[str]) -> list[list[SegmentKeys]]:
+        """Per segment text, per layer, its :class:`SegmentKeys` (chunk indices local to the segment)."""
+        out: list[list[SegmentKeys]] = []
+        for lo in range(0, len(texts), self.batch_size):
+            batch = texts[lo : lo + self.batch_size]
+            ids, mask, offsets = self.tokenize(batch)
+            views = self.reader(ids, mask)
+            for row, text in enumerate(batch):
+                n_chunks = math.ceil(len(text) / self.chunk_len)
+                spans = token_chunk_spans(offsets[row], self.chunk_len, n_chunks)
+                out.append([self._key_row(v, row, spans) for v in views])
+        return out
+
+    def _key_row(self, view: LayerView, row: int, spans: list[tuple[int, int]]) -> SegmentKeys:
+        present = [(c, s) for c, s in enumerate(spans) if s[1] > s[0]]
+        chunks = [s for _, s in present]
+        local = np.array([c for c, _ in present], dtype=np.int64)
+        key, query, mass = view.key[row], view.query[row], view.mass[row]
+        vectors = {}
+        for ks in STRATEGIES:
+            got = chunk_keys(ks.strategy, chunks, key, query, mass, ks.keys_per_chunk, ks.keyword_pool)
+            vectors[ks.name] = (got.vectors.numpy(), local[got.chunk_index.numpy()])
+        token_ids = np.concatenate([np.arange(a, b) for a, b in chunks]) if chunks else np.zeros(0, np.int64)
+        token_chunk = np.concatenate([np.full(b - a, c) for c, (a, b) in present]) if chunks else token_ids
+        tokens = rearrange(key[:, token_ids], "hkv t d -> t (hkv d)").numpy()
+        return SegmentKeys(vectors, (tokens, token_chunk.astype(np.int64)))
+
+    def question(self, text: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per layer: the pooled query (``segment_query`` over the question's tokens) and the
+        group-averaged per-token queries ``(m, H_kv*D)`` for the token search."""
+        ids, mask, offsets = self.tokenize([text])
+        views = self.reader(ids, mask)
+        content = torch.tensor([b > a for a, b in offsets[0]])
+        out = []
+        for v in views:
+            pooled = segment_query(v.query[0], self.reader.kv_heads, content).numpy()
+            per_token = rearrange(
+                group_mean(v.query[0], self.reader.kv_heads)[:, content], "hkv t d -> t (hkv d)"
+            )
+            out.append((pooled, per_token.numpy()))
+        return out
+
+
+def byte_tokenize(texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, list[list[tuple[int, int]]]]:
+    """The byte-level models' :data:`Tokenize`: one token per byte, right-padded with 0."""
+    encoded = [list(t.encode("utf-8")) for t in texts]
+    if any(len(e) != len(t) for e, t in zip(encoded, texts, strict=True)):
+        raise ValueError("the retrieval benchmark's texts must be ASCII (one byte per character)")
+    width = max(len(e) for e in encoded)
+    ids = torch.zeros(len(texts), width, dtype=torch.long)
+    mask = torch.zeros(len(texts), width, dtype=torch.long)
+    for i, e in enumerate(encoded):
+        ids[i, : len(e)] = torch.tensor(e)
+        mask[i, : len(e)] = 1
+    offsets = [[(j, j + 1) if j < len(e) else (0, 0) for j in range(width)] for e in encoded]
+    return ids, mask, offsets
+
+
+def hf_tokenize(tokenizer) -> Tokenize:
+    """A fast Hugging Face tokenizer as a :data:`Tokenize` (special tokens get an empty span)."""
+
+    def tokenize(texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, list[list[tuple[int, int]]]]:
+        enc = tokenizer(
+            list(texts), padding=True, truncation=True, return_offsets_mapping=True, return_tensors="pt"
+        )
+        mask = enc["attention_mask"]
+        offsets = [
+            [(int(a), int(b)) if mask[i, j] else (0, 0) for j, (a, b) in enumerate(row.tolist())]
+            for i, row in enumerate(enc["offset_mapping"])
+        ]
+        return enc["input_ids"], mask, offsets
+
+    return tokenize

@@ -1,0 +1,225 @@
+"""The retrieval benchmark's pieces, against brute force and the model's own attention."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from memstack.data.retrieval_tasks import (
+    chunks_overlapping,
+    corpus,
+    facts_task,
+    invented_names,
+    kv_task,
+    passkey_task,
+    plant,
+)
+from memstack.data.tasks import PASSKEY_QUESTION
+from memstack.memory.keys import chunk_keys
+from memstack.retrieval_bench import (
+    STRATEGIES,
+    AttentionKeyer,
+    AttentionReader,
+    byte_tokenize,
+    rank_by_tokens,
+    rank_by_vectors,
+    rank_metrics,
+    summarise,
+    token_chunk_spans,
+)
+
+TEXT = "the quick brown fox jumps over the lazy dog and runs far away from the farm " * 4
+
+
+def test_plant_overwrites_at_a_word_boundary_and_keeps_the_length():
+    new, (start, end) = plant(TEXT, "Ada's code is 48213.", 7)
+    assert len(new) == len(TEXT)
+    assert new[start:end] == "Ada's code is 48213."
+    assert start == TEXT.index(" ", 7) + 1  # the word after the first space at or after 7
+    assert new[start - 1] == " " and new[end] == " "
+    assert new[:start] == TEXT[:start] and new[end + 1 :] == TEXT[end + 1 :]
+    with pytest.raises(ValueError, match="no room"):
+        plant(TEXT, "x" * 400, 0)
+
+
+def test_chunks_overlapping_matches_brute_force():
+    for span in [(0, 1), (5, 9), (63, 65), (64, 128), (10, 200)]:
+        brute = {i // 64 for i in range(*span)}
+        assert chunks_overlapping(span, 64) == brute
+
+
+def test_invented_names_are_distinct_and_absent_from_the_text():
+    names = invented_names(30, 0, avoid="Bana kolo")
+    assert len(set(names)) == 30
+    assert all(n not in "Bana kolo" and n[0].isupper() for n in names)
+
+
+def test_rank_metrics():
+    assert rank_metrics([4, 2, 9], {4}) == {"recall@1": 1.0, "recall@5": 1.0, "mrr": 1.0}
+    assert rank_metrics([1, 2, 3, 4, 5, 6, 7], {7, 6}) == {"recall@1": 0.0, "recall@5": 0.0, "mrr": 1 / 6}
+    assert rank_metrics([1, 2, 3], {8}) == {"recall@1": 0.0, "recall@5": 0.0, "mrr": 0.0}
+
+
+def test_summarise_intervals():
+    rows = [{"recall@1": float(i < 5), "mrr": 1.0 / (i + 1), "ms": 2.0} for i in range(20)]
+    s = summarise(rows)
+    assert s["recall@1"]["mean"] == 0.25 and s["recall@1"]["low"] < 0.25 < s["recall@1"]["high"]
+    mrr = np.array([1.0 / (i + 1) for i in range(20)])
+    half = 1.96 * mrr.std(ddof=1) / math.sqrt(20)
+    assert s["mrr"]["low"] == pytest.approx(mrr.mean() - half) and s["mrr"]["high"] == pytest.approx(
+        mrr.mean() + half
+    )
+    assert s["ms"] == {"mean": 2.0} and s["n"] == {"mean": 20.0}
+
+
+def test_rank_by_vectors_scores_a_chunk_by_its_best_vector():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(30, 8)).astype(np.float32)
+    chunk = np.repeat(np.arange(10), 3)
+    query = rng.normal(size=8).astype(np.float32)
+    ranking, _, size = rank_by_vectors(vectors, chunk, query, 10)
+    best = [max(vectors[chunk == c] @ query) for c in range(10)]
+    assert ranking == sorted(range(10), key=lambda c: -best[c])
+    assert size == 30 * 8 * 4
+
+
+def test_rank_by_tokens_is_knn_attention_mass_per_chunk():
+    rng = np.random.default_rng(1)
+    keys = rng.normal(size=(50, 6)).astype(np.float32)
+    token_chunk = np.arange(50) // 5
+    queries = rng.normal(size=(3, 6)).astype(np.float32)
+    ranking, _, _ = rank_by_tokens(keys, token_chunk, queries, k=7, scale=0.5, depth=10)
+    total = np.zeros(10)
+    for q in queries:
+        scores = keys @ q
+        top = np.argsort(-scores)[:7]
+        w = np.exp(0.5 * scores[top]) / np.exp(0.5 * scores[top]).sum()
+        np.add.at(total, token_chunk[top], w)
+    expected = [c for c in np.argsort(-total, kind="stable") if total[c] > 0]
+    assert ranking == expected
+
+
+def test_token_chunk_spans_follow_each_token_start():
+    offsets = [(0, 0), (0, 3), (3, 9), (9, 12), (12, 20), (20, 21), (0, 0)]
+    assert token_chunk_spans(offsets, 10, 3) == [(1, 4), (4, 5), (5, 6)]
+    assert token_chunk_spans([(0, 0), (0, 4)], 10, 2) == [(1, 2), (0, 0)]
+
+
+def _tiny_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+    )
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_reader_gives_position_free_qk_and_the_models_own_received_attention():
+    model = _tiny_llama()
+    reader = AttentionReader(model)
+    ids, mask, _ = byte_tokenize(["some words of text", "short"])
+    views = reader(ids, mask)
+    assert reader.num_layers == 2 and len(views) == 2
+    attn = model.model.layers[1].self_attn
+    hidden = {}
+    attn.register_forward_hook(
+        lambda m, args, kwargs, out: hidden.setdefault("h", kwargs["hidden_states"]), with_kwargs=True
+    )
+    reader(ids, mask)
+    h = hidden["h"]
+    q = attn.q_proj(h).view(2, -1, 4, 8).transpose(1, 2)
+    k = attn.k_proj(h).view(2, -1, 2, 8).transpose(1, 2)
+    torch.testing.assert_close(views[1].query, q, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(views[1].key, k, rtol=1e-4, atol=1e-5)
+    # mass from the rotated Q/K, written out here: causal softmax, padded keys and queries excluded
+    cos, sin = model.model.rotary_emb(h, torch.arange(ids.shape[1])[None])
+    q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin)
+    k_rot = k_rot.repeat_interleave(2, dim=1)
+    logits = q_rot @ k_rot.transpose(-1, -2) / math.sqrt(8)
+    t = ids.shape[1]
+    allowed = torch.ones(t, t).tril().bool()[None, None] & mask.bool()[:, None, None, :]
+    w = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0) * mask[:, None, :, None]
+    expected = w.sum(2).view(2, 2, 2, t).sum(2) * mask[:, None, :]
+    torch.testing.assert_close(views[1].mass, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_keyer_indexes_each_chunk_with_the_library_strategies():
+    model = _tiny_llama()
+    keyer = AttentionKeyer(AttentionReader(model), byte_tokenize, chunk_len=8, batch_size=2)
+    texts = ["the fox jumps over the dog.", "a farm far away"]
+    segs = keyer.segments(texts)
+    view = keyer.reader(*byte_tokenize(texts[:1])[:2])[0]
+    chunks = [(0, 8), (8, 16), (16, 24), (24, 27)]
+    for ks in STRATEGIES:
+        got = segs[0][0].vectors[ks.name]
+        expected = chunk_keys(
+            ks.strategy, chunks, view.key[0], view.query[0], view.mass[0], ks.keys_per_chunk, ks.keyword_pool
+        )
+        np.testing.assert_allclose(got[0], expected.vectors.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(got[1], expected.chunk_index.numpy())
+    tokens, token_chunk = segs[1][0].tokens
+    assert tokens.shape == (15, 2 * 8) and token_chunk.tolist() == [0] * 8 + [1] * 7
+    pooled, per_token = keyer.question("what is it?")[0]
+    assert pooled.shape == (16,) and per_token.shape == (11, 16)
+    np.testing.assert_allclose(per_token.mean(0), pooled, rtol=1e-4, atol=1e-5)
+
+
+def test_byte_tokenize_refuses_non_ascii():
+    with pytest.raises(ValueError, match="ASCII"):
+        byte_tokenize(["café"])
+
+
+def _chunk_text(text: str, chunks: set[int], chunk_len: int) -> str:
+    return "".join(text[c * chunk_len : (c + 1) * chunk_len] for c in sorted(chunks))
+
+
+def test_facts_task_each_question_names_its_fact_and_the_relevant_chunk_holds_the_code():
+    samples = facts_task(12, 8192, 64, seed=3)
+    base = corpus(300_000, 8192)
+    text = samples[0].text
+    assert len(text) == len(base) and all(s.text is text for s in samples)
+    assert len({s.question for s in samples}) == 12
+    for s in samples:
+        (name,) = set(re.findall(r"[A-Z][a-z]+", s.question)) - {"What", "Which", "Tell"}
+        at = text.index(f"{name}'s code is ") + len(f"{name}'s code is ")
+        code = text[at : at + 5]
+        assert code.isdigit() and text[at + 5] == "." and text.count(name) == 1
+        assert s.relevant == {i // 64 for i in range(at, at + 5)}
+        assert code[0] in _chunk_text(text, s.relevant, 64)
+
+
+def test_passkey_task_changes_only_the_needle_and_marks_both_copies_of_the_key():
+    samples = passkey_task(5, 4096, 32, seed=1)
+    base = corpus(0, 4096)
+    keys = set()
+    for s in samples:
+        diff = [i for i, (a, b) in enumerate(zip(s.text, base, strict=True)) if a != b]
+        key = s.text[diff[0] :].split("The pass key is ", 1)[1][:5]
+        keys.add(key)
+        spans = [(i, i + 5) for i in range(len(s.text)) if s.text.startswith(key, i)]
+        assert len(spans) == 2 and diff[-1] - diff[0] < 64
+        assert s.relevant == {i // 32 for a, b in spans for i in range(a, b)}
+        assert s.question == PASSKEY_QUESTION
+    assert len(keys) == 5
+
+
+def test_kv_task_asks_each_key_once_and_is_reproducible():
+    a, b = kv_task(6, 4096, 64, seed=2), kv_task(6, 4096, 64, seed=2)
+    assert [s.question for s in a] == [s.question for s in b] and a[0].text == b[0].text
+    for s in a:
+        key = s.question.split("key ")[1].split("?")[0]
+        at = s.text.index(f"The value of key {key} is ") + len(f"The value of key {key} is ")
+        assert s.text[at : at + 5].isdigit() and s.relevant == {i // 64 for i in range(at, at + 5)}
+    assert len({s.question for s in a}) == 6
