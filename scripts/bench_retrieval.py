@@ -3,9 +3,13 @@
 Same text, same fixed chunks, same questions for every system (``memstack/retrieval_bench.py``):
 
 - attention keys, every strategy of ``memory/keys.py`` plus the raw per-token key search of
-  Memorizing Transformers (``token_keys``), from the attention of the byte-level causal LMs
-  trained by ``configs/tiny_text.py`` and the pass-key recipe, and of all-MiniLM-L6-v2's own six
-  layers; one search at one layer per question, the layer chosen on held-out facts;
+  Memorizing Transformers (``token_keys``), from the attention of the two shipped byte-level
+  causal LMs (``results/tiny_text/run``: ``configs/tiny_text.py``, next-byte prediction on the
+  KJV; ``results/tiny_passkey_store/run``: ``configs/tiny_passkey_store.py``, pass keys), and of
+  all-MiniLM-L6-v2's own six layers; one search per question at one layer, over all its heads
+  (inner product, as the store searches, or cosine) or over one KV head alone (cosine; QRHead's
+  retrieval heads), the layer, metric and head of each strategy chosen by MRR on held-out facts
+  (``--dev``);
 - ``minilm_dense``: all-MiniLM-L6-v2 sentence embeddings (sentence-transformers: mean-pooled,
   normalised), cosine;
 - ``bm25``: bm25s over lower-cased words, English stop words removed, no stemming.
@@ -13,11 +17,13 @@ Same text, same fixed chunks, same questions for every system (``memstack/retrie
 Tasks (the answer's chunk known): ``facts``, facts ("Zoruva's code is 48213.") written once each
 over real text (the King James Bible's test split) and asked in other words; ``passkey_N``, the
 pass key in N bytes of it (which chunk holds the key); ``kv_32K``, many key-value needles in 32K
-bytes, each asked once. Metrics: recall@1, recall@5, MRR@100 with 95% intervals, search time per
-query, index bytes per byte of text. Needs the optional extra: ``pip install -e ".[retrieval]"``.
+bytes (``--text-len``, also the facts' text), each asked once. Metrics: recall@1, recall@5,
+MRR@100 with 95% intervals, search time per query, index bytes per byte of text. MiniLM and BM25
+need the optional extra: ``pip install -e ".[retrieval]"``.
 
-    python scripts/bench_retrieval.py                              # 32K, 128K and 1M: ~30 min on 2 cores
+    python scripts/bench_retrieval.py                              # 32K, 128K and 1M: ~18 min on 2 cores
     python scripts/bench_retrieval.py --lengths 32768 --systems bm25 minilm_dense
+    python scripts/bench_retrieval.py --hf-model /models/Llama-3.2-1B --lengths 32768   # a real LM
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ from memstack.train.evaluate import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPTH = 100
-SYSTEMS = ("tiny_text", "tiny_passkey", "minilm_attention", "minilm_dense", "bm25")
+SYSTEMS = ("tiny_text", "tiny_passkey", "minilm_attention", "minilm_dense", "bm25", "hf_model")
 # ---------------------------------------------------------------------------------------------
 # Systems: each maps (samples) -> per sample, per variant (layer/strategy) the metric row
 
@@ -76,6 +82,7 @@ def eval_attention(keyer: AttentionKeyer, samples: list[Sample], segment_len: in
         if built is None or built[0] != id(sample.text):
             built = (id(sample.text), _indexes(texts, cache, per_segment))
         asked = keyer.question(sample.question)
+        d = keyer.reader.head_dim
         for layer, (pooled, per_token) in enumerate(asked):
             vecs, tokens = built[1][layer]
             for name, (v, c) in vecs.items():
@@ -83,6 +90,12 @@ def eval_attention(keyer: AttentionKeyer, samples: list[Sample], segment_len: in
                 rows.setdefault(f"{layer}/ip/{name}", []).append(_row(ranking, sample, seconds, size))
                 ranking, seconds, size = rank_by_vectors(_unit(v), c, _unit(pooled), DEPTH)
                 rows.setdefault(f"{layer}/cos/{name}", []).append(_row(ranking, sample, seconds, size))
+                for h in range(v.shape[1] // d):  # one KV head alone: QRHead's retrieval heads
+                    head = slice(h * d, (h + 1) * d)
+                    ranking, seconds, size = rank_by_vectors(_unit(v[:, head]), c, _unit(pooled[head]), DEPTH)
+                    rows.setdefault(f"{layer}/cos/h{h}/{name}", []).append(
+                        _row(ranking, sample, seconds, size)
+                    )
             scale = 1.0 / np.sqrt(keyer.reader.head_dim)
             ranking, seconds, size = rank_by_tokens(tokens[0], tokens[1], per_token, 32, scale, DEPTH)
             rows.setdefault(f"{layer}/ip/{TOKENS}", []).append(_row(ranking, sample, seconds, size))
@@ -165,12 +178,34 @@ def eval_bm25(samples: list[Sample], chunk_len: int) -> dict:
 
 
 def causal_system(run: Path, chunk_len: int) -> tuple[AttentionKeyer, dict]:
-    config, stack, _ = load_run(run)
+    try:
+        config, stack, _ = load_run(run)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
     model = stack.unwrap()
     params = sum(p.numel() for p in model.parameters())
     trained = config.schedule.max_steps * config.run.batch_size * config.data.seq_len
-    info = {"run": str(run), "parameters": params, "trained_tokens": trained, "task": config.data.task}
+    where = run.resolve().relative_to(ROOT) if run.resolve().is_relative_to(ROOT) else run
+    info = {"run": str(where), "parameters": params, "trained_tokens": trained, "task": config.data.task}
     return AttentionKeyer(AttentionReader(model), byte_tokenize, chunk_len), info
+
+
+def hf_system(path: Path, causal: bool, chunk_len: int) -> tuple[AttentionKeyer, dict]:
+    """Attention keys from a local Hugging Face checkpoint: a causal LM (``--hf-model``) or an
+    encoder (MiniLM). Its tokenizer must be a fast one (character offsets place tokens in chunks)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: cannot load a model and tokenizer from {path}: {e}")
+    if not tokenizer.is_fast:
+        sys.exit(f"error: the tokenizer of {path} is not a fast tokenizer; character offsets are needed")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    keyer = AttentionKeyer(AttentionReader(model), hf_tokenize(tokenizer), chunk_len)
+    return keyer, {"model": str(path), "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def minilm_path() -> Path:
@@ -183,18 +218,25 @@ def minilm_path() -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny-text", type=Path, default=ROOT / "runs" / "tiny_text")
+    p.add_argument("--tiny-text", type=Path, default=ROOT / "results" / "tiny_text" / "run")
     p.add_argument("--tiny-passkey", type=Path, default=ROOT / "results" / "tiny_passkey_store" / "run")
     p.add_argument(
         "--systems",
         nargs="*",
-        default=list(SYSTEMS),
+        default=list(SYSTEMS[:-1]),
+        help="hf_model: the attention of --hf-model's causal LM (added when --hf-model is given)",
     )
-    p.add_argument("--lengths", nargs="*", type=int, default=[32768, 131072, 1048576])
+    p.add_argument("--hf-model", type=Path, help="a local Hugging Face causal LM checkpoint to key with")
+    p.add_argument(
+        "--lengths", nargs="*", type=int, default=[32768, 131072, 1048576], help="pass-key haystacks"
+    )
+    p.add_argument(
+        "--text-len", type=int, default=32768, help="characters of the facts' and kv needles' text"
+    )
     p.add_argument(
         "--facts", type=int, default=40, help="test facts (plus --dev held-out facts that choose the layer)"
     )
-    p.add_argument("--dev", type=int, default=10)
+    p.add_argument("--dev", type=int, default=20)
     p.add_argument("--samples", type=int, default=20, help="pass keys per length")
     p.add_argument("--kv", type=int, default=24, help="key-value needles (and questions) at 32K")
     p.add_argument("--chunk-len", type=int, default=64)
@@ -202,9 +244,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "retrieval_bench.json")
     p.add_argument("--replot", action="store_true", help="only redo the table and plot from --out")
+    p.add_argument("--markdown", action="store_true", help="with --replot: also print the README's tables")
     args = p.parse_args(argv)
     if args.replot:
-        replot(args.out)
+        replot(args.out, args.markdown)
         return {}
     if args.segment_len % args.chunk_len:
         sys.exit(
@@ -212,14 +255,16 @@ def main(argv: list[str] | None = None) -> dict:
         )
     torch.manual_seed(args.seed)
     faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
-    facts = facts_task(args.dev + args.facts, 32768, args.chunk_len, args.seed)
+    facts = facts_task(args.dev + args.facts, args.text_len, args.chunk_len, args.seed)
     tasks = {"facts_dev": facts[: args.dev], "facts": facts[args.dev :]}
     for length in args.lengths:
         tasks[f"passkey_{length // 1024}K"] = passkey_task(
             args.samples, length, args.chunk_len, args.seed + length
         )
-    tasks["kv_32K"] = kv_task(args.kv, 32768, args.chunk_len, args.seed + 1)
+    tasks[f"kv_{args.text_len // 1024}K"] = kv_task(args.kv, args.text_len, args.chunk_len, args.seed + 1)
 
+    if args.hf_model is not None and "hf_model" not in args.systems:
+        args.systems.append("hf_model")
     systems: dict[str, Callable[[list[Sample]], dict]] = {}
     info: dict[str, dict] = {}
     for name in args.systems:
@@ -228,18 +273,11 @@ def main(argv: list[str] | None = None) -> dict:
                 args.tiny_text if name == "tiny_text" else args.tiny_passkey, args.chunk_len
             )
             systems[name] = lambda s, k=keyer: eval_attention(k, s, args.segment_len, {})
-        elif name == "minilm_attention":
-            from transformers import AutoModel, AutoTokenizer
-
-            path = minilm_path()
-            model = AutoModel.from_pretrained(path)
-            keyer = AttentionKeyer(
-                AttentionReader(model), hf_tokenize(AutoTokenizer.from_pretrained(path)), args.chunk_len
-            )
-            info[name] = {
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "model": "all-MiniLM-L6-v2",
-            }
+        elif name in ("minilm_attention", "hf_model"):
+            if name == "hf_model" and args.hf_model is None:
+                sys.exit("error: system hf_model needs --hf-model PATH (a local causal LM checkpoint)")
+            path = minilm_path() if name == "minilm_attention" else args.hf_model
+            keyer, info[name] = hf_system(path, name == "hf_model", args.chunk_len)
             systems[name] = lambda s, k=keyer: eval_attention(k, s, args.segment_len, {})
         elif name == "minilm_dense":
             from sentence_transformers import SentenceTransformer
@@ -291,7 +329,7 @@ def headline(results: dict) -> dict:
             best = max(layers, key=lambda v: variants[v]["mrr"]["mean"])
             label = system if name in ("dense", "bm25") else f"{system}: {name}"
             tasks = [t for t in results if t != "facts_dev"]
-            table[label] = {"variant": best, **{t: results[t][system][best] for t in tasks}}
+            table[label] = {"system": system, "variant": best, **{t: results[t][system][best] for t in tasks}}
             table[label]["best_on_test"] = {}
             for t in tasks:
                 top = max(layers, key=lambda v, t=t: results[t][system][v]["mrr"]["mean"])
@@ -353,18 +391,59 @@ def plot(table: dict, tasks: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def markdown(table: dict, tasks: list[str], dev: dict) -> str:
+    """The README's two tables: every metric for MiniLM, BM25 and each attention model's strategy
+    with the best held-out MRR; then every strategy's MRR, held-out choice / best on the task."""
+    models = sorted({label.split(": ")[0] for label in table if ": " in label})
+    best = {
+        m: max((lab for lab in table if lab.startswith(m + ": ")), key=lambda lab: _dev_mrr(table[lab], dev))
+        for m in models
+    }
+    main = [lab for lab in ("minilm_dense", "bm25") if lab in table] + list(best.values())
+    lines = [
+        "| task | system (layer/metric/head chosen on held-out facts) | recall@1 [95% CI] | recall@5 | "
+        "MRR [95% CI] | ms / query | index bytes / token |",
+        "|---|---|---|---:|---|---:|---:|",
+    ]
+    for task in tasks:
+        for label in main:
+            m = table[label][task]
+            lines.append(
+                f"| {task} | {label} (`{table[label]['variant']}`) | {_ci(m['recall@1'])} | "
+                f"{m['recall@5']['mean']:.2f} | {_ci(m['mrr'])} | {m['ms']['mean']:.2f} | "
+                f"{m['bytes_per_token']['mean']:.1f} |"
+            )
+    lines += ["", "| attention keys | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for label in sorted(lab for lab in table if ": " in lab):
+        row = table[label]
+        cells = [f"{row[t]['mrr']['mean']:.2f} / {row['best_on_test'][t]['mrr']:.2f}" for t in tasks]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _dev_mrr(row: dict, dev: dict) -> float:
+    system, variant = row["system"], row["variant"]
+    return dev[system][variant]["mrr"]["mean"]
+
+
+def _ci(m: dict) -> str:
+    return f"{m['mean']:.2f} [{m['low']:.2f}-{m['high']:.2f}]"
+
+
 def _task_order(task: str) -> tuple[int, int]:
     kind, _, size = task.partition("_")
     return ["facts", "passkey", "kv"].index(kind), int(size.rstrip("K") or 0)
 
 
-def replot(path: Path) -> None:
+def replot(path: Path, markdown_out: bool = False) -> None:
     """Table and plot again from a saved JSON (``--replot``), without reading anything."""
     saved = json.loads(path.read_text())
     tasks = sorted((t for t in saved["results"] if t != "facts_dev"), key=_task_order)
     table = headline(saved["results"])
     print_table(table, tasks)
     plot(table, tasks, path.with_suffix(".png"))
+    if markdown_out:
+        print("\n" + markdown(table, tasks, saved["results"]["facts_dev"]))
 
 
 if __name__ == "__main__":

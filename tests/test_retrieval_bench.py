@@ -111,6 +111,15 @@ def test_token_chunk_spans_follow_each_token_start():
     assert token_chunk_spans([(0, 0), (0, 4)], 10, 2) == [(1, 2), (0, 0)]
 
 
+def _keep_hidden(store: dict):
+    """A forward hook that keeps the attention input and leaves the output alone (returns None)."""
+
+    def hook(_module, _args, kwargs, _out) -> None:
+        store.setdefault("h", kwargs["hidden_states"])
+
+    return hook
+
+
 def _tiny_llama() -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = AutoConfig.for_model(
@@ -134,9 +143,7 @@ def test_reader_gives_position_free_qk_and_the_models_own_received_attention():
     assert reader.num_layers == 2 and len(views) == 2
     attn = model.model.layers[1].self_attn
     hidden = {}
-    attn.register_forward_hook(
-        lambda m, args, kwargs, out: hidden.setdefault("h", kwargs["hidden_states"]), with_kwargs=True
-    )
+    attn.register_forward_hook(_keep_hidden(hidden), with_kwargs=True)
     reader(ids, mask)
     h = hidden["h"]
     q = attn.q_proj(h).view(2, -1, 4, 8).transpose(1, 2)
@@ -223,3 +230,35 @@ def test_kv_task_asks_each_key_once_and_is_reproducible():
         at = s.text.index(f"The value of key {key} is ") + len(f"The value of key {key} is ")
         assert s.text[at : at + 5].isdigit() and s.relevant == {i // 64 for i in range(at, at + 5)}
     assert len({s.question for s in a}) == 6
+
+
+def test_reader_reads_q_and_k_after_the_per_head_norms_of_qwen3():
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(
+        "qwen3",
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # norms that are not the identity, so reading before them would differ
+        for p in (
+            model.model.layers[0].self_attn.q_norm.weight,
+            model.model.layers[0].self_attn.k_norm.weight,
+        ):
+            p.uniform_(0.5, 2.0)
+    reader = AttentionReader(model)
+    ids, mask, _ = byte_tokenize(["a few words"])
+    attn = model.model.layers[0].self_attn
+    hidden = {}
+    attn.register_forward_hook(_keep_hidden(hidden), with_kwargs=True)
+    view = reader(ids, mask)[0]
+    h = hidden["h"]
+    q = attn.q_norm(attn.q_proj(h).view(1, -1, 4, 8)).transpose(1, 2)
+    k = attn.k_norm(attn.k_proj(h).view(1, -1, 2, 8)).transpose(1, 2)
+    torch.testing.assert_close(view.query, q, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(view.key, k, rtol=1e-4, atol=1e-5)

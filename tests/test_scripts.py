@@ -216,3 +216,87 @@ def test_quickstart_refuses_altered_weights(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
     with pytest.raises(SystemExit, match="does not match"):
         quickstart.verify(run_dir)
+
+
+@pytest.mark.slow
+def test_bench_retrieval_on_the_shipped_weights(tmp_path):
+    """The attention systems only (the other systems need the optional [retrieval] extra):
+    every cell has its samples, and the best layer on a task's own samples is never below the
+    layer chosen on the held-out facts."""
+    out = tmp_path / "retrieval.json"
+    args = [
+        "--systems",
+        "tiny_passkey",
+        "--lengths",
+        "2048",
+        "--text-len",
+        "4096",
+        "--facts",
+        "3",
+        "--dev",
+        "2",
+    ]
+    run("scripts/bench_retrieval.py", *args, "--samples", "3", "--kv", "2", "--out", str(out))
+    saved = json.loads(out.read_text())
+    assert set(saved["results"]) == {"facts_dev", "facts", "passkey_2K", "kv_4K"}
+    strategies = {label.split(": ")[1] for label in saved["headline"]}
+    assert strategies == {
+        "received_attention",
+        "received_attention_each",
+        "attention_weighted",
+        "mean_key",
+        "mean_query",
+        "token_keys",
+    }
+    for row in saved["headline"].values():
+        for task, n in (("facts", 3), ("passkey_2K", 3), ("kv_4K", 2)):
+            assert row[task]["n"]["mean"] == n
+            assert row["best_on_test"][task]["mrr"] >= row[task]["mrr"]["mean"]
+    assert out.with_suffix(".png").stat().st_size > 0
+    tables = run("scripts/bench_retrieval.py", "--replot", "--markdown", "--out", str(out)).stdout
+    rows = [line for line in tables.splitlines() if line.startswith("| tiny_passkey: ")]
+    assert len(rows) == 6 and all(line.count("/") == 3 for line in rows)  # held-out / best, per task
+    bad = run("scripts/bench_retrieval.py", "--systems", "nope", check=False)
+    assert bad.returncode != 0 and "accepted: tiny_text tiny_passkey" in bad.stderr
+
+
+@pytest.mark.slow
+def test_bench_retrieval_keys_with_a_local_causal_lm_checkpoint(tmp_path):
+    """--hf-model: any local causal LM with a fast tokenizer (here a tiny Llama saved offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    words = ["[UNK]", "[PAD]", "the", "and", "of", "code", "is", "what", "pass", "key", "value", "?", "."]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]")
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(words),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    out = tmp_path / "retrieval.json"
+    args = [
+        "--systems",
+        "--hf-model",
+        str(tmp_path / "lm"),
+        "--lengths",
+        "2048",
+        "--facts",
+        "2",
+        "--dev",
+        "2",
+    ]
+    run("scripts/bench_retrieval.py", *args, "--samples", "2", "--kv", "2", "--out", str(out))
+    saved = json.loads(out.read_text())
+    assert saved["systems"]["hf_model"]["parameters"] == sum(p.numel() for p in model.parameters())
+    layers = {variant.split("/")[0] for variant in saved["results"]["facts"]["hf_model"]}
+    assert layers == {"0", "1"}
+    assert all(r["n"]["mean"] == 2 for r in saved["results"]["passkey_2K"]["hf_model"].values())

@@ -156,7 +156,9 @@ class AttentionReader:
     """Q, K and received attention of every attention layer of a Hugging Face model.
 
     Llama-style modules (``q_proj``/``k_proj``) and BERT's (``query``/``key``) are recognised;
-    the model is switched to eager attention, which returns the weights.
+    where a module normalises Q and K (``q_norm``/``k_norm``: Qwen3, Gemma 3, OLMo 2) the norms'
+    outputs are read, since those are what attention rotates. The model is switched to eager
+    attention, which returns the weights.
 
     Raises:
         ValueError: the model has no attention module of either kind.
@@ -172,7 +174,12 @@ class AttentionReader:
         self.projections: list[tuple[nn.Module, nn.Module]] = []
         for module in model.modules():
             if hasattr(module, "q_proj") and hasattr(module, "k_proj"):
-                self.projections.append((module.q_proj, module.k_proj))
+                if isinstance(getattr(module, "q_norm", None), nn.Module) and isinstance(
+                    getattr(module, "k_norm", None), nn.Module
+                ):
+                    self.projections.append((module.q_norm, module.k_norm))
+                else:
+                    self.projections.append((module.q_proj, module.k_proj))
             elif isinstance(getattr(module, "query", None), nn.Linear) and isinstance(
                 getattr(module, "key", None), nn.Linear
             ):
@@ -191,7 +198,8 @@ class AttentionReader:
         captured: dict[nn.Module, torch.Tensor] = {}
 
         def keep(module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-            captured[module] = output.detach().float()
+            # per-head norms return (B, T, heads, D); projections and full-width norms (B, T, heads * D)
+            captured[module] = output.detach().float().flatten(2)
 
         hooks = [proj.register_forward_hook(keep) for pair in self.projections for proj in pair]
         try:
