@@ -120,19 +120,18 @@ def _keep_hidden(store: dict):
     return hook
 
 
-def _tiny_llama() -> torch.nn.Module:
+def _tiny(model_type: str = "llama", layers: int = 2, **extra) -> torch.nn.Module:
+    """A seeded tiny byte-level causal LM: 4 query heads and 2 KV heads of 8."""
     torch.manual_seed(0)
     cfg = AutoConfig.for_model(
-        "llama",
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-    )
+        model_type, vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, **extra,
+    )  # fmt: skip
     return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _tiny_llama() -> torch.nn.Module:
+    return _tiny(initializer_range=0.2)
 
 
 def test_reader_gives_position_free_qk_and_the_models_own_received_attention():
@@ -233,18 +232,7 @@ def test_kv_task_asks_each_key_once_and_is_reproducible():
 
 
 def test_reader_reads_q_and_k_after_the_per_head_norms_of_qwen3():
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model(
-        "qwen3",
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
-    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model = _tiny("qwen3", layers=1, head_dim=8)
     with torch.no_grad():  # norms that are not the identity, so reading before them would differ
         for p in (
             model.model.layers[0].self_attn.q_norm.weight,

@@ -218,25 +218,19 @@ def test_quickstart_refuses_altered_weights(tmp_path):
         quickstart.verify(run_dir)
 
 
+def _small_bench(out: Path, facts: int = 2, samples: int = 2) -> list[str]:
+    """bench_retrieval.py's arguments for a run of seconds: 2K haystacks, a 4K text, few questions."""
+    sizes = ["--lengths", "2048", "--text-len", "4096", "--dev", "2", "--kv", "2"]
+    return [*sizes, "--facts", str(facts), "--samples", str(samples), "--out", str(out)]
+
+
 @pytest.mark.slow
 def test_bench_retrieval_on_the_shipped_weights(tmp_path):
     """The attention systems only (the other systems need the optional [retrieval] extra):
     every cell has its samples, and the best layer on a task's own samples is never below the
     layer chosen on the held-out facts."""
     out = tmp_path / "retrieval.json"
-    args = [
-        "--systems",
-        "tiny_passkey",
-        "--lengths",
-        "2048",
-        "--text-len",
-        "4096",
-        "--facts",
-        "3",
-        "--dev",
-        "2",
-    ]
-    run("scripts/bench_retrieval.py", *args, "--samples", "3", "--kv", "2", "--out", str(out))
+    run("scripts/bench_retrieval.py", "--systems", "tiny_passkey", *_small_bench(out, facts=3, samples=3))
     saved = json.loads(out.read_text())
     assert set(saved["results"]) == {"facts_dev", "facts", "passkey_2K", "kv_4K"}
     strategies = {label.split(": ")[1] for label in saved["headline"]}
@@ -283,18 +277,7 @@ def test_bench_retrieval_keys_with_a_local_causal_lm_checkpoint(tmp_path):
     model.save_pretrained(tmp_path / "lm")
     tokenizer.save_pretrained(tmp_path / "lm")
     out = tmp_path / "retrieval.json"
-    args = [
-        "--systems",
-        "--hf-model",
-        str(tmp_path / "lm"),
-        "--lengths",
-        "2048",
-        "--facts",
-        "2",
-        "--dev",
-        "2",
-    ]
-    run("scripts/bench_retrieval.py", *args, "--samples", "2", "--kv", "2", "--out", str(out))
+    run("scripts/bench_retrieval.py", "--systems", "--hf-model", str(tmp_path / "lm"), *_small_bench(out))
     saved = json.loads(out.read_text())
     assert saved["systems"]["hf_model"]["parameters"] == sum(p.numel() for p in model.parameters())
     layers = {variant.split("/")[0] for variant in saved["results"]["facts"]["hf_model"]}
