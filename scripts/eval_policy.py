@@ -2,6 +2,8 @@
 
     python scripts/eval_policy.py                                  # shipped weights, 32K, 20 prompts
     python scripts/eval_policy.py RUN --lengths 32768 1048576 --samples 4 4
+    python scripts/eval_policy.py --lengths 1048512 --depths 0.5 --samples 1 \
+        --out results/retrieval_policy_1m.json                     # 1M: one prompt per policy
 
 For each policy (``StoreConfig.policy``: ``always``, ``every:K``, ``uncertainty:H``; see
 memstack/policy.py) the same weights answer the same pass-key prompts (real-text filler, the
@@ -55,6 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
         nargs="+",
         default=["always", "every:4", "uncertainty:median", "uncertainty:inf"],
     )
+    p.add_argument(
+        "--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0, 1]"
+    )
     p.add_argument("--out", type=Path, default=Path("results/retrieval_policy.json"))
     args = p.parse_args(argv)
     if len(args.samples) not in (1, len(args.lengths)):
@@ -82,8 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
                 stack,
                 tokenizer,
                 [length],
-                [0.0, 0.25, 0.5, 0.75, 1.0],
-                samples=max(1, n // 5),
+                args.depths,
+                samples=max(1, n // len(args.depths)),
                 seed=SEED,
                 filler="text",
                 batch_size=1,

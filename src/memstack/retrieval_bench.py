@@ -330,7 +330,7 @@ class SegmentKeys:
 def token_chunk_spans(
     offsets: Sequence[tuple[int, int]], chunk_len: int, n_chunks: int
 ) -> list[tuple[int, int]]:
-    """Per chunk of a segment, the span of tokens that start inside it (``(s, s)`` if none).
+    """Per chunk of a segment, the span of tokens that start inside it (``(0, 0)`` if none).
 
     A token belongs to the chunk its first character is in; special tokens (empty span) to none.
     """
