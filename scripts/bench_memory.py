@@ -76,10 +76,38 @@ def build_model(device: str, attn_implementation: str = "sdpa") -> nn.Module:
     return model.to(device)
 
 
+def segmented(
+    forward: Callable[[torch.Tensor, bool], torch.Tensor], train: bool
+) -> Callable[[torch.Tensor], None]:
+    """A run over ``SEGMENT_LEN`` segments: ``forward(segment_ids, first)`` gives each one's logits.
+
+    Targets are shifted over the whole input, as memstack does (the last token of a segment
+    predicts the first of the next). Per-segment loss sums are added up and backward is called
+    ONCE at the end, so all segments' activations are alive together, as in memstack's full
+    backpropagation through time (bptt_segments=None).
+    """
+    from memstack.stack import next_token_targets
+
+    def run(ids: torch.Tensor) -> None:
+        targets = next_token_targets(ids, None) if train else None
+        loss_sum = torch.zeros((), device=ids.device)
+        for start in range(0, ids.shape[1], SEGMENT_LEN):
+            logits = forward(ids[:, start : start + SEGMENT_LEN], start == 0)
+            if train:
+                seg_targets = targets[:, start : start + SEGMENT_LEN]
+                loss_sum = loss_sum + F.cross_entropy(
+                    logits.flatten(0, 1).float(), seg_targets.flatten(), ignore_index=-100, reduction="sum"
+                )
+            del logits
+        if train:
+            (loss_sum / int((targets != -100).sum())).backward()
+
+    return run
+
+
 def make_step(system: str, mode: str, model: nn.Module) -> Callable[[torch.Tensor], None]:
     """A function running one full inference or training step of ``system`` on ``input_ids``."""
     from memstack import MemoryStack, StackConfig
-    from memstack.stack import next_token_targets
 
     train = mode == "train"
 
@@ -101,27 +129,7 @@ def make_step(system: str, mode: str, model: nn.Module) -> Callable[[torch.Tenso
             del out
 
     elif system == "bare_segments":
-
-        def run(ids: torch.Tensor) -> None:
-            # Targets shifted over the whole input, as memstack does (the last token of a segment
-            # predicts the first of the next). Per-segment loss sums are added up and backward is
-            # called ONCE at the end, so all segments' activations are alive together, as in
-            # memstack's full backpropagation through time (bptt_segments=None).
-            targets = next_token_targets(ids, None) if train else None
-            loss_sum = torch.zeros((), device=ids.device)
-            for start in range(0, ids.shape[1], SEGMENT_LEN):
-                logits = model(input_ids=ids[:, start : start + SEGMENT_LEN], use_cache=False).logits
-                if train:
-                    seg_targets = targets[:, start : start + SEGMENT_LEN]
-                    loss_sum = loss_sum + F.cross_entropy(
-                        logits.flatten(0, 1).float(),
-                        seg_targets.flatten(),
-                        ignore_index=-100,
-                        reduction="sum",
-                    )
-                del logits
-            if train:
-                (loss_sum / int((targets != -100).sum())).backward()
+        run = segmented(lambda seg, _first: model(input_ids=seg, use_cache=False).logits, train)
 
     elif system == "infini_pytorch":
         from infini_transformer_pytorch import InfiniTransformer
@@ -134,25 +142,14 @@ def make_step(system: str, mode: str, model: nn.Module) -> Callable[[torch.Tenso
         peer.train(train)
         model = peer  # zero_grad below clears the peer's gradients
 
-        def run(ids: torch.Tensor) -> None:
-            targets = next_token_targets(ids, None) if train else None
-            loss_sum, memories = torch.zeros((), device=ids.device), None
-            for start in range(0, ids.shape[1], SEGMENT_LEN):
-                out = peer(
-                    ids[:, start : start + SEGMENT_LEN], past_memories=memories, return_new_memories=True
-                )
-                memories = out.past_memories
-                if train:
-                    seg_targets = targets[:, start : start + SEGMENT_LEN]
-                    loss_sum = loss_sum + F.cross_entropy(
-                        out.logits.flatten(0, 1).float(),
-                        seg_targets.flatten(),
-                        ignore_index=-100,
-                        reduction="sum",
-                    )
-                del out
-            if train:
-                (loss_sum / int((targets != -100).sum())).backward()
+        memories: list = [None]  # the peer's memories, passed from segment to segment
+
+        def forward(seg: torch.Tensor, first: bool) -> torch.Tensor:
+            out = peer(seg, past_memories=None if first else memories[0], return_new_memories=True)
+            memories[0] = out.past_memories
+            return out.logits
+
+        run = segmented(forward, train)
 
     else:
         raise ValueError(f"unknown system {system!r}")

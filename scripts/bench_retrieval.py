@@ -49,12 +49,12 @@ from memstack.retrieval_bench import (
     TOKENS,
     AttentionKeyer,
     AttentionReader,
+    ChunkIndex,
+    TokenIndex,
     byte_tokenize,
     headline,
     hf_tokenize,
     markdown,
-    rank_by_tokens,
-    rank_by_vectors,
     rank_metrics,
     summarise,
 )
@@ -72,9 +72,8 @@ def segment_texts(text: str, segment_len: int) -> list[str]:
 
 
 def eval_attention(keyer: AttentionKeyer, samples: list[Sample], segment_len: int, cache: dict) -> dict:
-    """Per layer and strategy, one metric row per sample. ``cache``: segment text -> keys."""
-    chunk_len = keyer.chunk_len
-    per_segment = segment_len // chunk_len
+    """Per layer, strategy, metric and head, one metric row per sample. ``cache``: segment text -> keys."""
+    per_segment = segment_len // keyer.chunk_len
     rows: dict[str, list[dict]] = {}
     built: tuple[int, list] | None = None
     for sample in samples:
@@ -82,26 +81,12 @@ def eval_attention(keyer: AttentionKeyer, samples: list[Sample], segment_len: in
         missing = list(dict.fromkeys(t for t in texts if t not in cache))
         for t, keys in zip(missing, keyer.segments(missing), strict=True):
             cache[t] = keys
-        if built is None or built[0] != id(sample.text):
-            built = (id(sample.text), _indexes(texts, cache, per_segment))
-        asked = keyer.question(sample.question)
-        d = keyer.reader.head_dim
-        for layer, (pooled, per_token) in enumerate(asked):
-            vecs, tokens = built[1][layer]
-            for name, (v, c) in vecs.items():
-                ranking, seconds, size = rank_by_vectors(v, c, pooled, DEPTH)
-                rows.setdefault(f"{layer}/ip/{name}", []).append(_row(ranking, sample, seconds, size))
-                ranking, seconds, size = rank_by_vectors(_unit(v), c, _unit(pooled), DEPTH)
-                rows.setdefault(f"{layer}/cos/{name}", []).append(_row(ranking, sample, seconds, size))
-                for h in range(v.shape[1] // d):  # one KV head alone: QRHead's retrieval heads
-                    head = slice(h * d, (h + 1) * d)
-                    ranking, seconds, size = rank_by_vectors(_unit(v[:, head]), c, _unit(pooled[head]), DEPTH)
-                    rows.setdefault(f"{layer}/cos/h{h}/{name}", []).append(
-                        _row(ranking, sample, seconds, size)
-                    )
-            scale = 1.0 / np.sqrt(keyer.reader.head_dim)
-            ranking, seconds, size = rank_by_tokens(tokens[0], tokens[1], per_token, 32, scale, DEPTH)
-            rows.setdefault(f"{layer}/ip/{TOKENS}", []).append(_row(ranking, sample, seconds, size))
+        if built is None or built[0] != id(sample.text):  # one set of indexes per distinct text
+            built = (id(sample.text), _indexes(texts, cache, per_segment, keyer.reader.head_dim))
+        for layer, asked in enumerate(keyer.question(sample.question)):
+            for variant, (index, query) in built[1][layer].items():
+                ranking, seconds = index.rank(query(*asked), DEPTH)
+                rows.setdefault(f"{layer}/{variant}", []).append(_row(ranking, sample, seconds, index.nbytes))
     return rows
 
 
@@ -109,23 +94,32 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def _indexes(texts: list[str], cache: dict, per_segment: int) -> list:
-    """Per layer: ({strategy: (vectors, chunk ids)}, (token keys, token chunk ids)) of a whole text."""
+def _indexes(texts: list[str], cache: dict, per_segment: int, head_dim: int) -> list[dict]:
+    """Per layer, ``{variant: (index, query from (pooled, per-token queries))}`` of a whole text.
+
+    Variants: ``ip/S`` and ``cos/S`` over all heads, ``cos/hH/S`` over KV head H alone (QRHead's
+    retrieval heads), for every strategy S; ``ip/token_keys``, the raw per-token search.
+    """
+
+    def joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        chunks = [c + s * per_segment for s, (_, c) in enumerate(parts)]  # local -> text chunk ids
+        return np.concatenate([v for v, _ in parts]), np.concatenate(chunks)
+
     out = []
     for layer in range(len(cache[texts[0]])):
-        vecs = {}
+        variants: dict[str, tuple] = {}
         for ks in STRATEGIES:
-            parts = [cache[t][layer].vectors[ks.name] for t in texts]
-            vecs[ks.name] = (
-                np.concatenate([v for v, _ in parts]),
-                np.concatenate([c + s * per_segment for s, (_, c) in enumerate(parts)]),
-            )
-        parts = [cache[t][layer].tokens for t in texts]
-        tokens = (
-            np.concatenate([k for k, _ in parts]),
-            np.concatenate([c + s * per_segment for s, (_, c) in enumerate(parts)]),
-        )
-        out.append((vecs, tokens))
+            v, c = joined([cache[t][layer].vectors[ks.name] for t in texts])
+            variants[f"ip/{ks.name}"] = (ChunkIndex(v, c), lambda pooled, _: pooled)
+            variants[f"cos/{ks.name}"] = (ChunkIndex(_unit(v), c), lambda pooled, _: _unit(pooled))
+            for h in range(v.shape[1] // head_dim):
+                head = slice(h * head_dim, (h + 1) * head_dim)
+                query = lambda pooled, _, head=head: _unit(pooled[head])  # noqa: E731
+                variants[f"cos/h{h}/{ks.name}"] = (ChunkIndex(_unit(v[:, head]), c), query)
+        keys, token_chunk = joined([cache[t][layer].tokens for t in texts])
+        token_index = TokenIndex(keys, token_chunk, 32, 1.0 / np.sqrt(head_dim))
+        variants[f"ip/{TOKENS}"] = (token_index, lambda _, per_token: per_token)
+        out.append(variants)
     return out
 
 
@@ -149,10 +143,13 @@ def eval_dense(model, samples: list[Sample], chunk_len: int, cache: dict) -> dic
             ):
                 cache[c] = e
         if built is None or built[0] != id(sample.text):
-            built = (id(sample.text), np.stack([cache[c] for c in chunks]))
+            built = (
+                id(sample.text),
+                ChunkIndex(np.stack([cache[c] for c in chunks]), np.arange(len(chunks))),
+            )
         query = model.encode([sample.question], normalize_embeddings=True)[0]
-        ranking, seconds, size = rank_by_vectors(built[1], np.arange(len(chunks)), query, DEPTH)
-        rows.append(_row(ranking, sample, seconds, size))
+        ranking, seconds = built[1].rank(query, DEPTH)
+        rows.append(_row(ranking, sample, seconds, built[1].nbytes))
     return {"dense": rows}
 
 

@@ -152,61 +152,83 @@ def _ci(m: dict) -> str:
 # Searching
 
 
-def rank_by_vectors(
-    vectors: np.ndarray, chunk_index: np.ndarray, query: np.ndarray, depth: int
-) -> tuple[list[int], float, int]:
-    """Chunks ranked by their best index vector's inner product with ``query`` (FAISS flat search).
+class ChunkIndex:
+    """Chunk vectors in a FAISS flat inner-product index, built once and searched per question.
 
     Several vectors may point at one chunk (``keyword_pool="each"``): a chunk's score is its best
     vector's, as a store that retrieves vectors then dedupes chunks would rank them.
-
-    Returns:
-        ``(ranking of up to depth chunks, search seconds, index bytes)``.
     """
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    per_chunk = max(1, math.ceil(len(vectors) / max(1, int(chunk_index.max()) + 1)))
-    started = time.perf_counter()
-    _, ids = index.search(
-        np.ascontiguousarray(query[None], dtype=np.float32), min(len(vectors), depth * per_chunk)
-    )
-    seconds = time.perf_counter() - started
-    ranking: list[int] = []
-    for i in ids[0]:
-        c = int(chunk_index[i]) if i >= 0 else -1
-        if c >= 0 and c not in ranking:
-            ranking.append(c)
-    return ranking[:depth], seconds, index.ntotal * index.d * 4
+
+    def __init__(self, vectors: np.ndarray, chunk_index: np.ndarray):
+        self.index = faiss.IndexFlatIP(vectors.shape[1])
+        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        self.chunk_index = chunk_index
+        self.per_chunk = max(1, math.ceil(len(vectors) / max(1, int(chunk_index.max()) + 1)))
+        self.nbytes = self.index.ntotal * self.index.d * 4
+
+    def rank(self, query: np.ndarray, depth: int) -> tuple[list[int], float]:
+        """``(up to depth chunks, best first; search seconds)`` for one ``(dim,)`` query."""
+        started = time.perf_counter()
+        _, ids = self.index.search(
+            np.ascontiguousarray(query[None], dtype=np.float32),
+            min(self.index.ntotal, depth * self.per_chunk),
+        )
+        seconds = time.perf_counter() - started
+        ranking: list[int] = []
+        for i in ids[0]:
+            c = int(self.chunk_index[i]) if i >= 0 else -1
+            if c >= 0 and c not in ranking:
+                ranking.append(c)
+        return ranking[:depth], seconds
 
 
-def rank_by_tokens(
-    keys: np.ndarray, token_chunk: np.ndarray, queries: np.ndarray, k: int, scale: float, depth: int
-) -> tuple[list[int], float, int]:
+class TokenIndex:
     """Memorizing Transformers' kNN attention, summed per chunk.
 
     Every token's key is indexed; each query token retrieves its ``k`` nearest keys by inner
     product and spreads a softmax (logits times ``scale``) over them; a chunk's score is the
     total weight its tokens received from all query tokens.
-
-    Returns:
-        ``(ranking of up to depth chunks, search seconds, index bytes)``.
     """
-    index = faiss.IndexFlatIP(keys.shape[1])
-    index.add(np.ascontiguousarray(keys, dtype=np.float32))
-    started = time.perf_counter()
-    scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(keys)))
-    logits = scores.astype(np.float64) * scale
-    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
-    weights /= weights.sum(axis=1, keepdims=True)
-    total: dict[int, float] = {}
-    for row_ids, row_w in zip(ids, weights, strict=True):
-        for i, w in zip(row_ids, row_w, strict=True):
-            if i >= 0:
-                c = int(token_chunk[i])
-                total[c] = total.get(c, 0.0) + float(w)
-    seconds = time.perf_counter() - started
-    ranking = sorted(total, key=lambda c: -total[c])[:depth]
-    return ranking, seconds, index.ntotal * index.d * 4
+
+    def __init__(self, keys: np.ndarray, token_chunk: np.ndarray, k: int, scale: float):
+        self.index = faiss.IndexFlatIP(keys.shape[1])
+        self.index.add(np.ascontiguousarray(keys, dtype=np.float32))
+        self.token_chunk, self.k, self.scale = token_chunk, k, scale
+        self.nbytes = self.index.ntotal * self.index.d * 4
+
+    def rank(self, queries: np.ndarray, depth: int) -> tuple[list[int], float]:
+        """``(up to depth chunks, best first; search seconds)`` for ``(m, dim)`` query tokens."""
+        started = time.perf_counter()
+        scores, ids = self.index.search(
+            np.ascontiguousarray(queries, dtype=np.float32), min(self.k, self.index.ntotal)
+        )
+        logits = scores.astype(np.float64) * self.scale
+        weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+        weights /= weights.sum(axis=1, keepdims=True)
+        total: dict[int, float] = {}
+        for row_ids, row_w in zip(ids, weights, strict=True):
+            for i, w in zip(row_ids, row_w, strict=True):
+                if i >= 0:
+                    c = int(self.token_chunk[i])
+                    total[c] = total.get(c, 0.0) + float(w)
+        seconds = time.perf_counter() - started
+        return sorted(total, key=lambda c: -total[c])[:depth], seconds
+
+
+def rank_by_vectors(
+    vectors: np.ndarray, chunk_index: np.ndarray, query: np.ndarray, depth: int
+) -> tuple[list[int], float, int]:
+    """One search of a one-off :class:`ChunkIndex`: ``(ranking, search seconds, index bytes)``."""
+    index = ChunkIndex(vectors, chunk_index)
+    return (*index.rank(query, depth), index.nbytes)
+
+
+def rank_by_tokens(
+    keys: np.ndarray, token_chunk: np.ndarray, queries: np.ndarray, k: int, scale: float, depth: int
+) -> tuple[list[int], float, int]:
+    """One search of a one-off :class:`TokenIndex`: ``(ranking, search seconds, index bytes)``."""
+    index = TokenIndex(keys, token_chunk, k, scale)
+    return (*index.rank(queries, depth), index.nbytes)
 
 
 # ---------------------------------------------------------------------------------------------
