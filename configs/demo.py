@@ -6,8 +6,8 @@ whole path a real run takes.
     python scripts/train.py configs/demo.py
 """
 
-from memstack.config import (
-    CompressiveConfig,
+from memstack.config import CompressiveConfig, StackConfig, StoreConfig
+from memstack.train.config import (
     Config,
     DataConfig,
     EvalConfig,
@@ -15,8 +15,6 @@ from memstack.config import (
     OptimConfig,
     RunConfig,
     ScheduleConfig,
-    StackConfig,
-    StoreConfig,
 )
 
 config = Config(

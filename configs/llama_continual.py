@@ -8,16 +8,8 @@ The base model's weights start as they are; gates start at -3 (5% memory) so the
 behave like the original model, and learn 100x faster than the rest (no weight decay).
 """
 
-from memstack.config import (
-    CompressiveConfig,
-    Config,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    RunConfig,
-    ScheduleConfig,
-    StackConfig,
-)
+from memstack.config import CompressiveConfig, StackConfig
+from memstack.train.config import Config, DataConfig, ModelConfig, OptimConfig, RunConfig, ScheduleConfig
 
 config = Config(
     model=ModelConfig(path="/models/Llama-3.2-1B", dtype="bfloat16"),

@@ -4,8 +4,8 @@ setting), then evaluation up to 1M tokens.
     python scripts/train.py configs/llama_passkey_finetune.py model.path=/models/Llama-3.2-1B
 """
 
-from memstack.config import (
-    CompressiveConfig,
+from memstack.config import CompressiveConfig, StackConfig
+from memstack.train.config import (
     Config,
     DataConfig,
     EvalConfig,
@@ -13,7 +13,6 @@ from memstack.config import (
     OptimConfig,
     RunConfig,
     ScheduleConfig,
-    StackConfig,
 )
 
 config = Config(

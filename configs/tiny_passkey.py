@@ -25,8 +25,8 @@ For a full-attention baseline make the segment longer than prompt + answer
 prompt puts its answer in a second segment that sees nothing of the first.
 """
 
-from memstack.config import (
-    CompressiveConfig,
+from memstack.config import CompressiveConfig, StackConfig
+from memstack.train.config import (
     Config,
     DataConfig,
     EvalConfig,
@@ -34,7 +34,6 @@ from memstack.config import (
     OptimConfig,
     RunConfig,
     ScheduleConfig,
-    StackConfig,
 )
 
 config = Config(

@@ -16,8 +16,8 @@ anywhere in a 128-byte segment) with two changes:
     python scripts/eval_passkey.py runs/tiny_passkey_store --filler both --set stack.store=none
 """
 
-from memstack.config import (
-    CompressiveConfig,
+from memstack.config import CompressiveConfig, StackConfig, StoreConfig
+from memstack.train.config import (
     Config,
     DataConfig,
     EvalConfig,
@@ -25,8 +25,6 @@ from memstack.config import (
     OptimConfig,
     RunConfig,
     ScheduleConfig,
-    StackConfig,
-    StoreConfig,
 )
 
 config = Config(

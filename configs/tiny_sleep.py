@@ -10,8 +10,8 @@ The ``sleep`` section is the recipe every sleeping variant of ``eval_sleep.py`` 
 (override with ``--set sleep.steps=...``).
 """
 
-from memstack.config import (
-    CompressiveConfig,
+from memstack.config import CompressiveConfig, SleepConfig, StackConfig, StoreConfig
+from memstack.train.config import (
     Config,
     DataConfig,
     EvalConfig,
@@ -19,9 +19,6 @@ from memstack.config import (
     OptimConfig,
     RunConfig,
     ScheduleConfig,
-    SleepConfig,
-    StackConfig,
-    StoreConfig,
 )
 
 config = Config(

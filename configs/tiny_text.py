@@ -7,17 +7,9 @@ Each book of the KJV is one document (``doc_separator`` splits the file where a 
 training sequences are 2K bytes, 8 segments of 256.
 """
 
-from memstack.config import (
-    CompressiveConfig,
-    Config,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    RunConfig,
-    ScheduleConfig,
-    StackConfig,
-)
+from memstack.config import CompressiveConfig, StackConfig
 from memstack.data.text import KJV_BOOK_SEPARATOR
+from memstack.train.config import Config, DataConfig, ModelConfig, OptimConfig, RunConfig, ScheduleConfig
 
 config = Config(
     model=ModelConfig(arch="llama", hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4),

@@ -42,9 +42,7 @@ import faiss
 import numpy as np
 import torch
 
-from memstack.data.retrieval_tasks import Sample, facts_task, kv_task, passkey_task
-from memstack.io import write_json
-from memstack.retrieval_bench import (
+from memstack.evals.retrieval import (
     STRATEGIES,
     TOKENS,
     AttentionKeyer,
@@ -58,6 +56,8 @@ from memstack.retrieval_bench import (
     rank_metrics,
     summarise,
 )
+from memstack.evals.retrieval_tasks import Sample, facts_task, kv_task, passkey_task
+from memstack.io import write_json
 from memstack.train.evaluate import load_run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -56,7 +56,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from memstack.memory.store import ChunkStore  # noqa: E402
+from memstack.memory.store.chunk_store import ChunkStore  # noqa: E402
 
 BATCH_CHUNKS = 1024  # chunks per add call
 QUERIES = 64

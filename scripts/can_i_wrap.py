@@ -6,7 +6,7 @@
 
 Each model type of the installed transformers' causal-LM auto mapping is built tiny from its
 default config (random weights, nothing downloaded) and wrapped with compressive memory; it is
-supported when every invariant of :mod:`memstack.compat` holds, refused when wrapping raises
+supported when every invariant of :mod:`memstack.evals.compat` holds, refused when wrapping raises
 UnsupportedModelError (with its reason), and "no tiny build" when transformers cannot build or
 run it tiny here. ``--model`` checks one real checkpoint (a local path, or a hub id you can
 reach) instead. The table is printed and written as JSON.
@@ -25,7 +25,7 @@ import torch
 import transformers
 from transformers.utils import logging
 
-from memstack.compat import check_model, counts, survey, table
+from memstack.evals.compat import check_model, counts, survey, table
 from memstack.io import write_json
 
 

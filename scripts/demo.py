@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from memstack import CompressiveConfig, MemoryStack, StackConfig
-from memstack.config import ModelConfig
+from memstack.train.config import ModelConfig
 from memstack.train.loop import build_model
 
 

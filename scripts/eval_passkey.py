@@ -20,8 +20,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from memstack.config import add_set_argument
 from memstack.io import write_json
+from memstack.train.config import add_set_argument
 from memstack.train.evaluate import (
     format_kv_table,
     format_passkey_table,

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from memstack.io import write_json
-from memstack.policy import RetrievalPolicy, mean_entropy
+from memstack.memory.store.policy import RetrievalPolicy, mean_entropy
 from memstack.train.evaluate import load_run, passkey_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]

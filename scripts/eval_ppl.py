@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from memstack.config import add_set_argument
 from memstack.data.text import load_text_dataset, tokenize_dataset
 from memstack.io import write_json
+from memstack.train.config import add_set_argument
 from memstack.train.evaluate import load_run, loss_by_segment
 from memstack.train.plots import loss_by_segment_plot
 

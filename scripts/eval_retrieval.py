@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from memstack.config import add_set_argument
 from memstack.data.tasks import passkey_sample
+from memstack.train.config import add_set_argument
 from memstack.train.evaluate import load_run, sample_seed, wilson_interval
 
 

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from memstack.config import SleepConfig, add_set_argument
+from memstack.config import SleepConfig
 from memstack.data.filler import filler_text
-from memstack.memory.longterm import load_stores, save_stores
-from memstack.memory.sleep import text_windows
+from memstack.memory.store.kind import load_stores, save_stores
+from memstack.sleep.consolidate import text_windows
+from memstack.train.config import add_set_argument
 from memstack.train.evaluate import load_run
 
 

@@ -19,9 +19,9 @@ import os
 import sys
 from pathlib import Path
 
-from memstack.config import load_config
 from memstack.io import write_json
 from memstack.train.batches import make_batches
+from memstack.train.config import load_config
 from memstack.train.evaluate import format_passkey_table, passkey_accuracy
 from memstack.train.loop import train
 

@@ -1,5 +1,5 @@
 """Tiny models of ten families the core tests run on, built offline from configs (nothing is
-downloaded); tests/test_compat.py covers the other model types through memstack.zoo."""
+downloaded); tests/test_compat.py covers the other model types through memstack.evals.zoo."""
 
 from __future__ import annotations
 

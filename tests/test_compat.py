@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from memstack import CompressiveConfig, MemoryStack, StackConfig, UnsupportedModelError
-from memstack.compat import check_model, check_type
-from memstack.zoo import build_tiny
+from memstack.evals.compat import check_model, check_type
+from memstack.evals.zoo import build_tiny
 
 SUPPORTED = {
     # model_type: (rotary layouts of its layers, features the summary must name)
@@ -80,7 +80,7 @@ def test_refused_with_the_specific_reason(model_type):
 
 def test_the_checker_catches_wrong_un_rotation(monkeypatch):
     # Un-rotate at the wrong positions (one off) inside attention: discovery is unaffected.
-    from memstack.rotary import RotaryTables
+    from memstack.model.rotary import RotaryTables
 
     rotation = RotaryTables.rotation
     monkeypatch.setattr(

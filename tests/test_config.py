@@ -74,7 +74,8 @@ def test_stack_config_dict_round_trip_and_unknown_keys():
 
 
 def test_optional_store_section_round_trips_and_is_overridable():
-    from memstack.config import Config, StoreConfig, apply_overrides
+    from memstack.config import StoreConfig
+    from memstack.train.config import Config, apply_overrides
 
     cfg = StackConfig(store=StoreConfig(top_k=8, layers="1"))
     assert StackConfig.from_dict(cfg.to_dict()) == cfg
@@ -100,7 +101,7 @@ def test_optional_store_section_round_trips_and_is_overridable():
 
 
 def test_optional_compressive_section_round_trips_and_is_overridable():
-    from memstack.config import Config, apply_overrides
+    from memstack.train.config import Config, apply_overrides
 
     assert StackConfig().compressive == CompressiveConfig()  # on by default
     cfg = StackConfig(compressive=CompressiveConfig(layers="0,3", update_rule="delta", gate_init=-3.0))
@@ -143,7 +144,7 @@ OLD_FLAT_STACK = {
 
 
 def test_old_flat_stack_dicts_are_read():
-    from memstack.config import Config
+    from memstack.train.config import Config
 
     expected = CompressiveConfig(layers="every:2", update_rule="delta", gate_init=-3.0)
     cfg = StackConfig.from_dict(OLD_FLAT_STACK)
@@ -170,7 +171,7 @@ def test_old_flat_stack_dicts_are_read():
 
 
 def test_old_override_keys_still_work_and_name_the_new_key():
-    from memstack.config import Config, apply_overrides
+    from memstack.train.config import Config, apply_overrides
 
     with pytest.warns(FutureWarning, match="stack.update_rule is now stack.compressive.update_rule"):
         cfg = apply_overrides(Config(), ["stack.update_rule=delta"])
@@ -190,7 +191,7 @@ def test_old_override_keys_still_work_and_name_the_new_key():
 # ---------------------------------------------------------------------- training configs
 
 
-from memstack.config import (  # noqa: E402
+from memstack.train.config import (  # noqa: E402
     Config,
     DataConfig,
     ModelConfig,
@@ -257,7 +258,7 @@ def test_config_dict_round_trip():
 def test_load_config_file(tmp_path):
     path = tmp_path / "c.py"
     path.write_text(
-        "from memstack.config import Config, StackConfig\n"
+        "from memstack.train.config import Config, StackConfig\n"
         "config = Config(stack=StackConfig(segment_len=32))\n"
     )
     cfg = load_config(str(path), ["run.seed=7"])
@@ -340,12 +341,13 @@ def test_filler_is_validated():
 def test_a_bad_value_in_a_config_file_fails_at_load(tmp_path):
     path = tmp_path / "c.py"
     path.write_text(
-        "from memstack.config import Config, OptimConfig\nconfig = Config(optim=OptimConfig(grad_accum=0))\n"
+        "from memstack.train.config import Config, OptimConfig\n"
+        "config = Config(optim=OptimConfig(grad_accum=0))\n"
     )
     with pytest.raises(ValueError) as e:
         load_config(str(path))
     assert str(e.value) == "optim.grad_accum must be an int >= 1, got 0"
-    path.write_text("from memstack.config import Config\nconfig = Config()\nconfig.run.log_every = 0\n")
+    path.write_text("from memstack.train.config import Config\nconfig = Config()\nconfig.run.log_every = 0\n")
     with pytest.raises(ValueError) as e:  # set after construction: caught when overrides rebuild it
         load_config(str(path))
     assert str(e.value) == "run.log_every must be an int >= 1, got 0"

@@ -12,20 +12,18 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from memstack.config import (
-    CompressiveConfig,
+from memstack.config import CompressiveConfig, SleepConfig, StackConfig
+from memstack.train.batches import make_batches
+from memstack.train.checkpoint import load_checkpoint
+from memstack.train.config import (
     Config,
     DataConfig,
     ModelConfig,
     OptimConfig,
     RunConfig,
     ScheduleConfig,
-    SleepConfig,
-    StackConfig,
     apply_overrides,
 )
-from memstack.train.batches import make_batches
-from memstack.train.checkpoint import load_checkpoint
 from memstack.train.loop import build_stack, train
 
 TEXT = "The cat sat on the mat. The dog lay on the rug. A bird sang in the tree.\n" * 40

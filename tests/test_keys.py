@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from memstack.memory.keys import (
+from memstack.memory.store.keys import (
     STRATEGIES,
     attention_weighted,
     chunk_keys,

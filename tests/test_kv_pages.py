@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from memstack.memory.store import ChunkStore
+from memstack.memory.store.chunk_store import ChunkStore
 from tests.test_store import DIM, fill
 
 

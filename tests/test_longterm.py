@@ -6,8 +6,8 @@ import torch
 
 from memstack import CompressiveConfig, MemoryStack, StackConfig
 from memstack.config import StoreConfig
-from memstack.memory.keys import chunk_keys, segment_query
-from memstack.memory.store import ChunkStore
+from memstack.memory.store.chunk_store import ChunkStore
+from memstack.memory.store.keys import chunk_keys, segment_query
 from tests.conftest import make_model, model_pair
 
 SEG = 16
@@ -249,7 +249,7 @@ def test_save_pretrained_round_trips_a_stack_with_a_gated_store(tmp_path):
 
 
 def test_surprise_chunks_are_cut_where_the_stack_is_surprised():
-    from memstack.memory.chunks import surprise_chunks
+    from memstack.memory.store.chunks import surprise_chunks
     from memstack.stack import token_nll
 
     model, ref = model_pair("llama")

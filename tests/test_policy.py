@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from memstack import CompressiveConfig, MemoryStack, StackConfig
-from memstack.memory.longterm import LongTermMemory
-from memstack.policy import RetrievalPolicy, mean_entropy
+from memstack.memory.store.kind import LongTermMemory
+from memstack.memory.store.policy import RetrievalPolicy, mean_entropy
 from tests.conftest import model_pair
 from tests.test_longterm import SEG, greedy_by_forward, store_config
 

@@ -11,18 +11,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from memstack.data.retrieval_tasks import (
-    chunks_overlapping,
-    corpus,
-    facts_task,
-    invented_names,
-    kv_task,
-    passkey_task,
-    plant,
-)
 from memstack.data.tasks import PASSKEY_QUESTION
-from memstack.memory.keys import chunk_keys
-from memstack.retrieval_bench import (
+from memstack.evals.retrieval import (
     STRATEGIES,
     AttentionKeyer,
     AttentionReader,
@@ -35,6 +25,16 @@ from memstack.retrieval_bench import (
     summarise,
     token_chunk_spans,
 )
+from memstack.evals.retrieval_tasks import (
+    chunks_overlapping,
+    corpus,
+    facts_task,
+    invented_names,
+    kv_task,
+    passkey_task,
+    plant,
+)
+from memstack.memory.store.keys import chunk_keys
 
 TEXT = "the quick brown fox jumps over the lazy dog and runs far away from the farm " * 4
 

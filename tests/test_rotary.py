@@ -4,7 +4,7 @@ modeling code, and the inverse against the forward."""
 import pytest
 import torch
 
-from memstack.rotary import LAYOUTS, RotaryLayout, RotaryTables, Rotation
+from memstack.model.rotary import LAYOUTS, RotaryLayout, RotaryTables, Rotation
 
 
 def angles(t: int, pairs: int, seed: int = 0) -> torch.Tensor:
@@ -128,7 +128,7 @@ def test_tables_cache_per_positions_and_rotate_at_any_start():
             theta = position_ids[..., None].float() * torch.tensor([1.0, 0.1])
             return torch.cat([theta.cos()] * 2, -1), torch.cat([theta.sin()] * 2, -1)
 
-    from memstack.rotary import RotarySource
+    from memstack.model.rotary import RotarySource
 
     tables = RotaryTables({0: RotarySource(Rope()), 1: None})
     x = torch.randn(1, 2, 3, 4)

@@ -12,7 +12,7 @@ from conftest import make_model
 from memstack import MemoryStack, StackConfig
 from memstack.config import SleepConfig, StoreConfig
 from memstack.memory.adapters import lora_config
-from memstack.memory.sleep import _crops, _teacher, kl_bucketed, sleep, sleep_loss, teacher_targets
+from memstack.sleep.consolidate import _crops, _teacher, kl_bucketed, sleep, sleep_loss, teacher_targets
 
 SEG = 16
 

@@ -9,20 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from memstack.config import (
-    CompressiveConfig,
-    Config,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    RunConfig,
-    ScheduleConfig,
-    SleepConfig,
-    StackConfig,
-    StoreConfig,
-)
-from memstack.memory.longterm import load_stores, save_stores
+from memstack.config import CompressiveConfig, SleepConfig, StackConfig, StoreConfig
+from memstack.memory.store.kind import load_stores, save_stores
 from memstack.train.batches import make_batches
+from memstack.train.config import Config, DataConfig, ModelConfig, OptimConfig, RunConfig, ScheduleConfig
 from memstack.train.loop import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from memstack.memory.store import ChunkStore, StoreFullError
+from memstack.memory.store.chunk_store import ChunkStore, StoreFullError
 
 DIM = 16
 FINGERPRINT = {"model_type": "llama", "model_fingerprint": "abc123", "strategy": "received_attention"}

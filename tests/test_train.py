@@ -11,19 +11,18 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from memstack.config import (
-    CompressiveConfig,
+from memstack.config import CompressiveConfig, StackConfig
+from memstack.train.batches import curriculum_length, make_batches
+from memstack.train.checkpoint import checkpoint_meta, latest_checkpoint, load_checkpoint, save_checkpoint
+from memstack.train.config import (
     Config,
     DataConfig,
     ModelConfig,
     OptimConfig,
     RunConfig,
     ScheduleConfig,
-    StackConfig,
     load_config,
 )
-from memstack.train.batches import curriculum_length, make_batches
-from memstack.train.checkpoint import checkpoint_meta, latest_checkpoint, load_checkpoint, save_checkpoint
 from memstack.train.loop import build_model, build_stack, fit, lr_lambda, train
 
 TEXT = "The cat sat on the mat. The dog lay on the rug. A bird sang in the tree.\n" * 40

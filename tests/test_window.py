@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from memstack.memory.window import local_attention
+from memstack.model.window import local_attention
 
 
 def naive_attention(q, k, v, scale, allowed, softcap=None, sinks=None, bias=None):

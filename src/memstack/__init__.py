@@ -5,15 +5,15 @@ stack = MemoryStack(model, StackConfig(segment_len=512))
 out = stack(input_ids, labels=input_ids)
 """
 
-from .attention import ATTENTION_NAME, SegmentContext, SegmentInputs
-from .config import CompressiveConfig, SleepConfig, StackConfig, StoreConfig
-from .discovery import Architecture, UnsupportedModelError, discover
-from .memory.base import LayerRecord, MemoryKind, Readout
-from .memory.compressive import Compressive, CompressiveState
-from .memory.mixer import MemoryMixer
-from .memory.sleep import SleepReport
-from .stack import KINDS, MemoryStack, StackOutput
-from .state import StackState
+from memstack.attention import ATTENTION_NAME, SegmentContext, SegmentInputs
+from memstack.config import CompressiveConfig, SleepConfig, StackConfig, StoreConfig
+from memstack.memory.base import LayerRecord, MemoryKind, Readout
+from memstack.memory.compressive import Compressive, CompressiveState
+from memstack.memory.mixer import MemoryMixer
+from memstack.model.discovery import Architecture, UnsupportedModelError, discover
+from memstack.sleep.consolidate import SleepReport
+from memstack.stack import KINDS, MemoryStack, StackOutput
+from memstack.state import StackState
 
 __all__ = [
     "ATTENTION_NAME",

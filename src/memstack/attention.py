@@ -25,10 +25,10 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .config import StackConfig
-from .memory.base import LayerRecord, MemoryKind, MemoryKV, ReadContext
-from .memory.window import local_attention, sparse_mask
-from .rotary import RotaryTables
+from memstack.config import StackConfig
+from memstack.memory.base import LayerRecord, MemoryKind, MemoryKV, ReadContext
+from memstack.model.rotary import RotaryTables
+from memstack.model.window import local_attention, sparse_mask
 
 ATTENTION_NAME = "memstack"
 

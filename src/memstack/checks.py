@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .state import StackState
+from memstack.state import StackState
 
 
 class StackChecks:

@@ -21,12 +21,12 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .attention import SegmentContext
-from .memory.base import LayerRecord
-from .state import StackState
+from memstack.attention import SegmentContext
+from memstack.memory.base import LayerRecord
+from memstack.state import StackState
 
 if TYPE_CHECKING:
-    from .stack import StackOutput
+    from memstack.stack import StackOutput
 
 
 def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

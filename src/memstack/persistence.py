@@ -20,12 +20,12 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from .config import StackConfig
-from .discovery import discover
-from .io import atomic_file, read_manifest, umask_mode
+from memstack.config import StackConfig
+from memstack.io import atomic_file, read_manifest, umask_mode
+from memstack.model.discovery import discover
 
 if TYPE_CHECKING:
-    from .stack import MemoryStack
+    from memstack.stack import MemoryStack
 
 CONFIG_FILE = "memstack_config.json"
 WEIGHTS_PREFIX = "memstack_memory"
@@ -143,7 +143,7 @@ class StackPersistence:
         arch = discover(model)
         info = cls._model_info(arch)
         expected = {}
-        from .stack import KINDS  # the composition lives with the stack
+        from memstack.stack import KINDS  # the composition lives with the stack
 
         for name, build in KINDS.items():
             built = build(config, info)

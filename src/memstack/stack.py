@@ -21,21 +21,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import ATTENTION_NAME, SegmentContext, SegmentInputs
-from .checks import StackChecks
-from .config import SleepConfig, StackConfig, parse_layers
-from .discovery import Architecture, discover
-from .generation import StackGeneration, token_nll  # noqa: F401  (token_nll re-exported)
-from .memory.adapters import Adapters
-from .memory.base import ClosedSegment, LayerRecord, MemoryKind
-from .memory.compressive import Compressive
-from .memory.longterm import LongTermMemory
-from .memory.mixer import MemoryMixer
-from .memory.sleep import SleepReport, sleep
-from .parameters import StackParameters
-from .persistence import CONFIG_FILE, FORMAT_VERSION, StackPersistence  # noqa: F401  (re-exported)
-from .state import StackState
-from .switches import StackSwitches
+from memstack.attention import ATTENTION_NAME, SegmentContext, SegmentInputs
+from memstack.checks import StackChecks
+from memstack.config import SleepConfig, StackConfig, parse_layers
+from memstack.generation import StackGeneration, token_nll  # noqa: F401  (token_nll re-exported)
+from memstack.memory.adapters import Adapters
+from memstack.memory.base import ClosedSegment, LayerRecord, MemoryKind
+from memstack.memory.compressive import Compressive
+from memstack.memory.mixer import MemoryMixer
+from memstack.memory.store.kind import LongTermMemory
+from memstack.model.discovery import Architecture, discover
+from memstack.parameters import StackParameters
+from memstack.persistence import CONFIG_FILE, FORMAT_VERSION, StackPersistence  # noqa: F401  (re-exported)
+from memstack.sleep.consolidate import SleepReport, sleep
+from memstack.state import StackState
+from memstack.switches import StackSwitches
 
 
 class ModelInfo(NamedTuple):
@@ -120,7 +120,7 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
 
     Args:
         model: an already loaded ``*ForCausalLM`` whose attention goes through transformers'
-            ``AttentionInterface`` (:func:`memstack.discovery.discover` finds its attention
+            ``AttentionInterface`` (:func:`memstack.model.discovery.discover` finds its attention
             layers, shapes and rotary layout by probing it). It is modified in place: its attention
             implementation becomes memstack's and its attention modules get a
             ``memstack_memory`` submodule (the gates) on the memory layers.
@@ -175,7 +175,7 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
 
     def sleep(self, config: SleepConfig | None = None, **kwargs: Any) -> SleepReport:
         """Consolidate the long-term store's new records into a LoRA adapter (layer 4); see
-        :func:`memstack.memory.sleep.sleep` for the objective and the keyword arguments."""
+        :func:`memstack.sleep.consolidate.sleep` for the objective and the keyword arguments."""
         return sleep(self, config, **kwargs)
 
     def describe(self) -> str:

@@ -17,8 +17,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from .io import atomic_file
-from .memory.compressive import CompressiveState
+from memstack.io import atomic_file
+from memstack.memory.compressive import CompressiveState
 
 STATE_FORMAT = "memstack-state"
 STATE_VERSION = 1

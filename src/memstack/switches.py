@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .memory.base import MemoryKind
-from .policy import mean_entropy
+from memstack.memory.base import MemoryKind
+from memstack.memory.store.policy import mean_entropy
 
 if TYPE_CHECKING:
-    from .stack import MemoryStack
+    from memstack.stack import MemoryStack
 
 
 class StackSwitches:
@@ -58,7 +58,7 @@ class StackSwitches:
     @torch.no_grad()
     def _entropy_without(self, state, unread: frozenset[str], ids: torch.Tensor, mask) -> float:
         """Mean next-token entropy of a segment read without the ``unread`` kinds (a dry run)."""
-        from .attention import SegmentContext
+        from memstack.attention import SegmentContext
 
         padded = mask is not None and not bool(mask.all())
         inputs = self._inputs(state, 0, 0, mask.bool() if padded else None, {})
@@ -99,7 +99,7 @@ class StackSwitches:
     def explain(self, input_ids: torch.Tensor, tokenizer=None, max_new_tokens: int = 0):
         """Which chunks each block retrieved and each head's shares of local attention,
         compressive memory and the store (:func:`memstack.explain.explain`)."""
-        from .explain import explain
+        from memstack.explain import explain
 
         return explain(self, input_ids, tokenizer, max_new_tokens)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .filler import (  # noqa: F401  (the public filler names re-exported: the task API in one place)
+from memstack.data.filler import (  # noqa: F401  (the public filler names re-exported: the task API in one place)
     FILLER,
     FILLERS,
     SPLITS,
@@ -46,7 +46,7 @@ from .filler import (  # noqa: F401  (the public filler names re-exported: the t
     default_filler_path,
     filler_text,
 )
-from .tokenizer import Tokenizer
+from memstack.data.tokenizer import Tokenizer
 
 INSTRUCTION = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "

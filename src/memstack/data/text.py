@@ -25,7 +25,7 @@ from typing import Any
 
 import datasets
 
-from .tokenizer import Tokenizer
+from memstack.data.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 """Local file suffixes understood by :func:`load_text_dataset`, and the loader each one uses."""

@@ -36,7 +36,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 def default_targets(model: nn.Module, attention_linears: Sequence[str] | None = None) -> list[str]:
     """LoRA target modules: peft's per-architecture default, else the linear layers found inside
-    the model's attention modules (:attr:`memstack.discovery.Architecture.lora_targets`)."""
+    the model's attention modules (:attr:`memstack.model.discovery.Architecture.lora_targets`)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type) or attention_linears
     if not targets:

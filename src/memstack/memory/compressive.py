@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from einops import einsum
 
-from ..config import UPDATE_RULES
-from .base import ClosedSegment, LayerRecord, ReadContext, Readout
+from memstack.config import UPDATE_RULES
+from memstack.memory.base import ClosedSegment, LayerRecord, ReadContext, Readout
 
 # sigma(Q) z is a sum of strictly positive terms once anything is written; the guard only
 # matters for float32 underflow with huge negative logits.

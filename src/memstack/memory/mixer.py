@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Readout
+from memstack.memory.base import Readout
 
 
 class MemoryMixer(nn.Module):

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from ..config import Config
-from ..data.tasks import filler_text, passkey_batch, passkey_min_length
-from ..data.text import load_text_dataset, pack, tokenize_dataset
-from ..data.tokenizer import load_tokenizer
+from memstack.data.tasks import filler_text, passkey_batch, passkey_min_length
+from memstack.data.text import load_text_dataset, pack, tokenize_dataset
+from memstack.data.tokenizer import load_tokenizer
+from memstack.train.config import Config
 
 _REPEAT_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from ..io import atomic_directory, read_manifest, remove_stale_temporaries
+from memstack.io import atomic_directory, read_manifest, remove_stale_temporaries
 
 FORMAT = "memstack-checkpoint"
 VERSION = 1

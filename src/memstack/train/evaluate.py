@@ -21,18 +21,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..config import Config, apply_overrides
-from ..data.tasks import (
+from memstack.data.tasks import (
     MultiNeedleSample,
     PasskeySample,
     multi_needle_sample,
     passkey_min_length,
     passkey_sample,
 )
-from ..data.tokenizer import load_tokenizer
-from ..stack import MemoryStack
-from .checkpoint import latest_checkpoint, load_weights
-from .loop import build_model, resolve_device
+from memstack.data.tokenizer import load_tokenizer
+from memstack.stack import MemoryStack
+from memstack.train.checkpoint import latest_checkpoint, load_weights
+from memstack.train.config import Config, apply_overrides
+from memstack.train.loop import build_model, resolve_device
 
 EVAL_SPLIT = "test"
 """Part of the filler text evaluations read (training reads ``"train"``): text the model never saw."""

@@ -26,17 +26,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..config import Config, ModelConfig
-from ..io import remove_stale_temporaries, write_json, write_text
-from ..memory.sleep import Day
-from ..stack import MemoryStack
-from .checkpoint import (
+from memstack.io import remove_stale_temporaries, write_json, write_text
+from memstack.sleep.consolidate import Day
+from memstack.stack import MemoryStack
+from memstack.train.checkpoint import (
     checkpoint_meta,
     gather_full_state,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
+from memstack.train.config import Config, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,6 +1,6 @@
 """Retrieval tasks whose answer chunk is known: facts, pass keys and key-value needles in real text.
 
-Used by ``scripts/bench_retrieval.py`` (through :mod:`memstack.retrieval_bench`). Sentences are
+Used by ``scripts/bench_retrieval.py`` (through :mod:`memstack.evals.retrieval`). Sentences are
 written *over* the text at a word boundary (:func:`plant`), so that a text's length and its grid
 of fixed chunks never move: a sample changes only the segments its sentence touches, and a
 million-character haystack is read once, not once per sample. The text is the King James Bible's
@@ -13,8 +13,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .filler import filler_text
-from .tasks import KV_NEEDLE, KV_QUESTION, PASSKEY_NEEDLE, PASSKEY_QUESTION
+from memstack.data.filler import filler_text
+from memstack.data.tasks import KV_NEEDLE, KV_QUESTION, PASSKEY_NEEDLE, PASSKEY_QUESTION
 
 
 def plant(text: str, sentence: str, at: int) -> tuple[str, tuple[int, int]]:

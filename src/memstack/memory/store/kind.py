@@ -1,9 +1,9 @@
 """Layer 3, long-term memory: past chunks kept as they were, found again by attention keys,
 read back by attention.
 
-The memory kind that composes :mod:`~memstack.memory.chunks` (where a segment is cut),
-:mod:`~memstack.memory.keys` (how a chunk's attention becomes its index keys) and
-:mod:`~memstack.memory.store` (one :class:`ChunkStore` per stream) in the shape every kind shares
+The memory kind that composes :mod:`~memstack.memory.store.chunks` (where a segment is cut),
+:mod:`~memstack.memory.store.keys` (how a chunk's attention becomes its index keys) and
+:mod:`~memstack.memory.store.chunk_store` (one :class:`ChunkStore` per stream) in the shape every kind shares
 (:mod:`memstack.memory.base`).
 
 Write (when a segment closes, once, outside activation checkpointing): each row's valid tokens are
@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import StoreConfig
-from ..policy import RetrievalPolicy
-from .base import ClosedSegment, LayerRecord, MemoryKV, ReadContext, Readout
-from .chunks import fixed_chunks, surprise_chunks
-from .keys import chunk_keys, received_attention_mass, segment_query
-from .store import ChunkStore
+from memstack.config import StoreConfig
+from memstack.memory.base import ClosedSegment, LayerRecord, MemoryKV, ReadContext, Readout
+from memstack.memory.store.chunk_store import ChunkStore
+from memstack.memory.store.chunks import fixed_chunks, surprise_chunks
+from memstack.memory.store.keys import chunk_keys, received_attention_mass, segment_query
+from memstack.memory.store.policy import RetrievalPolicy
 
 if TYPE_CHECKING:
     from memstack.state import StackState

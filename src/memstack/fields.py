@@ -1,7 +1,7 @@
 """What every config section shares: value checks with messages that name the key, the value and
 what is accepted, and building a (nested) section from a plain dict.
 
-Used by :mod:`memstack.stack_config` (the stack's sections) and :mod:`memstack.config` (a training
+Used by :mod:`memstack.config` (the stack's sections) and :mod:`memstack.train.config` (a training
 run's sections and their command-line form).
 """
 

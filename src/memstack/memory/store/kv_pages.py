@@ -85,7 +85,7 @@ class KVPages:
 
 
 class StoreKV:
-    """Writing and reading a :class:`~memstack.memory.store.ChunkStore`'s K/V (a mixin)."""
+    """Writing and reading a :class:`~memstack.memory.store.chunk_store.ChunkStore`'s K/V (a mixin)."""
 
     def _check_kv(self, layer: int, value: Any, lengths: np.ndarray) -> tuple[list, list]:
         self._check_layer(layer)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from .chunks import Chunk, fixed_chunks, surprise_chunks  # noqa: F401  (re-exported: the key API in one place)
+from memstack.memory.store.chunks import Chunk, fixed_chunks, surprise_chunks  # noqa: F401  (re-exported: the key API in one place)
 
 
 class ChunkKeys(NamedTuple):

@@ -1,4 +1,4 @@
-"""Persistence of a :class:`~memstack.memory.store.ChunkStore`: a directory written atomically.
+"""Persistence of a :class:`~memstack.memory.store.chunk_store.ChunkStore`: a directory written atomically.
 
 Files: ``manifest.json`` (format, version, dimensions, metadata, counts, the size of every
 file), ``arrays.safetensors`` (records, token ids, keys), ``kv.safetensors`` (only with K/V) and
@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from memstack.io import atomic_directory, read_manifest, write_json
 
 if TYPE_CHECKING:
-    from .store import ChunkStore
+    from memstack.memory.store.chunk_store import ChunkStore
 
 FORMAT = "memstack.chunk_store"
 FORMAT_VERSION = 1

@@ -20,7 +20,7 @@ last); a model may hand ``(sin, cos)`` instead of ``(cos, sin)`` (GPT-J) or rota
 
 Every layout is a linear map ``y = x[ia] * A + x[ib] * B`` per position, and so is its inverse;
 :class:`Rotation` builds both tables once per (source, positions) and applies either with one gather
-and one fused multiply-add. The layout is not declared per model: :mod:`memstack.discovery` tries
+and one fused multiply-add. The layout is not declared per model: :mod:`memstack.model.discovery` tries
 each on a probe input and keeps the one that maps the model's rotated queries and keys back to the
 ones it saw before rotation.
 """

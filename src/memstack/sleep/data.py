@@ -134,7 +134,7 @@ class Day:
 
     def state(self) -> StackState:
         """The day as one state whose rows are every batch row seen."""
-        from memstack.memory.longterm import StoreState
+        from memstack.memory.store.kind import StoreState
         from memstack.state import StackState
 
         stores = {layer: StoreState(list(s)) for layer, s in self.stores.items()}

@@ -9,7 +9,7 @@ registered in transformers' ``AttentionInterface`` and learns:
 - each one's shapes (query heads, key/value heads, key and value head sizes, which may differ);
 - each one's rotary embedding: the ``position_embeddings`` (cos, sin) it is handed, the module
   that computes them from position ids (matched by calling every rotary module of the model),
-  and the layout (:data:`memstack.rotary.LAYOUTS`) that maps its rotated queries and keys back to
+  and the layout (:data:`memstack.model.rotary.LAYOUTS`) that maps its rotated queries and keys back to
   the ones it computes when handed the identity rotation (cos = 1, sin = 0) at the same hidden
   states, i.e. after any q/k norm;
 - its LoRA targets: peft's per-architecture default, else the linear layers inside attention.
@@ -28,8 +28,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.pytorch_utils import Conv1D
 
-from .memory.window import local_attention, sparse_mask
-from .rotary import LAYOUTS, STYLES, RotarySource, RotaryTables, Rotation, identity_like
+from memstack.model.rotary import LAYOUTS, STYLES, RotarySource, RotaryTables, Rotation, identity_like
+from memstack.model.window import local_attention, sparse_mask
 
 PROBE_NAME = "memstack_probe"
 PROBE_LEN = 12
@@ -295,7 +295,7 @@ def neutral_forward(probe: _Probe, key, module: nn.Module, args: tuple, kwargs: 
 
 def _position_embeddings(model, probe: _Probe, modules: list[nn.Module]) -> dict[int, tuple]:
     """Run the probe again, capturing each layer's position embeddings and its Q/K under each
-    identity rotation (:func:`~memstack.rotary.identity_like`)."""
+    identity rotation (:func:`~memstack.model.rotary.identity_like`)."""
     captured: dict[int, tuple] = {}
     handles = []
     for index, module in enumerate(modules):

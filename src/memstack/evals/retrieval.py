@@ -33,8 +33,8 @@ import torch
 from einops import rearrange, reduce
 from torch import nn
 
-from .memory.keys import chunk_keys, group_mean, segment_query
-from .train.evaluate import wilson_interval
+from memstack.memory.store.keys import chunk_keys, group_mean, segment_query
+from memstack.train.evaluate import wilson_interval
 
 # ---------------------------------------------------------------------------------------------
 # Metrics

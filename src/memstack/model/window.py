@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from einops import repeat
 
-from .base import MemoryKV
+from memstack.memory.base import MemoryKV
 
 
 def band_mask(

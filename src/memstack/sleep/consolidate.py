@@ -45,10 +45,9 @@ from tqdm.auto import tqdm
 
 from memstack.config import SleepConfig
 from memstack.io import atomic_file
-
-from .adapters import PREFIX, default_targets, lora_config
-from .sleep_data import Day, _crops, night_documents, text_windows, windows  # noqa: F401  (re-exported)
-from .sleep_losses import _pred_mask, kl_bucketed, kl_full, teacher_targets, token_nll  # noqa: F401
+from memstack.memory.adapters import PREFIX, default_targets, lora_config
+from memstack.sleep.data import Day, _crops, night_documents, text_windows, windows  # noqa: F401  (re-exported)
+from memstack.sleep.losses import _pred_mask, kl_bucketed, kl_full, teacher_targets, token_nll  # noqa: F401
 
 if TYPE_CHECKING:
     from memstack.stack import MemoryStack

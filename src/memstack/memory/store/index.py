@@ -1,4 +1,4 @@
-"""Search side of a :class:`~memstack.memory.store.ChunkStore`: the per-layer keys and index.
+"""Search side of a :class:`~memstack.memory.store.chunk_store.ChunkStore`: the per-layer keys and index.
 
 Small layers are searched by a plain matmul on the queries' device; beyond ``matmul_threshold``
 keys a FAISS index from ``index_factory`` takes over, trained once enough keys exist. The FAISS

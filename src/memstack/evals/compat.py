@@ -13,8 +13,8 @@ unwrapped model or against the stack itself run another way:
   the identity rotation (cos = 1, sin = 0) at the same hidden states;
 - ``generate``: greedy ``generate`` across a segment boundary equals argmax of ``forward``.
 
-:func:`check_type` builds a model type tiny (:mod:`memstack.zoo`) and checks it; the command
-``python -m memstack.compat`` prints the table for every causal-LM type of the installed
+:func:`check_type` builds a model type tiny (:mod:`memstack.evals.zoo`) and checks it; the command
+``python -m memstack.evals.compat`` prints the table for every causal-LM type of the installed
 transformers.
 """
 
@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import CompressiveConfig, StackConfig, StoreConfig
-from .discovery import AttentionSite, UnsupportedModelError
-from .rotary import identity_like
-from .zoo import DoesNotBuildTiny, build_tiny
+from memstack.config import CompressiveConfig, StackConfig, StoreConfig
+from memstack.evals.zoo import DoesNotBuildTiny, build_tiny
+from memstack.model.discovery import AttentionSite, UnsupportedModelError
+from memstack.model.rotary import identity_like
 
 SEG = 8
 STACK = StackConfig(
@@ -63,7 +63,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> float | None:
 
 def _identity_qk(model: nn.Module, sites: dict[int, AttentionSite], ids: torch.Tensor) -> dict:
     """Each layer's Q/K when handed the identity rotation, at the hidden states of a normal run."""
-    from .discovery import PROBE_NAME, _Probe, neutral_forward
+    from memstack.model.discovery import PROBE_NAME, _Probe, neutral_forward
 
     probe, seen, handles = _Probe(), {}, []
     previous = model.config._attn_implementation
@@ -96,7 +96,7 @@ def _identity_qk(model: nn.Module, sites: dict[int, AttentionSite], ids: torch.T
 
 def check_model(model: nn.Module, seed: int = 0) -> Verdict:
     """Wrap a copy of ``model`` (eval mode, float32) and check every invariant; the model is untouched."""
-    from .stack import MemoryStack  # the stack imports this package's modules; avoid a cycle
+    from memstack.stack import MemoryStack  # the stack imports this package's modules; avoid a cycle
 
     model_type = model.config.model_type
     ref = copy.deepcopy(model).eval()
@@ -163,7 +163,7 @@ def check_type(model_type: str, seed: int = 0) -> Verdict:
 
 def survey(types: list[str] | None = None, progress: bool = False) -> list[Verdict]:
     """:func:`check_type` for each type (default: every causal-LM type of the installed transformers)."""
-    from .zoo import causal_lm_types
+    from memstack.evals.zoo import causal_lm_types
 
     verdicts = []
     for model_type in types or causal_lm_types():

@@ -43,9 +43,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .kv_pages import KVPages, StoreKV
-from .store_files import FORMAT, FORMAT_VERSION, StorePersistence  # noqa: F401  (re-exported)
-from .store_index import FACTORY_EXAMPLES, StoreIndex, _grow, _LayerKeys, _min_train_keys  # noqa: F401
+from memstack.memory.store.files import FORMAT, FORMAT_VERSION, StorePersistence  # noqa: F401  (re-exported)
+from memstack.memory.store.index import FACTORY_EXAMPLES, StoreIndex, _grow, _LayerKeys, _min_train_keys  # noqa: F401
+from memstack.memory.store.kv_pages import KVPages, StoreKV
 
 METRICS = ("cosine", "ip")
 EVICTIONS = ("none", "fifo", "least_retrieved")
@@ -87,7 +87,7 @@ class ChunkStore(StoreIndex, StoreKV, StorePersistence):
         min_train_keys: keys needed before an index that needs training is trained (default: 39
             per IVF list and per PQ centroid).
         kv_dir: keep stored K/V in memory-mapped scratch pages under this existing directory
-            instead of RAM (:mod:`memstack.memory.kv_pages`); None keeps them in RAM.
+            instead of RAM (:mod:`memstack.memory.store.kv_pages`); None keeps them in RAM.
         kv_page_tokens: tokens per scratch page with ``kv_dir``.
     """
 
