@@ -10,7 +10,8 @@ The ``sleep`` section is the recipe every sleeping variant of ``eval_sleep.py`` 
 (override with ``--set sleep.steps=...``).
 """
 
-from memstack.config import CompressiveConfig, SleepConfig, StackConfig, StoreConfig
+from memstack.config import CompressiveConfig, StackConfig, StoreConfig
+from memstack.sleep import SleepConfig
 from memstack.train.config import (
     Config,
     DataConfig,

@@ -28,10 +28,9 @@ from typing import Any
 
 import torch
 
-from memstack.config import SleepConfig
 from memstack.data.filler import filler_text
 from memstack.io import write_json
-from memstack.sleep.consolidate import mean_nll, sleep, text_windows
+from memstack.sleep import SleepConfig, mean_nll, sleep, text_windows
 from memstack.train.config import add_set_argument
 from memstack.train.evaluate import load_run, wilson_interval
 

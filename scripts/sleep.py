@@ -7,7 +7,8 @@
 The stack is the run's latest checkpoint (with the adapters of earlier nights if ``--from`` names
 a directory this script wrote). ``--read`` streams a text file through the stack with every
 memory on, segment by segment, so its chunks go into the store; ``--store`` instead loads stores
-saved by an earlier call. Then ``stack.sleep()`` (memory/sleep.py) trains a new adapter on the
+saved by an earlier call. Then ``memstack.sleep.sleep(stack)`` (memstack/sleep/consolidate.py)
+trains a new adapter on the
 records not yet consolidated, with the run's ``sleep`` section as the recipe (``--set sleep.*``
 overrides it). Written to ``--out`` (default ``RUN/sleep``): the stack with every adapter
 (``save_pretrained``), the report under ``sleep_reports/``, and the stores with their records
@@ -23,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from memstack.config import SleepConfig
 from memstack.data.filler import filler_text
 from memstack.memory.store.kind import load_stores, save_stores
-from memstack.sleep.consolidate import text_windows
+from memstack.sleep import SleepConfig, sleep, text_windows
+from memstack.state import StackState
 from memstack.train.config import add_set_argument
 from memstack.train.evaluate import load_run
 
@@ -61,13 +62,13 @@ def main(argv: list[str] | None = None) -> dict:
                 stack.step(ids[:, a : a + seg])
         state = stack.state
     else:
-        state = load_stores(args.store)
+        state = StackState(memories={"store": load_stores(args.store)})
     cfg = config.sleep or SleepConfig()
     replay = text_windows(filler_text("train"), tokenizer, seg, 256) if cfg.replay_ratio > 0 else None
     held_out = text_windows(filler_text("test"), tokenizer, seg, args.held_out)
-    report = stack.sleep(cfg, state=state, replay=replay, held_out=held_out, directory=out)
+    report = sleep(stack, cfg, state=state, replay=replay, held_out=held_out, directory=out)
     stack.save_pretrained(out)
-    save_stores(state, out / "stores")
+    save_stores(state.memories["store"], out / "stores")
     print(json.dumps(report.to_dict(), indent=2))
     return report.to_dict()
 

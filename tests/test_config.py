@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from memstack.config import CompressiveConfig, StackConfig, parse_layers
+from memstack.config import CompressiveConfig, StackConfig
+from memstack.fields import parse_layers
 
 
 @pytest.mark.parametrize(

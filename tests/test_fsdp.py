@@ -12,7 +12,8 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from memstack.config import CompressiveConfig, SleepConfig, StackConfig
+from memstack.config import CompressiveConfig, StackConfig
+from memstack.sleep import SleepConfig
 from memstack.train.batches import make_batches
 from memstack.train.checkpoint import load_checkpoint
 from memstack.train.config import (

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
+from memstack.memory.store.chunks import fixed_chunks, surprise_chunks
 from memstack.memory.store.keys import (
     STRATEGIES,
     attention_weighted,
     chunk_keys,
-    fixed_chunks,
     group_mean,
     mean_key,
     mean_query,
@@ -17,7 +17,6 @@ from memstack.memory.store.keys import (
     received_attention,
     received_attention_mass,
     segment_query,
-    surprise_chunks,
 )
 
 H, H_KV, D = 4, 2, 8
@@ -334,7 +333,7 @@ def test_mean_key_and_mean_query(qk):
 def test_chunk_keys_dispatches_and_handles_no_chunks(qk, hand_mass, name):
     q, k = qk
     got = chunk_keys(name, CHUNKS, k, q, hand_mass, keys_per_chunk=2, keyword_pool="each")
-    ref = STRATEGIES[name](CHUNKS, k, q, hand_mass, keys_per_chunk=2, keyword_pool="each")
+    ref = STRATEGIES[name].fn(CHUNKS, k, q, hand_mass, keys_per_chunk=2, keyword_pool="each")
     torch.testing.assert_close(got.vectors, ref.vectors)
     assert got.chunk_index.dtype == torch.int64
     empty = chunk_keys(name, [], k, q, hand_mass)

@@ -90,7 +90,7 @@ def test_stack_save_refuses_a_file_path_and_leaves_it(tmp_path):
 
 
 def test_stack_save_crashing_before_its_commit_leaves_the_previous_save(tmp_path, monkeypatch):
-    import memstack.persistence as stack_module
+    import memstack.saving as stack_module
 
     stack = MemoryStack(make_model("llama"), StackConfig(segment_len=SEG))
     stack.save_pretrained(tmp_path)

@@ -10,9 +10,12 @@ import torch.nn.functional as F
 from conftest import make_model
 
 from memstack import MemoryStack, StackConfig
-from memstack.config import SleepConfig, StoreConfig
+from memstack.config import StoreConfig
 from memstack.memory.adapters import lora_config
-from memstack.sleep.consolidate import _crops, _teacher, kl_bucketed, sleep, sleep_loss, teacher_targets
+from memstack.sleep import SleepConfig
+from memstack.sleep.consolidate import _teacher, sleep, sleep_loss
+from memstack.sleep.data import crops
+from memstack.sleep.losses import kl_bucketed, teacher_targets
 
 SEG = 16
 
@@ -94,7 +97,9 @@ def test_sleep_on_a_fresh_stack_is_a_no_op(capsys):
     stack, reference = make_stack()
     report = sleep(stack, progress=False)
     assert report.adapter is None and report.steps == 0 and stack.adapters.names() == []
-    assert stack.describe().endswith("4. sleep (LoRA adapters from the store, stack.sleep()): none yet")
+    assert stack.describe().endswith(
+        "4. sleep (LoRA adapters from the store, memstack.sleep.sleep(stack)): none yet"
+    )
     assert "nothing to consolidate" in capsys.readouterr().out
 
 
@@ -242,9 +247,9 @@ def test_bad_sleep_configs_name_the_field():
 def test_from_pretrained_restores_the_adapters_and_reproduces_the_outputs(tmp_path):
     stack, reference = make_stack()
     read_stream(stack, 32)
-    stack.sleep(SleepConfig(steps=1), progress=False)
+    sleep(stack, SleepConfig(steps=1), progress=False)
     read_stream(stack, 32, seed=1)
-    stack.sleep(SleepConfig(steps=1), progress=False)
+    sleep(stack, SleepConfig(steps=1), progress=False)
     _perturb(stack, "sleep-0001", 6)
     _perturb(stack, "sleep-0002", 7)
     stack.adapters.activate(["sleep-0002"])  # which ones are active is saved too
@@ -260,14 +265,14 @@ def test_from_pretrained_restores_the_adapters_and_reproduces_the_outputs(tmp_pa
     assert not any(p.requires_grad for n, p in back.named_parameters() if "lora_" in n)
     # a later sleep on the restored stack continues the numbering
     read_stream(back, 32, seed=2)
-    assert back.sleep(SleepConfig(steps=1), progress=False).adapter == "sleep-0003"
+    assert sleep(back, SleepConfig(steps=1), progress=False).adapter == "sleep-0003"
 
 
 def test_training_crops_cover_every_offset_and_carry_their_teacher():
     """Crops: documents by length, starts spread over all that fit, teacher rows aligned."""
     docs = [torch.arange(100), torch.arange(1000, 1010)]
     teachers = [(d[:, None].repeat(1, 2), d[:, None].float().repeat(1, 3)) for d in docs]
-    ids, mask, (t_idx, t_logp) = _crops(docs, teachers, 16, 2000, torch.Generator().manual_seed(0))
+    ids, mask, (t_idx, t_logp) = crops(docs, teachers, 16, 2000, torch.Generator().manual_seed(0))
     short = ids[:, 0] >= 1000
     assert 0.05 < short.float().mean() < 0.15  # 10 of 110 tokens
     assert torch.equal(mask[short].sum(1), torch.full((int(short.sum()),), 10))  # padded, not cut

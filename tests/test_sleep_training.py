@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from memstack.config import CompressiveConfig, SleepConfig, StackConfig, StoreConfig
+from memstack.config import CompressiveConfig, StackConfig, StoreConfig
 from memstack.memory.store.kind import load_stores, save_stores
+from memstack.sleep import SleepConfig
+from memstack.state import StackState
 from memstack.train.batches import make_batches
 from memstack.train.config import Config, DataConfig, ModelConfig, OptimConfig, RunConfig, ScheduleConfig
 from memstack.train.loop import train
@@ -92,7 +94,7 @@ def test_sleep_script_reads_sleeps_saves_and_a_second_night_finds_nothing_new(tm
     report = sleep_script.main([str(tmp_path / "run"), "--read", str(notes), "--out", str(out)])
     assert report["adapter"] == "sleep-0001" and report["tokens"] == len(notes.read_bytes())
     assert (out / "sleep_reports" / "sleep-0001.json").is_file()
-    state = load_stores(out / "stores")
+    state = StackState(memories={"store": load_stores(out / "stores")})
     store = state.memories["store"][1].stores[0]
     assert len(store) == len(store.ids(consolidated=True)) > 0  # saved with the marks
     capsys.readouterr()
@@ -119,8 +121,8 @@ def test_stores_save_and_load_row_by_row(tmp_path):
         make_model("llama"), StackConfig(segment_len=16, store=StoreConfig(layers="0,1", chunk_len=8))
     )
     out = stack(torch.randint(0, 256, (2, 40)))
-    save_stores(out.state, tmp_path / "s")
-    back = load_stores(tmp_path / "s")
+    save_stores(out.state.memories["store"], tmp_path / "s")
+    back = StackState(memories={"store": load_stores(tmp_path / "s")})
     for layer in (0, 1):
         for row in (0, 1):
             a, b = out.state.memories["store"][layer].stores[row], back.memories["store"][layer].stores[row]

@@ -14,19 +14,19 @@ import typing
 from typing import Any
 
 
-def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
+def check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
     """Reject non-ints (bools included: ``True`` is an int in Python) and values below ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         accepted = f"an int >= {minimum}" + (" or None" if optional else "")
         raise ValueError(f"{name} must be {accepted}, got {value!r}")
 
 
-def _check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
     if value not in accepted:
         raise ValueError(f"{name} must be one of {', '.join(accepted)}; got {value!r}")
 
 
-def _check_number(name: str, value: Any, accepted: str, ok: typing.Callable[[float], bool]) -> None:
+def check_number(name: str, value: Any, accepted: str, ok: typing.Callable[[float], bool]) -> None:
     """Reject non-numbers (bools included), NaN and infinities, and values ``ok`` refuses."""
     if (
         isinstance(value, bool)
@@ -37,7 +37,7 @@ def _check_number(name: str, value: Any, accepted: str, ok: typing.Callable[[flo
         raise ValueError(f"{name} must be {accepted}, got {value!r}")
 
 
-def _reject_bool_ints(obj: Any, section: str) -> None:
+def reject_bool_ints(obj: Any, section: str) -> None:
     """``True`` passes ``isinstance(x, int)``: refuse a bool wherever an int is declared."""
     for f in dataclasses.fields(obj):
         hint = typing.get_type_hints(type(obj))[f.name]
@@ -46,10 +46,12 @@ def _reject_bool_ints(obj: Any, section: str) -> None:
             raise ValueError(f"{section}.{f.name} must be an int, got {value!r}")
 
 
-def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    upgrade = getattr(cls, "_upgrade_legacy", None)  # a section that reads an older format
-    if upgrade is not None:
-        data = upgrade(data)
+def from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """Build dataclass ``cls`` from a plain dict, rejecting unknown keys with the valid ones.
+
+    A nested section whose class defines its own ``from_dict(data)`` classmethod (one that reads
+    an older format, or sections of registered kinds) is built by it; others field by field.
+    """
     if not isinstance(data, dict):
         raise ValueError(f"config section {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -58,9 +60,14 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
         raise ValueError(f"unknown config keys {[prefix + k for k in unknown]}; valid: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
-        sub = _section_type(cls, name)
+        sub = section_type(cls, name)
         if sub is not None and value is not None:
-            kwargs[name] = _from_dict(sub, value, prefix=f"{prefix}{name}.")
+            own = sub.__dict__.get("from_dict")  # declared on the section class itself
+            kwargs[name] = (
+                own.__get__(None, sub)(value)
+                if own is not None
+                else from_dict(sub, value, prefix=f"{prefix}{name}.")
+            )
         elif isinstance(value, list) and name == "betas":
             kwargs[name] = tuple(value)
         else:
@@ -68,7 +75,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _section_type(cls: type, name: str) -> type | None:
+def section_type(cls: type, name: str) -> type | None:
     """The dataclass a field holds, for ``X`` and ``X | None`` fields (None for plain values)."""
     t = typing.get_type_hints(cls)[name]
     if dataclasses.is_dataclass(t):
@@ -78,3 +85,48 @@ def _section_type(cls: type, name: str) -> type | None:
         if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
             return inner[0]
     return None
+
+
+def parse_layers(spec: str, num_layers: int | None, name: str = "layers") -> list[int]:
+    """Turn a layer selection string (``stack.compressive.layers``, ``stack.store.layers``) into
+    layer indices.
+
+    Args:
+        spec: ``"all"``, ``"none"``, ``"every:K"`` or ``"i,j,..."``.
+        num_layers: number of decoder layers, or None to check the syntax only.
+        name: the field's name in error messages.
+
+    Returns:
+        Sorted layer indices (empty when ``num_layers`` is None and the spec needs it).
+
+    Raises:
+        ValueError: if the spec is malformed or names a layer that does not exist.
+    """
+    accepted = 'accepted: "all", "none", "every:K", or comma-separated indices like "0,2"'
+    if not isinstance(spec, str):
+        raise ValueError(f"{name} must be a string such as 'all' or '0,3', got {spec!r}")
+    spec = spec.strip()
+    n = num_layers if num_layers is not None else 0
+    if spec == "all":
+        return list(range(n))
+    if spec == "none":
+        return []
+    if spec.startswith("every:"):
+        try:
+            k = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"bad {name} {spec!r}; {accepted}") from None
+        if k < 1:
+            raise ValueError(f"{name} every:K needs K >= 1, got {spec!r}")
+        return list(range(0, n, k))
+    try:
+        layers = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"bad {name} {spec!r}; {accepted}") from None
+    if not layers:
+        raise ValueError(f"{name} {spec!r} names no layer; {accepted}")
+    if num_layers is not None:
+        bad = [i for i in layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"{name} {spec!r}: layers {bad} do not exist (model has {num_layers})")
+    return layers

@@ -1,89 +1,57 @@
 """MemoryStack: the memory layers composed around an already loaded causal LM.
 
-This is the only module that knows every memory kind (:data:`KINDS` is where a kind joins the
-composition). It cuts long inputs into segments, runs the wrapped model on each with a
-:class:`~memstack.attention.SegmentContext`, and closes each segment through one path,
+One class. It builds the registered memory kinds its config switches on
+(:data:`memstack.memory.base.KINDS`), cuts long inputs into segments, runs the wrapped model on
+each with a :class:`~memstack.attention.SegmentContext`, and closes each segment through one path,
 :meth:`MemoryStack._close_segment`, shared by ``forward``, ``step`` and ``generate``:
 differentiable kinds are committed inside the (possibly checkpointed) segment, the others exactly
-once outside it. The rest of the class lives in mixins: ``generation.py`` (streams and decoding),
-``persistence.py`` (save / load), ``checks.py`` (input and state checks), ``switches.py`` (kinds
-on and off) and ``parameters.py`` (gates and optimiser groups).
+once outside it. Files are :mod:`memstack.saving`'s; sleep (layer 4) runs above the stack
+(:func:`memstack.sleep.sleep`) and the stack does not import it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers import Cache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from memstack.attention import ATTENTION_NAME, SegmentContext, SegmentInputs
-from memstack.checks import StackChecks
-from memstack.config import SleepConfig, StackConfig, parse_layers
-from memstack.generation import StackGeneration, token_nll  # noqa: F401  (token_nll re-exported)
+from memstack.config import StackConfig
+from memstack.explain import Explanation, explain
+from memstack.losses import next_token_targets, token_nll
 from memstack.memory.adapters import Adapters
-from memstack.memory.base import ClosedSegment, LayerRecord, MemoryKind
-from memstack.memory.compressive import Compressive
+from memstack.memory.base import KINDS, BuildContext, ClosedSegment, LayerRecord, MemoryKind
 from memstack.memory.mixer import MemoryMixer
-from memstack.memory.store.kind import LongTermMemory
+from memstack.memory.store.policy import mean_entropy
 from memstack.model.discovery import Architecture, discover
-from memstack.parameters import StackParameters
-from memstack.persistence import CONFIG_FILE, FORMAT_VERSION, StackPersistence  # noqa: F401  (re-exported)
-from memstack.sleep.consolidate import SleepReport, sleep
+from memstack.saving import gate_name, load_stream, read_stack, save_stream, write_adapters, write_stack
 from memstack.state import StackState
-from memstack.switches import StackSwitches
 
 
-class ModelInfo(NamedTuple):
-    """What a memory kind's builder may need to know about the wrapped model."""
-
-    num_layers: int
-    """Layer numbers run from 0 to ``num_layers - 1``."""
-    attention_layers: tuple[int, ...]
-    """The layers with attention (all of them but in hybrid models)."""
-    model_type: str
-
-    def layers(self, spec: str, name: str) -> list[int]:
-        """The attention layers a selection names: ``all`` skips a hybrid's other layers; naming
-        one of them explicitly is an error."""
-        chosen = parse_layers(spec, self.num_layers, name=name)
-        if spec.strip() in ("all", "none") or spec.strip().startswith("every:"):
-            return [i for i in chosen if i in self.attention_layers]
-        other = [i for i in chosen if i not in self.attention_layers]
-        if other:
-            raise ValueError(
-                f"{name} {spec!r}: layers {other} have no attention "
-                f"(attention layers: {list(self.attention_layers)})"
-            )
-        return chosen
-
-
-def _compressive(config: StackConfig, model: ModelInfo) -> tuple[MemoryKind, float] | None:
-    c = config.compressive
-    if c is None:
-        return None
-    return Compressive(model.layers(c.layers, "stack.compressive.layers"), c.update_rule), c.gate_init
-
-
-def _store(config: StackConfig, model: ModelInfo) -> tuple[MemoryKind, float | None] | None:
-    if config.store is None:
-        return None
-    layers = model.layers(config.store.layers, "stack.store.layers")
-    kind = LongTermMemory(layers, config.store, config.segment_len, metadata={"model_type": model.model_type})
-    return kind, (config.store.gate_init if config.store.readout == "kv_gated" else None)
-
-
-KINDS: dict[str, Callable[[StackConfig, ModelInfo], tuple[MemoryKind, float | None] | None]] = {
-    "compressive": _compressive,
-    "store": _store,
-}
-"""The composition: each memory kind's builder, from the stack config and the model, to
-``(kind, gate_init)`` (gate_init None: the kind has no gate) or None when switched off. The order
-is the mixing order."""
+def build_kinds(config: StackConfig, arch: Architecture) -> dict[str, MemoryKind]:
+    """The memory kinds ``config`` switches on, built for the model ``arch`` describes, by name in
+    mixing order (the registration order of :data:`~memstack.memory.base.KINDS`)."""
+    ctx = BuildContext(arch.num_layers, tuple(arch.layers), arch.model_type, config.segment_len)
+    kinds = {}
+    for name, spec in KINDS.items():
+        section = config.section(name)
+        if section is not None:
+            kinds[name] = spec.kind.build(section, ctx)
+    return kinds
 
 
 @dataclass
@@ -100,22 +68,28 @@ class StackOutput:
     """How many tokens the loss averages over."""
 
 
-def next_token_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Position t's target is ``labels[t+1]``; -100 where either position is padding or at the end.
-
-    Shifting once over the whole input (not per segment) means the last token of a segment
-    predicts the first token of the next one, as in the unwrapped model.
-    """
-    targets = torch.full_like(labels, -100)
-    targets[:, :-1] = labels[:, 1:]
-    if attention_mask is not None:
-        pad = attention_mask == 0
-        targets[pad] = -100
-        targets[:, :-1][pad[:, 1:]] = -100
-    return targets
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2-sharded DTensor (the tensor itself otherwise)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches, StackParameters, nn.Module):
+@dataclass
+class _OpenSegment:
+    """A segment being decoded token by token: its KV cache, what its layers recorded, the read
+    scratch, and the tokens readout's prefix (``offset`` tokens, ``mask`` over the cache)."""
+
+    cache: Cache | None = None
+    """None until the first call: the model builds the cache its layers need (hybrid models'
+    recurrent states, sparse attention's indexer keys), as in its own ``generate``."""
+    records: dict[int, list[LayerRecord]] = field(default_factory=dict)
+    scratch: dict = field(default_factory=dict)
+    offset: int = 0
+    mask: torch.Tensor | None = None
+    unread: frozenset[str] = frozenset()
+    """Kinds whose retrieval policy skips this segment."""
+
+
+class MemoryStack(nn.Module):
     """Memory layers around a Hugging Face causal LM.
 
     Args:
@@ -139,20 +113,14 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
         sites = self.arch.sites
         if any(hasattr(s.module, "memstack_memory") for s in sites.values()):
             raise ValueError("this model is already wrapped by a MemoryStack; load a fresh copy")
-        self.kinds: dict[str, MemoryKind] = {}
+        self.kinds: dict[str, MemoryKind] = build_kinds(self.config, self.arch)
         """The memory kinds in use, by name, in mixing order."""
         gates: dict[int, dict[str, float]] = {}
-        info = self._model_info(self.arch)
-        for name, build in KINDS.items():
-            built = build(self.config, info)
-            if built is None:
-                continue
-            kind, gate_init = built
-            self.kinds[name] = kind
+        for name, kind in self.kinds.items():
             for layer in sorted(kind.layers):
                 entry = gates.setdefault(layer, {})
-                if gate_init is not None:
-                    entry[name] = gate_init
+                if kind.gate_init is not None:
+                    entry[name] = kind.gate_init
         device = next(model.parameters()).device
         self._mixers: dict[int, MemoryMixer] = {}
         for layer, kinds in sorted(gates.items()):
@@ -172,11 +140,15 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
         """Stream segments (0-based) that read the store, since the stream began (memstack/policy.py)."""
         self.adapters = Adapters(model)
         """Layer 4: the LoRA adapters sleep trained (``sleep-0001``, ...), on ``model`` in place."""
+        self._trace: dict | None = None
+        """While :meth:`explain` runs: where reads record what they found (memstack/explain.py)."""
 
-    def sleep(self, config: SleepConfig | None = None, **kwargs: Any) -> SleepReport:
-        """Consolidate the long-term store's new records into a LoRA adapter (layer 4); see
-        :func:`memstack.sleep.consolidate.sleep` for the objective and the keyword arguments."""
-        return sleep(self, config, **kwargs)
+    def sleep(self, *args: Any, **kwargs: Any) -> Any:
+        """Moved: sleep runs above the stack, ``memstack.sleep.sleep(stack, config, ...)``."""
+        raise AttributeError(
+            "stack.sleep(...) is now a function above the stack: "
+            "from memstack.sleep import sleep; report = sleep(stack, config, ...)"
+        )
 
     def describe(self) -> str:
         """One line per memory layer: what this stack holds around which model."""
@@ -184,28 +156,15 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
         lines = [f"{type(self.model).__name__} ({self.arch.summary()}), segments of {cfg.segment_len} tokens"]
         window = f"window {cfg.window}" if cfg.window else "the whole segment"
         lines.append(f"  1. working memory: causal attention over {window}")
-        kind = self.kinds.get("compressive")
-        if kind is not None:
-            lines.append(f"  2. compressive memory: {kind.update_rule} rule, layers {sorted(kind.layers)}")
-        store = self.kinds.get("store")
-        if store is not None:
-            c = store.config
-            lines.append(
-                f"  3. long-term store: layers {sorted(store.layers)}, {c.chunk_len}-token chunks keyed by "
-                f"{c.strategy}, top {c.top_k} per {c.block_len}-query block, {c.readout} readout"
-            )
+        lines += [f"  {kind.describe()}" for kind in self.kinds.values()]
         names = self.adapters.names()
         slept = (
             f"adapters {', '.join(names)} (active: {', '.join(self.adapters.active())})"
             if names
             else "none yet"
         )
-        lines.append(f"  4. sleep (LoRA adapters from the store, stack.sleep()): {slept}")
+        lines.append(f"  4. sleep (LoRA adapters from the store, memstack.sleep.sleep(stack)): {slept}")
         return "\n".join(lines)
-
-    @staticmethod
-    def _model_info(arch: Architecture) -> ModelInfo:
-        return ModelInfo(arch.num_layers, tuple(arch.layers), arch.model_type)
 
     @property
     def memory_layers(self) -> list[int]:
@@ -214,7 +173,7 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
         return sorted(kind.layers) if kind is not None else []
 
     def _needs_surprise(self) -> bool:
-        return any(getattr(k, "needs_surprise", False) for k in self._active_kinds().values())
+        return any(k.needs_surprise for k in self._active_kinds().values())
 
     def unwrap(self) -> nn.Module:
         """Give the model back as it was before wrapping: memory modules removed, its previous
@@ -258,7 +217,7 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
             start=start,
             valid=valid,
             unread=unread,
-            trace=getattr(self, "_trace", None),
+            trace=self._trace,
             segment=state.segments,
             scratch=scratch if scratch is not None else {},
         )
@@ -359,10 +318,9 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
     def _prefix(self, state: StackState, batch: int, unread: frozenset = frozenset()) -> tuple | None:
         """Token ids (left-padded) and validity ``(B, P)`` a kind puts before the next segment, or None."""
         for name, kind in self._active_kinds().items():
-            prefix = getattr(kind, "prefix", None) if name not in unread else None
             layers = state.memories.get(name)
-            if prefix is not None and layers:
-                found = prefix(layers[min(layers)])
+            if name not in unread and layers:
+                found = kind.prefix(layers[min(layers)])
                 if found is not None:
                     return found[0].to(self.device), found[1].to(self.device)
         return None
@@ -446,3 +404,470 @@ class MemoryStack(StackGeneration, StackPersistence, StackChecks, StackSwitches,
         ctx = SegmentContext(inputs, capture=capture)
         self.model(input_ids=segment_ids.to(self.device), position_ids=pos, use_cache=False, memstack=ctx)
         return capture
+
+    # ------------------------------------------------------------------ streams and decoding
+
+    def reset(self) -> None:
+        """Forget the stream's memory (start a new stream)."""
+        self.state = None
+
+    def step(
+        self,
+        segment_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> StackOutput:
+        """Process one segment of a stream, reading and then updating :attr:`state`.
+
+        Args:
+            segment_ids: ``(B, T)`` with ``T <= segment_len``; each call is one segment.
+        """
+        if segment_ids.shape[-1] > self.config.segment_len:
+            raise ValueError(
+                f"step() takes at most segment_len={self.config.segment_len} tokens, got "
+                f"{segment_ids.shape[-1]}; use stack(input_ids) for longer inputs"
+            )
+        out = self.forward(segment_ids, attention_mask, labels, state=self.state)
+        self.state = out.state
+        return out
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        state: StackState | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Continue ``prompt_ids`` (greedy, or sampling with temperature / top-k / top-p).
+
+        The prompt is cut into segments exactly as :meth:`forward` would cut it. Inside a segment
+        a KV cache serves local attention while memory is only read; when a segment fills, its
+        keys and values go into compressive memory and the cache starts over. So each token is
+        what ``forward`` on the whole sequence would predict at that position.
+
+        Args:
+            prompt_ids: ``(B, P)`` unpadded prompts (rows of equal length), P >= 1.
+            state: memory to start from (e.g. ``stack.state`` after :meth:`step` calls); default
+                empty. The stream state :attr:`state` is not changed.
+            generator: for reproducible sampling.
+
+        Returns:
+            ``(B, P + n)`` prompt and continuation, n <= max_new_tokens (stops early once every
+            row has produced ``eos_token_id``).
+        """
+        self._check_ids("prompt_ids", prompt_ids)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if eos_token_id is not None and (
+            isinstance(eos_token_id, bool)
+            or not isinstance(eos_token_id, int)
+            or not 0 <= eos_token_id < self.vocab_size
+        ):
+            raise ValueError(
+                f"eos_token_id must be None or a token id in [0, {self.vocab_size - 1}], got {eos_token_id!r}"
+            )
+        if state is not None:
+            self._check_state(state, prompt_ids.shape[0])
+        warpers = LogitsProcessorList()
+        if do_sample:
+            if temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(temperature))
+            if top_k is not None:
+                warpers.append(TopKLogitsWarper(top_k))
+            if top_p is not None:
+                warpers.append(TopPLogitsWarper(top_p))
+        ids = prompt_ids.to(self.device)
+        seg = self.config.segment_len
+        state = state if state is not None else StackState()
+        n_closed = (ids.shape[1] // seg) * seg
+        logits = None
+        if n_closed:
+            # Only the last closed segment's logits can be needed: a million-token prompt's
+            # logits would not fit in memory.
+            if n_closed > seg:
+                state = self.forward(ids[:, : n_closed - seg], state=state, return_logits=False).state
+            out = self.forward(ids[:, n_closed - seg : n_closed], state=state)
+            state, logits = out.state, out.logits[:, -1]
+        # The open segment: prefill its tokens into a fresh cache, memory read-only.
+        fill = ids.shape[1] - n_closed
+        # An uncertainty policy decides from the tokens known when the segment opens: the
+        # prompt's part of it, else the segment before (memstack/policy.py).
+        known = ids[:, n_closed:] if fill else (ids[:, n_closed - seg : n_closed] if n_closed else None)
+        seg_open = self._open_segment(state, ids.shape[0], known)
+        surprise = self._needs_surprise()
+        nll: list[torch.Tensor] = []  # per position of the open segment, when a kind needs it
+        if fill:
+            all_logits = self._decode(ids[:, n_closed:], 0, seg_open, state)
+            logits = all_logits[:, -1]
+            if surprise:
+                nll = list(token_nll(all_logits, ids[:, n_closed:]).unbind(1))
+        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for i in range(max_new_tokens):
+            scores = logits.float()
+            if do_sample:
+                probs = torch.softmax(warpers(ids, scores), dim=-1)
+                token = torch.multinomial(probs, 1, generator=generator)
+            else:
+                token = scores.argmax(dim=-1, keepdim=True)
+            if eos_token_id is not None:
+                token = torch.where(finished[:, None], eos_token_id, token)
+                finished |= token[:, 0] == eos_token_id
+            ids = torch.cat([ids, token], dim=1)
+            if i == max_new_tokens - 1 or bool(finished.all()):
+                break
+            if surprise:  # the token sits at segment position `fill`; position 0 has no prediction
+                picked = -torch.log_softmax(scores, dim=-1).gather(-1, token)[:, 0]
+                nll.append(torch.full_like(picked, float("nan")) if fill == 0 else picked)
+            logits = self._decode(token, fill, seg_open, state)[:, -1]
+            fill += 1
+            if fill == seg:
+                seg_nll = torch.stack(nll, dim=1) if surprise else None
+                for differentiable in (True, False):
+                    state = self._close_segment(
+                        state, seg_open.records, ids[:, -seg:], None, differentiable, seg_nll
+                    )
+                nll = []
+                state = StackState(state.memories, state.segments + 1)
+                seg_open, fill = self._open_segment(state, ids.shape[0], ids[:, -seg:]), 0
+        return ids
+
+    def _open_segment(self, state: StackState, batch: int, known: torch.Tensor | None = None) -> _OpenSegment:
+        """A fresh KV cache for the next segment, with the tokens readout's prefix prefilled."""
+        open_ = _OpenSegment(unread=self._unread(state, known))
+        prefix = self._prefix(state, batch, open_.unread)
+        if prefix is not None:
+            prefix_ids, prefix_valid = prefix
+            open_.offset, open_.mask = prefix_ids.shape[1], prefix_valid.long()
+            pos = self._positions(0, open_.offset)
+            ctx = SegmentContext(self._inputs(state, 0, 0, None, {}, open_.unread))  # not the segment's
+            open_.cache = self.model(
+                input_ids=prefix_ids,
+                attention_mask=open_.mask,
+                position_ids=pos,
+                cache=None,
+                use_cache=True,
+                memstack=ctx,
+            ).cache
+        return open_
+
+    def _decode(
+        self, ids: torch.Tensor, start: int, seg_open: _OpenSegment, state: StackState
+    ) -> torch.Tensor:
+        """Feed tokens at segment positions ``start..`` through the open segment's cache, memory
+        read-only, and record what each layer saw; return the logits ``(B, T, V)``."""
+        first = seg_open.offset + start
+        pos = self._positions(first, ids.shape[1])
+        inputs = self._inputs(state, first, start, None, seg_open.scratch, seg_open.unread)
+        ctx = SegmentContext(inputs, records=seg_open.records)
+        mask = None
+        if seg_open.mask is not None:
+            seg_open.mask = torch.cat([seg_open.mask, torch.ones_like(ids, dtype=torch.long)], dim=1)
+            mask = seg_open.mask
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            cache=seg_open.cache,
+            use_cache=True,
+            memstack=ctx,
+        )
+        seg_open.cache = out.cache
+        return out.logits
+
+    # ------------------------------------------------------------------ switches
+
+    @property
+    def use_memory(self) -> bool:
+        """False while every memory kind is switched off."""
+        return not set(self.kinds) <= self.disabled
+
+    def _active_kinds(self) -> dict[str, MemoryKind]:
+        return {name: kind for name, kind in self.kinds.items() if name not in self.disabled}
+
+    def _unread(
+        self, state, ids: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> frozenset[str]:
+        """The kinds whose retrieval policy (memstack/memory/store/policy.py) skips reading this
+        stream segment.
+
+        ``ids``/``mask``: the segment, for ``uncertainty`` policies, which run it once without
+        those kinds (no gradient, nothing recorded) and measure its mean next-token entropy.
+        """
+        skip, test = set(), []
+        for name, kind in self._active_kinds().items():
+            policy = kind.policy
+            if policy is None or not state.memories.get(name):
+                continue
+            if not policy.scheduled(state.segments) or policy.threshold == float("inf"):
+                skip.add(name)
+            elif policy.threshold is not None:
+                test.append((name, policy.threshold))
+        if test:
+            if ids is None:
+                raise ValueError("an uncertainty retrieval policy needs the segment's tokens to decide")
+            entropy = self._entropy_without(state, frozenset(skip | {n for n, _ in test}), ids, mask)
+            skip |= {name for name, threshold in test if not entropy > threshold}
+        if state.memories.get("store") and "store" in self._active_kinds() and "store" not in skip:
+            self.consulted.append(state.segments)
+        return frozenset(skip)
+
+    @torch.no_grad()
+    def _entropy_without(self, state, unread: frozenset[str], ids: torch.Tensor, mask) -> float:
+        """Mean next-token entropy of a segment read without the ``unread`` kinds (a dry run)."""
+        padded = mask is not None and not bool(mask.all())
+        inputs = self._inputs(state, 0, 0, mask.bool() if padded else None, {})
+        inputs.unread = unread
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=mask if padded else None,
+            position_ids=self._positions(0, ids.shape[1]),
+            use_cache=False,
+            memstack=SegmentContext(inputs),
+        ).logits
+        return mean_entropy(logits, mask.bool() if padded else None)
+
+    @contextlib.contextmanager
+    def memory_enabled(
+        self, enabled: bool = True, kinds: tuple[str, ...] | None = None
+    ) -> Iterator[MemoryStack]:
+        """Inside a ``with`` block, switch memory kinds on or off (then restore).
+
+        Args:
+            enabled: on or off.
+            kinds: the kinds to switch (default: all), e.g. ``("compressive",)``.
+
+        Raises:
+            ValueError: for a kind name this stack does not have.
+        """
+        names = set(self.kinds) if kinds is None else set(kinds)
+        unknown = sorted(names - set(self.kinds))
+        if unknown:
+            raise ValueError(f"unknown memory kinds {unknown}; this stack has {sorted(self.kinds)}")
+        previous = self.disabled
+        self.disabled = previous - names if enabled else previous | names
+        try:
+            yield self
+        finally:
+            self.disabled = previous
+
+    def explain(self, input_ids: torch.Tensor, tokenizer: Any = None, max_new_tokens: int = 0) -> Explanation:
+        """Which chunks each block retrieved and each head's shares of local attention and of every
+        memory kind (:func:`memstack.explain.explain`)."""
+        return explain(self, input_ids, tokenizer, max_new_tokens)
+
+    def memory_off(self, *kinds: str) -> contextlib.AbstractContextManager[MemoryStack]:
+        """Run the same weights without memory (all kinds, or the kinds named) inside a ``with``
+        block, to measure what each memory layer contributes."""
+        return self.memory_enabled(False, kinds or None)
+
+    # ------------------------------------------------------------------ checks
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's input embedding: token ids must lie in ``[0, vocab_size)`` (the
+        text config's vocabulary where the input embedding is not one table, as MusicGen's)."""
+        embedding = self.model.get_input_embeddings()
+        if isinstance(embedding, torch.nn.Embedding):
+            return embedding.num_embeddings
+        return int(self.model.config.get_text_config().vocab_size)
+
+    def _check_ids(self, name: str, ids: torch.Tensor) -> None:
+        """Shape, dtype and vocabulary range of token ids, before any work is done."""
+        if not isinstance(ids, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+        if ids.ndim != 2:
+            raise ValueError(f"{name} must be (batch, length), got shape {tuple(ids.shape)}")
+        if ids.shape[0] < 1 or ids.shape[1] < 1:
+            raise ValueError(f"{name} must hold at least one row and one token, got shape {tuple(ids.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValueError(f"{name} must be integer token ids, got dtype {ids.dtype}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"{name} holds token id {bad}, outside the model's vocabulary [0, {self.vocab_size - 1}]"
+            )
+
+    def _check_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None
+    ) -> None:
+        """``forward``'s inputs: token ids, and a mask and labels of the same shape."""
+        self._check_ids("input_ids", input_ids)
+        for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+            if t is not None and t.shape != input_ids.shape:
+                raise ValueError(
+                    f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}"
+                )
+
+    def _check_state(self, state: StackState, batch: int) -> None:
+        """A state must come from this model and stack (its kinds, layers and shapes) and this batch."""
+        if not isinstance(state, StackState):
+            raise ValueError(f"state must be a StackState, got {type(state).__name__}")
+        for name, layers in state.memories.items():
+            own = sorted(self.kinds[name].layers) if name in self.kinds else []
+            foreign = sorted(set(layers) - set(own))
+            if foreign:
+                raise ValueError(
+                    f"state holds {name} memory for layers {foreign}, but this stack's {name} layers are "
+                    f"{own}: it was made by another model or stack config"
+                )
+        handles = state.others()
+
+        def check_kinds(names: list[str]) -> None:
+            for name in names:
+                for layer, s in state.memories[name].items():
+                    site = self.arch.sites[layer]
+                    heads = (site.kv_heads, site.key_dim, site.value_dim)
+                    self.kinds[name].check_state(layer, s, batch, heads)
+
+        check_kinds(list(handles))
+        if state.batch_size is not None and state.batch_size != batch:
+            raise ValueError(
+                f"state batch size {state.batch_size} differs from the input's {batch} rows; call reset() "
+                "or pass a state made for the same batch"
+            )
+        check_kinds([name for name in state.memories if name not in handles])
+
+    # ------------------------------------------------------------------ parameters
+
+    def named_gates(self) -> dict[tuple[int, str], nn.Parameter]:
+        """``{(layer, kind): beta}``: the per-head gate logits of every memory layer and gated kind."""
+        return {(layer, kind): g for layer, mixer in self._mixers.items() for kind, g in mixer.gates.items()}
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The per-head gate logits beta of every memory layer and gated kind."""
+        return list(self.named_gates().values())
+
+    def gate_values(self, kind: str = "compressive") -> dict[int, torch.Tensor]:
+        """sigmoid(beta) per layer and head for one kind: the share of each head's output that comes
+        from that memory. Under FSDP2 the gates are gathered from their shards: a collective that
+        every rank must call."""
+        return {
+            layer: torch.sigmoid(_full(g.detach()).float()).cpu()
+            for (layer, k), g in self.named_gates().items()
+            if k == kind
+        }
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0, gate_lr_mult: float = 100.0) -> list[dict]:
+        """Optimizer parameter groups: gates apart, with their own learning rate and no decay.
+
+        With a normal learning rate the gates barely move (about 0.03 over a whole run in public
+        reproductions, every head stuck at 0.5), hence the multiplier. Matrices get weight decay;
+        biases, norms and gates do not. Frozen parameters (``requires_grad=False``) are left out.
+
+        Returns:
+            Groups for ``torch.optim.AdamW``; each has a ``name`` ("decay", "no_decay", "gates").
+        """
+        gate_ids = {id(p) for p in self.gate_parameters()}
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad and id(p) not in gate_ids:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        gates = [p for p in self.gate_parameters() if p.requires_grad]
+        groups = [
+            {"name": "decay", "params": decay, "lr": lr, "weight_decay": weight_decay},
+            {"name": "no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0},
+            {"name": "gates", "params": gates, "lr": lr * gate_lr_mult, "weight_decay": 0.0},
+        ]
+        return [g for g in groups if g["params"]]
+
+    # ------------------------------------------------------------------ files
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Save the stack's config, gates and sleep adapters (not the base model) into directory
+        ``path``, crash-safe (:func:`memstack.saving.write_stack`): a crash at any moment leaves the
+        previous save or the new one loadable, never a mix. Only memstack's own files are written
+        or removed, so the stack can live next to the model's own ``save_pretrained`` files.
+
+        Raises:
+            ValueError: if ``path`` exists and is not a directory.
+        """
+        gates = {gate_name(layer, kind): g for (layer, kind), g in self.named_gates().items()}
+        write_stack(
+            path,
+            self.config,
+            self.model.config.model_type,
+            self.model.config.num_attention_heads,
+            gates,
+            lambda directory: write_adapters(self.adapters, self.model, directory),
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, model: nn.Module) -> MemoryStack:
+        """Wrap ``model`` with the config, gates and adapters saved in ``path``.
+
+        Everything is read and checked before the model is touched; if wrapping still fails, the
+        model is unwrapped again, so a failed call leaves it exactly as it was.
+
+        Raises:
+            FileNotFoundError: if the manifest, the weights file or the adapters are missing.
+            ValueError: if the manifest is malformed, or the saved stack belongs to another model
+                type or its tensors do not fit the model.
+        """
+        saved = read_stack(path, model.config.model_type)
+        # A dry run of the composition says which gates the stack will have, so that nothing
+        # touches the model before every tensor is known to fit.
+        arch = discover(model)
+        expected = {
+            gate_name(layer, name): layer
+            for name, kind in build_kinds(saved.config, arch).items()
+            if kind.gate_init is not None
+            for layer in kind.layers
+        }
+        if set(saved.gates) != set(expected):
+            raise ValueError(f"{path}: expected tensors {sorted(expected)}, found {sorted(saved.gates)}")
+        for name, tensor in saved.gates.items():
+            layer = expected[name]
+            heads = arch.sites[layer].heads
+            if tuple(tensor.shape) != (heads,):
+                raise ValueError(
+                    f"{path}: gate of layer {layer} ({name}) has shape {tuple(tensor.shape)}, "
+                    f"the model needs ({heads},)"
+                )
+        stack = cls(model, saved.config)
+        try:
+            with torch.no_grad():
+                for (layer, kind), gate in stack.named_gates().items():
+                    gate.copy_(saved.gates[gate_name(layer, kind)])
+            if saved.adapters is not None:
+                stack.adapters.load(saved.adapters)
+        except BaseException:
+            stack.unwrap()
+            raise
+        return stack
+
+    def save_stream(self, path: str | os.PathLike, state: StackState | None = None) -> None:
+        """Save a whole stream's memory (default: :attr:`state`, the one :meth:`step` continues):
+        every kind, the store's tail queries, the segment count (:func:`memstack.saving.save_stream`).
+        Continuing after :meth:`load_stream`, in this process or another, is bit-identical to
+        continuing in memory.
+
+        Raises:
+            ValueError: no stream to save.
+        """
+        state = self.state if state is None else state
+        if state is None:
+            raise ValueError("no stream to save: step() has not run since reset(); pass state=")
+        save_stream(state, self.kinds, path)
+
+    def load_stream(self, path: str | os.PathLike) -> StackState:
+        """Read a stream :meth:`save_stream` wrote, make it the stream :meth:`step` continues, and
+        return it.
+
+        Raises:
+            FileNotFoundError, ValueError: nothing saved there, or not this stack's memory.
+        """
+        state = load_stream(path, self.kinds, device=self.device)
+        batch = state.batch_size
+        if batch is None:  # only handle states: their rows say the batch
+            rows = [s.batch_size for layers in state.others().values() for s in layers.values()]
+            batch = rows[0] if rows else 1
+        self._check_state(state, batch)
+        self.state = state
+        return state

@@ -1,9 +1,11 @@
 """StackState: the per-stream memory of a whole stack, for every memory kind alike.
 
-Each differentiable kind keeps one ``NamedTuple`` of tensors per layer (compressive memory:
-``CompressiveState(M, z)``). The state detaches, moves, flattens (activation checkpointing passes
-tensors, not structures) and saves every kind the same way, under the tensor names
-``{kind}.{layer}.{field}``; :data:`STATE_TYPES` says which tuple each kind's tensors rebuild.
+A kind whose ``state_type`` is a ``NamedTuple`` of tensors (compressive memory:
+``CompressiveState(M, z)``) keeps one per layer; the state detaches, moves, flattens (activation
+checkpointing passes tensors, not structures) and saves every such kind the same way, under the
+tensor names ``{kind}.{layer}.{field}``. Which tuple a kind's tensors rebuild comes from the kind
+(:func:`memstack.memory.base.tensor_state_types`); a kind whose state is a handle (the store) is
+carried as it is and saved by the kind itself (:func:`memstack.saving.save_stream` saves both).
 """
 
 from __future__ import annotations
@@ -11,20 +13,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from memstack.io import atomic_file
-from memstack.memory.compressive import CompressiveState
+from memstack.memory.base import KINDS, tensor_state_types
 
 STATE_FORMAT = "memstack-state"
 STATE_VERSION = 1
-
-STATE_TYPES: dict[str, type[NamedTuple]] = {"compressive": CompressiveState}
-"""The per-layer state type of each differentiable kind (adding a kind adds one entry)."""
 
 Name = tuple[str, int, str]  # (kind, layer, field)
 
@@ -45,15 +44,16 @@ class StackState:
     segments: int = 0
 
     @property
-    def compressive(self) -> dict[int, CompressiveState]:
+    def compressive(self) -> dict[int, Any]:
         """Compressive memory per layer (empty dict when none)."""
         return self.memories.get("compressive", {})
 
     def _map(self, fn) -> StackState:
         # Kinds without tensor state (a store's handle) are carried as they are.
+        types = tensor_state_types()
         return StackState(
             {
-                kind: {layer: fn(s) for layer, s in layers.items()} if kind in STATE_TYPES else layers
+                kind: {layer: fn(s) for layer, s in layers.items()} if kind in types else layers
                 for kind, layers in self.memories.items()
             },
             self.segments,
@@ -61,7 +61,8 @@ class StackState:
 
     def others(self) -> dict[str, dict[int, Any]]:
         """The kinds whose state is not a tuple of tensors (not flattened, detached or saved here)."""
-        return {kind: layers for kind, layers in self.memories.items() if kind not in STATE_TYPES}
+        types = tensor_state_types()
+        return {kind: layers for kind, layers in self.memories.items() if kind not in types}
 
     def detach(self) -> StackState:
         """Same memory, cut from the autograd graph."""
@@ -74,7 +75,7 @@ class StackState:
     def flatten(self) -> tuple[list[Name], list[torch.Tensor]]:
         """Every tensor with its ``(kind, layer, field)`` name, in a fixed order (tensor kinds only)."""
         names, tensors = [], []
-        for kind in sorted(set(self.memories) & set(STATE_TYPES)):
+        for kind in sorted(set(self.memories) & set(tensor_state_types())):
             for layer in sorted(self.memories[kind]):
                 s = self.memories[kind][layer]
                 for name, t in zip(s._fields, s, strict=True):
@@ -88,9 +89,9 @@ class StackState:
         fields: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
         for (kind, layer, name), t in zip(names, tensors, strict=True):
             fields.setdefault(kind, {}).setdefault(layer, {})[name] = t
+        types = tensor_state_types()
         return {
-            kind: {layer: STATE_TYPES[kind](**f) for layer, f in layers.items()}
-            for kind, layers in fields.items()
+            kind: {layer: types[kind](**f) for layer, f in layers.items()} for kind, layers in fields.items()
         }
 
     def num_bytes(self) -> int:
@@ -113,7 +114,7 @@ class StackState:
         if self.others():
             raise ValueError(
                 f"this state holds {sorted(self.others())} memory, which a single file cannot hold; save "
-                "each row's store with state.memories['store'][layer].stores[row].save(directory)"
+                "the whole stream with memstack.saving.save_stream(stack, directory) (or stack.save_stream)"
             )
         names, tensors = self.flatten()
         flat, seen = {}, set()
@@ -158,6 +159,7 @@ class StackState:
             )
         if not segments.isdigit():
             raise ValueError(f"{path}: segment count {segments!r} is not a non-negative integer")
+        STATE_TYPES = tensor_state_types()
         names: list[Name] = []
         for key in tensors:
             parts = key.split(".")
@@ -178,12 +180,9 @@ class StackState:
         if missing:
             raise ValueError(f"{path} is an incomplete memstack state: missing {missing}")
         memories = cls.unflatten(names, [tensors[".".join(map(str, n))] for n in names])
-        for layer, s in memories.get("compressive", {}).items():
-            if s.M.ndim != 4 or s.z.ndim != 3 or s.M.shape[:3] != s.z.shape:
-                raise ValueError(
-                    f"{path}: layer {layer} has M {tuple(s.M.shape)} and z {tuple(s.z.shape)}; expected "
-                    "M (batch, kv_heads, d_k, d_v) and z (batch, kv_heads, d_k)"
-                )
+        for kind, layers in memories.items():
+            for layer, s in layers.items():
+                KINDS[kind].kind.check_loaded(layer, s, str(path))
         for kind, layers in memories.items():
             for layer, s in layers.items():
                 if any(t.dtype != torch.float32 for t in s):

@@ -18,15 +18,24 @@ memory: backpropagation through time). The stack commits such kinds inside the (
 checkpointed) segment; it commits the others exactly once, outside it, because activation
 checkpointing re-runs a segment in the backward pass and a store must never be written twice.
 
-Adding a kind is its own file plus one line in :data:`memstack.stack.KINDS`.
+Adding a kind is one subclass of :class:`MemoryKind` and one call, :func:`register_kind`, with the
+dataclass of its config section: the stack builds it from ``StackConfig.kinds[name]`` (the two
+built-in kinds have their own fields, ``StackConfig.compressive`` and ``StackConfig.store``),
+mixes it in registration order, saves and loads its state, describes and explains it. Every
+optional hook is declared on :class:`MemoryKind` with its default; nothing is read with
+``getattr``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
+
+from memstack.fields import parse_layers
 
 
 class LayerRecord(NamedTuple):
@@ -117,21 +126,165 @@ class ClosedSegment(NamedTuple):
     for it (surprise chunking); None otherwise."""
 
 
-class MemoryKind(Protocol):
-    """One memory layer kind; instances hold configuration only, never per-stream state."""
+class RetrievalSchedule(Protocol):
+    """When a kind is read (a store's retrieval policy, memstack/memory/store/policy.py)."""
+
+    threshold: float | None
+    """Read only when the segment's mean next-token entropy without the kind exceeds this (None:
+    no test; ``inf``: never)."""
+
+    def scheduled(self, segment: int) -> bool:
+        """Whether stream segment ``segment`` (0-based) may read, before any entropy test."""
+
+
+class BuildContext(NamedTuple):
+    """What a kind's :meth:`MemoryKind.build` may know about the stack and the wrapped model."""
+
+    num_layers: int
+    """Layer numbers run from 0 to ``num_layers - 1``."""
+    attention_layers: tuple[int, ...]
+    """The layers with attention (all of them but in hybrid models)."""
+    model_type: str
+    segment_len: int
+
+    def layers(self, spec: str, name: str) -> list[int]:
+        """The attention layers a selection names: ``all`` skips a hybrid's other layers; naming
+        one of them explicitly is an error."""
+        chosen = parse_layers(spec, self.num_layers, name=name)
+        if spec.strip() in ("all", "none") or spec.strip().startswith("every:"):
+            return [i for i in chosen if i in self.attention_layers]
+        other = [i for i in chosen if i not in self.attention_layers]
+        if other:
+            raise ValueError(
+                f"{name} {spec!r}: layers {other} have no attention "
+                f"(attention layers: {list(self.attention_layers)})"
+            )
+        return chosen
+
+
+class MemoryKind:
+    """One memory layer kind; instances hold configuration only, never per-stream state.
+
+    Subclasses set :attr:`name` and the class flags, implement :meth:`build`, :meth:`empty`,
+    :meth:`read` and :meth:`write`, and override the optional hooks they need.
+    """
 
     name: ClassVar[str]
-    differentiable: ClassVar[bool]
-    needs_query: ClassVar[bool]
-    """True if :meth:`write` uses the queries of the segment (their record is kept only then)."""
-    layers: frozenset[int]
+    """The kind's name: its config section (``StackConfig.kinds[name]``), state and gate key."""
+    differentiable: ClassVar[bool] = False
+    """Gradients flow through the state across segments (committed inside the segment)."""
+    needs_query: ClassVar[bool] = False
+    """:meth:`write` uses the segment's queries (their record is kept only then)."""
+    state_type: ClassVar[type | None] = None
+    """The per-layer state when it is a ``NamedTuple`` of tensors: then :class:`~memstack.state.StackState`
+    detaches, moves, flattens and saves it (``{kind}.{layer}.{field}``). None: the state is a handle
+    (a store), saved by :meth:`save_state` and loaded by :meth:`load_state`."""
+    colour: ClassVar[str] = "tab:gray"
+    """This kind's colour in :meth:`Explanation.plot <memstack.explain.Explanation.plot>`."""
+
+    layers: frozenset[int] = frozenset()
     """The decoder layers (``layer_idx``) this kind serves."""
+    gate_init: float | None = None
+    """Initial per-head gate logit when the kind's readout is mixed in by a gate (its ``output``);
+    None: the kind has no gate (it joins the local softmax, or puts tokens before the segment)."""
+    needs_surprise: bool = False
+    """:meth:`write` needs ``segment.nll``, the -log p of each token (surprise chunking)."""
+    policy: RetrievalSchedule | None = None
+    """When the kind is read; None: every segment."""
+
+    @classmethod
+    def build(cls, config: Any, ctx: BuildContext) -> MemoryKind:
+        """The kind for the stack, from its config section (not None)."""
+        raise NotImplementedError(f"{cls.__name__}.build")
 
     def empty(self, record: LayerRecord) -> Any:
         """The empty state of one layer, shaped for ``record``'s batch and heads."""
+        raise NotImplementedError(f"{type(self).__name__}.empty")
 
     def read(self, state: Any, query: torch.Tensor, ctx: ReadContext) -> Readout:
         """Read ``state`` with position-free queries ``(B, H, T, d_k)``."""
+        raise NotImplementedError(f"{type(self).__name__}.read")
 
     def write(self, state: Any, record: LayerRecord, segment: ClosedSegment) -> Any:
         """The state after writing one closed segment (``segment.valid``: False = padding)."""
+        raise NotImplementedError(f"{type(self).__name__}.write")
+
+    # ------------------------------------------------------------------ optional hooks
+
+    def prefix(self, state: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Token ids ``(B, P)`` (left-padded) and their validity to put before the next segment,
+        from the state of the kind's first layer; None (the default): nothing."""
+        return None
+
+    def describe(self) -> str:
+        """This kind's line in :meth:`MemoryStack.describe <memstack.stack.MemoryStack.describe>`."""
+        return f"{self.name}: layers {sorted(self.layers)}"
+
+    def check_state(self, layer: int, state: Any, batch: int, heads: tuple[int, int, int]) -> None:
+        """Raise ValueError when ``state`` of ``layer`` cannot serve this model and batch;
+        ``heads`` is the layer's ``(kv_heads, d_k, d_v)``."""
+
+    @classmethod
+    def check_loaded(cls, layer: int, state: Any, source: str) -> None:
+        """Raise ValueError when a state read from a file (``source``) is malformed (tensor states)."""
+
+    def save_state(self, layers: dict[int, Any], directory: Path) -> None:
+        """Write a handle state (``state_type`` None) of every layer under ``directory``."""
+        raise NotImplementedError(f"memory kind {self.name!r} cannot save its state")
+
+    def load_state(self, directory: Path) -> dict[int, Any]:
+        """Read what :meth:`save_state` wrote."""
+        raise NotImplementedError(f"memory kind {self.name!r} cannot load its state")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layers={sorted(self.layers)})"
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """A registered memory kind: its class and the dataclass of its config section."""
+
+    kind: type[MemoryKind]
+    config: type
+
+
+KINDS: dict[str, KindSpec] = {}
+"""The registered kinds by name, in mixing order (registration order). Change it through
+:func:`register_kind` and :func:`unregister_kind`."""
+
+
+def register_kind(kind: type[MemoryKind], config: type) -> type[MemoryKind]:
+    """Make ``kind`` available to every :class:`~memstack.stack.MemoryStack`.
+
+    Args:
+        kind: a :class:`MemoryKind` subclass with a ``name``.
+        config: the dataclass of its section in ``StackConfig.kinds[kind.name]`` (with
+            ``to_dict``-able fields; it validates itself in ``__post_init__``).
+
+    Returns:
+        ``kind`` (so it can decorate the class).
+
+    Raises:
+        ValueError: a different kind already has the name, or ``kind`` is not a MemoryKind.
+    """
+    if not (isinstance(kind, type) and issubclass(kind, MemoryKind)) or not isinstance(
+        getattr(kind, "name", None), str
+    ):
+        raise ValueError(f"register_kind takes a MemoryKind subclass with a name, got {kind!r}")
+    old = KINDS.get(kind.name)
+    if old is not None and old.kind is not kind:
+        raise ValueError(f"a memory kind named {kind.name!r} is already registered ({old.kind.__name__})")
+    KINDS[kind.name] = KindSpec(kind, config)
+    return kind
+
+
+def unregister_kind(name: str) -> None:
+    """Forget a registered kind (tests, notebooks); stacks already built keep theirs."""
+    if name not in KINDS:
+        raise ValueError(f"no memory kind named {name!r}; registered: {sorted(KINDS)}")
+    del KINDS[name]
+
+
+def tensor_state_types() -> dict[str, type]:
+    """``{kind: state_type}`` of the registered kinds whose state is a tuple of tensors."""
+    return {name: spec.kind.state_type for name, spec in KINDS.items() if spec.kind.state_type is not None}

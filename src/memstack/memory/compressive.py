@@ -17,15 +17,52 @@ kind in the shape every memory layer shares (:mod:`memstack.memory.base`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import einsum
 
-from memstack.config import UPDATE_RULES
-from memstack.memory.base import ClosedSegment, LayerRecord, ReadContext, Readout
+from memstack.fields import check_choice, check_number, parse_layers
+from memstack.memory.base import (
+    BuildContext,
+    ClosedSegment,
+    LayerRecord,
+    MemoryKind,
+    ReadContext,
+    Readout,
+    register_kind,
+)
+
+UPDATE_RULES = ("linear", "delta")
+
+
+@dataclass
+class CompressiveConfig:
+    """Layer 2, Infini-attention compressive memory: a matrix ``M`` and normaliser ``z`` per layer
+    and KV head, written once per segment, read by every query. See this module.
+    """
+
+    layers: str = "all"
+    """Decoder layers that get compressive memory: ``"all"``, ``"none"``, ``"every:K"`` (layers
+    0, K, 2K, ...), or a comma-separated list of layer indices such as ``"0,3"``. A string, so it
+    can be overridden from the command line like every other field."""
+    update_rule: str = "linear"
+    """``"linear"`` (M += sigma(K)^T V) or ``"delta"`` (subtract what memory already returns for
+    each key before writing, eq. (5) of the paper)."""
+    gate_init: float = 0.0
+    """Initial value of the per-head gate logit beta. sigmoid(0) = 0.5 mixes memory and local
+    attention equally, as in the paper; a negative value (say -3) starts a pretrained model close
+    to its original behaviour."""
+
+    def __post_init__(self) -> None:
+        parse_layers(self.layers, num_layers=None, name="stack.compressive.layers")
+        check_choice("stack.compressive.update_rule", self.update_rule, UPDATE_RULES)
+        check_number("stack.compressive.gate_init", self.gate_init, "a finite number", math.isfinite)
+
 
 # sigma(Q) z is a sum of strictly positive terms once anything is written; the guard only
 # matters for float32 underflow with huge negative logits.
@@ -173,7 +210,7 @@ def update(
     return CompressiveState(M, z)
 
 
-class Compressive:
+class Compressive(MemoryKind):
     """The compressive memory kind (see :mod:`memstack.memory.base` for the shape all kinds share).
 
     Holds configuration only; per-stream state is a :class:`CompressiveState` per layer, and the
@@ -183,12 +220,44 @@ class Compressive:
     name = "compressive"
     differentiable = True  # gradients flow through M and z across segments (BPTT, as in the paper)
     needs_query = False
+    state_type = CompressiveState
+    colour = "tab:orange"
 
-    def __init__(self, layers: Iterable[int], update_rule: str = "linear"):
+    def __init__(self, layers: Iterable[int], update_rule: str = "linear", gate_init: float = 0.0):
         if update_rule not in UPDATE_RULES:
             raise ValueError(f"update_rule must be one of {', '.join(UPDATE_RULES)}; got {update_rule!r}")
         self.layers = frozenset(layers)
         self.update_rule = update_rule
+        self.gate_init = gate_init
+
+    @classmethod
+    def build(cls, config: CompressiveConfig, ctx: BuildContext) -> Compressive:
+        """The kind on the layers ``config.layers`` names."""
+        return cls(
+            ctx.layers(config.layers, "stack.compressive.layers"), config.update_rule, config.gate_init
+        )
+
+    def describe(self) -> str:
+        return f"2. compressive memory: {self.update_rule} rule, layers {sorted(self.layers)}"
+
+    def check_state(self, layer: int, state: Any, batch: int, heads: tuple[int, int, int]) -> None:
+        """M ``(batch, kv_heads, d_k, d_v)`` and z ``(batch, kv_heads, d_k)`` of this model."""
+        expected = (batch, *heads)
+        if tuple(state.M.shape) != expected or tuple(state.z.shape) != expected[:3]:
+            raise ValueError(
+                f"state of layer {layer} has M {tuple(state.M.shape)} and z {tuple(state.z.shape)}, but this "
+                f"model's memory is M {expected} (batch, kv_heads, d_k, d_v) and z {expected[:3]}: "
+                "the state was made by another model"
+            )
+
+    @classmethod
+    def check_loaded(cls, layer: int, state: Any, source: str) -> None:
+        """M and z of consistent shapes."""
+        if state.M.ndim != 4 or state.z.ndim != 3 or state.M.shape[:3] != state.z.shape:
+            raise ValueError(
+                f"{source}: layer {layer} has M {tuple(state.M.shape)} and z {tuple(state.z.shape)}; "
+                "expected M (batch, kv_heads, d_k, d_v) and z (batch, kv_heads, d_k)"
+            )
 
     def empty(self, record: LayerRecord) -> CompressiveState:
         """M_0 = 0, z_0 = 0 for ``record``'s batch and KV heads."""
@@ -213,3 +282,6 @@ class Compressive:
 
     def __repr__(self) -> str:
         return f"Compressive(layers={sorted(self.layers)}, update_rule={self.update_rule!r})"
+
+
+register_kind(Compressive, CompressiveConfig)

@@ -43,13 +43,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from memstack.config import SleepConfig
 from memstack.io import atomic_file
+from memstack.losses import lm_loss, prediction_mask
 from memstack.memory.adapters import PREFIX, default_targets, lora_config
-from memstack.sleep.data import Day, _crops, night_documents, text_windows, windows  # noqa: F401  (re-exported)
-from memstack.sleep.losses import _pred_mask, kl_bucketed, kl_full, teacher_targets, token_nll  # noqa: F401
+from memstack.sleep.config import SleepConfig
+from memstack.sleep.data import crops, night_documents, windows
+from memstack.sleep.losses import kl_bucketed, kl_full, teacher_targets
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: sleep runs above the stack, which never imports it
     from memstack.stack import MemoryStack
     from memstack.state import StackState
 
@@ -114,8 +115,8 @@ def mean_nll(
             x = ids[a : a + batch_size].to(device)
             m = None if mask is None else mask[a : a + batch_size].to(device)
             logits = stack(x, attention_mask=m).logits
-            n = int(_pred_mask(x, m).sum())
-            total += float(token_nll(logits, x, m)) * n
+            n = int(prediction_mask(x, m).sum())
+            total += float(lm_loss(logits, x, m)) * n
             count += n
     return total / max(count, 1)
 
@@ -285,7 +286,7 @@ def _train(
     device = stack.device
     try:
         for _ in tqdm(range(steps), desc="sleep", disable=not progress, leave=False):
-            ids, mask, teacher = _crops(docs, teachers, seq_len, cfg.batch_size, gen)
+            ids, mask, teacher = crops(docs, teachers, seq_len, cfg.batch_size, gen)
             replay_batch = None
             if cfg.replay_ratio > 0:
                 replay_batch = replay[torch.randint(len(replay), (cfg.batch_size,), generator=gen)].to(device)
@@ -316,15 +317,15 @@ def sleep_loss(
     with stack.memory_off():
         logits = stack(ids, attention_mask=mask).logits
         if cfg.objective == "distill":
-            night = kl_bucketed(teacher[0], teacher[1], logits, _pred_mask(ids, mask))
+            night = kl_bucketed(teacher[0], teacher[1], logits, prediction_mask(ids, mask))
         else:
-            night = token_nll(logits, ids, mask)
+            night = lm_loss(logits, ids, mask)
         if cfg.replay_ratio == 0 or replay is None:
             return night
         r_logits = stack(replay).logits
-        replay_loss = token_nll(r_logits, replay, None)
+        replay_loss = lm_loss(r_logits, replay, None)
         if cfg.kl_weight > 0:
             with torch.no_grad(), stack.adapters.disabled():
                 base = stack(replay).logits
-            replay_loss = replay_loss + cfg.kl_weight * kl_full(base, r_logits, _pred_mask(replay, None))
+            replay_loss = replay_loss + cfg.kl_weight * kl_full(base, r_logits, prediction_mask(replay, None))
     return (1 - cfg.replay_ratio) * night + cfg.replay_ratio * replay_loss

@@ -3,15 +3,14 @@ windows that measure a night's loss, the random training crops, and the training
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from memstack.config import SleepConfig
-
-if TYPE_CHECKING:
-    from memstack.state import StackState
+from memstack.memory.store.kind import StoreState
+from memstack.sleep.config import SleepConfig
+from memstack.state import StackState
 
 
 def night_documents(state: StackState, consolidated: bool = False) -> tuple[list[list[torch.Tensor]], dict]:
@@ -69,7 +68,7 @@ def windows(docs: list[torch.Tensor], seq_len: int) -> tuple[torch.Tensor, torch
     return torch.stack(ids), torch.stack(mask)
 
 
-def _crops(
+def crops(
     docs: list[torch.Tensor],
     teachers: list[tuple[torch.Tensor, torch.Tensor]] | None,
     seq_len: int,
@@ -134,9 +133,6 @@ class Day:
 
     def state(self) -> StackState:
         """The day as one state whose rows are every batch row seen."""
-        from memstack.memory.store.kind import StoreState
-        from memstack.state import StackState
-
         stores = {layer: StoreState(list(s)) for layer, s in self.stores.items()}
         return StackState(memories={"store": stores} if stores else {})
 

@@ -1,5 +1,6 @@
-"""The losses of sleep (memory/sleep.py): next-token NLL, full KL, and the bucketed KL of
-distillation from a teacher kept as its top-k log-probabilities plus one bucket for the rest."""
+"""The losses of sleep (memstack/sleep/consolidate.py) beside :func:`memstack.losses.lm_loss`:
+full KL, and the bucketed KL of distillation from a teacher kept as its top-k log-probabilities
+plus one bucket for the rest."""
 
 from __future__ import annotations
 
@@ -7,25 +8,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-
-def next_token_targets(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The stack's own targets (``memstack.stack.next_token_targets``; imported late: the stack
-    imports sleep)."""
-    from memstack.stack import next_token_targets as targets
-
-    return targets(ids, mask)
-
-
-def token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean next-token NLL over predicted positions; ``mask`` (B, L) excludes padding."""
-    targets = next_token_targets(ids, mask)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-
-
-def _pred_mask(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """(B, L) bool: positions whose next token is a target (the same positions as token_nll)."""
-    return next_token_targets(ids, mask) != -100
 
 
 def kl_full(p_logits: torch.Tensor, q_logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:

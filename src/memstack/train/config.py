@@ -1,9 +1,10 @@
 """Configuration dataclasses: a training run (:class:`Config` and its sections) and its command-line
 form (``a.b=value`` overrides, ``configs/*.py`` files).
 
-The stack's own sections live in :mod:`memstack.config` and the checks every section shares
-in :mod:`memstack.fields`; both are re-exported here, so ``from memstack.train.config import
-StackConfig, StoreConfig, CompressiveConfig, Config, ...`` is the one import path.
+The run's ``stack`` section is :class:`memstack.config.StackConfig` (with its memory kinds'
+sections) and its ``sleep`` section :class:`memstack.sleep.SleepConfig`; the checks every section
+shares are in :mod:`memstack.fields`. Only the training script and the evaluation tools import
+this module: it is the command line's (argparse, runpy), not the stack's.
 
 Every field is documented where it is declared and validated in ``__post_init__``, so a bad value
 fails when the config is built, not deep inside a forward pass.
@@ -24,31 +25,23 @@ from typing import Any
 
 from memstack.config import (
     LEGACY_COMPRESSIVE_FIELDS,
-    UPDATE_RULES,
-    CompressiveConfig,
-    SleepConfig,
     StackConfig,
-    StoreConfig,
-    parse_layers,
-    upgrade_flat_compressive,
 )
 from memstack.fields import (
-    _check_choice,
-    _check_int,
-    _check_number,
-    _from_dict,
-    _reject_bool_ints,
-    _section_type,
+    check_choice,
+    check_int,
+    check_number,
+    from_dict,
+    reject_bool_ints,
+    section_type,
 )
+from memstack.sleep.config import SleepConfig
 
 __all__ = [
     "DTYPES",
     "FILLERS",
-    "LEGACY_COMPRESSIVE_FIELDS",
     "LEGACY_OVERRIDES",
     "TASKS",
-    "UPDATE_RULES",
-    "CompressiveConfig",
     "Config",
     "DataConfig",
     "EvalConfig",
@@ -56,15 +49,10 @@ __all__ = [
     "OptimConfig",
     "RunConfig",
     "ScheduleConfig",
-    "SleepConfig",
-    "StackConfig",
-    "StoreConfig",
     "add_set_argument",
     "apply_overrides",
     "load_config",
-    "parse_layers",
     "unknown_key_message",
-    "upgrade_flat_compressive",
     "valid_keys",
 ]
 
@@ -96,8 +84,8 @@ class ModelConfig:
     uses bf16 autocast either way)."""
 
     def __post_init__(self) -> None:
-        _reject_bool_ints(self, "model")
-        _check_choice("model.dtype", self.dtype, DTYPES)
+        reject_bool_ints(self, "model")
+        check_choice("model.dtype", self.dtype, DTYPES)
 
 
 @dataclass
@@ -143,10 +131,10 @@ class DataConfig:
     """Text: regex that splits one big text file into documents (None: a file is a document)."""
 
     def __post_init__(self) -> None:
-        _reject_bool_ints(self, "data")
-        _check_choice("data.task", self.task, TASKS)
-        _check_int("data.seq_len", self.seq_len, minimum=1)
-        _check_choice("data.filler", self.filler, FILLERS)
+        reject_bool_ints(self, "data")
+        check_choice("data.task", self.task, TASKS)
+        check_int("data.seq_len", self.seq_len, minimum=1)
+        check_choice("data.filler", self.filler, FILLERS)
 
 
 @dataclass
@@ -164,9 +152,9 @@ class OptimConfig:
     """Micro-batches per optimiser step."""
 
     def __post_init__(self) -> None:
-        _reject_bool_ints(self, "optim")
-        _check_number("optim.lr", self.lr, "a finite number > 0", lambda x: x > 0)
-        _check_int("optim.grad_accum", self.grad_accum, minimum=1)
+        reject_bool_ints(self, "optim")
+        check_number("optim.lr", self.lr, "a finite number > 0", lambda x: x > 0)
+        check_int("optim.grad_accum", self.grad_accum, minimum=1)
         betas = self.betas
         if (
             isinstance(betas, (str, bytes))
@@ -187,8 +175,8 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.1
 
     def __post_init__(self) -> None:
-        _check_int("schedule.max_steps", self.max_steps, minimum=1)
-        _check_int("schedule.warmup_steps", self.warmup_steps, minimum=0)
+        check_int("schedule.max_steps", self.max_steps, minimum=1)
+        check_int("schedule.warmup_steps", self.warmup_steps, minimum=0)
 
 
 @dataclass
@@ -214,10 +202,10 @@ class RunConfig:
     Not with a sleep schedule, nor on a stack that already carries sleep adapters."""
 
     def __post_init__(self) -> None:
-        _reject_bool_ints(self, "run")
-        _check_int("run.batch_size", self.batch_size, minimum=1)
-        _check_int("run.log_every", self.log_every, minimum=1)
-        _check_int("run.ckpt_every", self.ckpt_every, minimum=0)
+        reject_bool_ints(self, "run")
+        check_int("run.batch_size", self.batch_size, minimum=1)
+        check_int("run.log_every", self.log_every, minimum=1)
+        check_int("run.ckpt_every", self.ckpt_every, minimum=0)
         if not isinstance(self.fsdp, bool):
             raise ValueError(f"run.fsdp must be true or false, got {self.fsdp!r}")
 
@@ -237,8 +225,8 @@ class EvalConfig:
     """Also evaluate the same weights with compressive memory switched off."""
 
     def __post_init__(self) -> None:
-        _check_int("eval.samples_per_cell", self.samples_per_cell, minimum=1)
-        _check_choice("eval.filler", self.filler, ("synthetic", "text", "both"))
+        check_int("eval.samples_per_cell", self.samples_per_cell, minimum=1)
+        check_choice("eval.filler", self.filler, ("synthetic", "text", "both"))
 
 
 @dataclass
@@ -263,7 +251,7 @@ class Config:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
         """Inverse of :meth:`to_dict`; unknown keys are errors."""
-        return _from_dict(cls, data, prefix="")
+        return from_dict(cls, data, prefix="")
 
 
 def valid_keys(config: Any, prefix: str = "") -> list[str]:
@@ -273,7 +261,7 @@ def valid_keys(config: Any, prefix: str = "") -> list[str]:
     cls = config if isinstance(config, type) else type(config)
     keys = []
     for f in dataclasses.fields(cls):
-        sub = _section_type(cls, f.name)
+        sub = section_type(cls, f.name)
         if sub is None:
             keys.append(prefix + f.name)
             continue
@@ -384,11 +372,11 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         owner: type = Config
         node = data
         for part in path:
-            section = _section_type(owner, part)
+            section = section_type(owner, part)
             if node.get(part) is None:  # setting a field of an optional section switches it on
                 node[part] = dataclasses.asdict(section())
             owner, node = section, node[part]
-        section = _section_type(owner, leaf)
+        section = section_type(owner, leaf)
         if section is not None:  # an optional section itself: none/off or on/default
             if raw.lower() in ("none", "null", "off", "false"):
                 node[leaf] = None

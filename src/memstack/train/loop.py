@@ -27,7 +27,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from memstack.io import remove_stale_temporaries, write_json, write_text
-from memstack.sleep.consolidate import Day
+from memstack.sleep import Day, sleep
 from memstack.stack import MemoryStack
 from memstack.train.checkpoint import (
     checkpoint_meta,
@@ -211,7 +211,7 @@ def _day(config: Config, stack: MemoryStack, world: int) -> Day | None:
 def _sleep(stack: MemoryStack, config: Config, day: Day, step: int, metrics_path: Path) -> None:
     """Sleep on the day's stores and log the report to ``sleeps.jsonl`` next to the metrics (the
     adapters and each report also go under the run directory)."""
-    report = stack.sleep(config.sleep, state=day.state(), directory=metrics_path.parent, progress=False)
+    report = sleep(stack, config.sleep, state=day.state(), directory=metrics_path.parent, progress=False)
     day.clear()
     stack.train()
     with open(metrics_path.parent / "sleeps.jsonl", "a") as f:

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from memstack.memory.store.chunks import Chunk, fixed_chunks, surprise_chunks  # noqa: F401  (re-exported: the key API in one place)
+from memstack.memory.store.chunks import Chunk
 
 
 class ChunkKeys(NamedTuple):
@@ -311,14 +312,59 @@ def mean_query(
     return _weighted_chunk_mean(chunks, grouped, torch.ones(grouped.shape[:2], device=grouped.device))
 
 
-Strategy = Callable[..., ChunkKeys]
+StrategyFn = Callable[..., ChunkKeys]
+"""``fn(chunks, key_pf, query_pf, mass, *, keys_per_chunk, keyword_pool) -> ChunkKeys``."""
 
-STRATEGIES: dict[str, Strategy] = {
-    "received_attention": received_attention,
-    "attention_weighted": attention_weighted,
-    "mean_key": mean_key,
-    "mean_query": mean_query,
-}
+
+@dataclass(frozen=True)
+class Strategy:
+    """A registered key strategy: the function and what it needs the store to compute for it."""
+
+    fn: StrategyFn
+    needs_mass: bool = False
+    """Needs ``mass``, the attention each token received within its segment (costs one attention
+    recomputation per stored segment)."""
+    needs_query: bool = False
+    """Needs ``query_pf``, the segment's position-free queries."""
+
+
+STRATEGIES: dict[str, Strategy] = {}
+"""The key strategies by name; ``StoreConfig.strategy`` accepts exactly these."""
+
+
+def register_strategy(
+    name: str, fn: StrategyFn | None = None, *, needs_mass: bool = False, needs_query: bool = False
+) -> Any:
+    """Register a key strategy (also usable as a decorator: ``@register_strategy("name")``).
+
+    Args:
+        name: the value of ``StoreConfig.strategy`` that selects it.
+        fn: ``fn(chunks, key_pf, query_pf, mass, *, keys_per_chunk, keyword_pool) -> ChunkKeys``.
+        needs_mass / needs_query: the inputs it reads (the others arrive as None).
+
+    Raises:
+        ValueError: the name is taken by another function.
+    """
+    if fn is None:
+        return lambda f: register_strategy(name, f, needs_mass=needs_mass, needs_query=needs_query)
+    old = STRATEGIES.get(name)
+    if old is not None and old.fn is not fn:
+        raise ValueError(f"a key strategy named {name!r} is already registered")
+    STRATEGIES[name] = Strategy(fn, needs_mass, needs_query)
+    return fn
+
+
+def unregister_strategy(name: str) -> None:
+    """Forget a registered strategy (tests, notebooks)."""
+    if name not in STRATEGIES:
+        raise ValueError(f"no key strategy named {name!r}; registered: {sorted(STRATEGIES)}")
+    del STRATEGIES[name]
+
+
+register_strategy("received_attention", received_attention, needs_mass=True)
+register_strategy("attention_weighted", attention_weighted, needs_mass=True)
+register_strategy("mean_key", mean_key)
+register_strategy("mean_query", mean_query, needs_query=True)
 
 
 def chunk_keys(
@@ -350,7 +396,7 @@ def chunk_keys(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown key strategy {strategy!r}; accepted: {', '.join(STRATEGIES)}")
-    return STRATEGIES[strategy](
+    return STRATEGIES[strategy].fn(
         chunks, key_pf, query_pf, mass, keys_per_chunk=keys_per_chunk, keyword_pool=keyword_pool
     )
 

@@ -30,24 +30,123 @@ the logit is ``q R(distance) . k`` with ``R`` the model's own rotation, the same
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
-from memstack.config import StoreConfig
-from memstack.memory.base import ClosedSegment, LayerRecord, MemoryKV, ReadContext, Readout
+from memstack.fields import check_choice, check_int, check_number, parse_layers, reject_bool_ints
+from memstack.io import atomic_file
+from memstack.memory.base import (
+    BuildContext,
+    ClosedSegment,
+    LayerRecord,
+    MemoryKind,
+    MemoryKV,
+    ReadContext,
+    Readout,
+    register_kind,
+)
 from memstack.memory.store.chunk_store import ChunkStore
 from memstack.memory.store.chunks import fixed_chunks, surprise_chunks
-from memstack.memory.store.keys import chunk_keys, received_attention_mass, segment_query
+from memstack.memory.store.keys import STRATEGIES, chunk_keys, received_attention_mass, segment_query
 from memstack.memory.store.policy import RetrievalPolicy
-
-if TYPE_CHECKING:
-    from memstack.state import StackState
+from memstack.memory.store.readouts import READOUTS
 
 KV_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class StoreConfig:
+    """Layer 3, the long-term store: every past chunk kept as it was, found again by attention keys.
+
+    One store per stream (batch row) and store layer. See this module.
+    """
+
+    layers: str = "every:2"
+    """Decoder layers that write to and read from the store: same syntax as
+    ``stack.compressive.layers``."""
+    chunking: str = "fixed"
+    """``fixed`` (``chunk_len`` tokens) or ``surprise`` (cut where the model's -log p is high,
+    EM-LLM; ``chunk_len`` is then the longest chunk and ``chunk_len // 4`` the shortest)."""
+    chunk_len: int = 32
+    """Tokens per chunk (the longest chunk with ``surprise``)."""
+    surprise_gamma: float = 1.0
+    """``surprise``: cut before a token whose -log p exceeds mean + gamma * std of the segment's."""
+    strategy: str = "received_attention"
+    """How a chunk's attention becomes its index keys: a name registered in
+    :mod:`memstack.memory.store.keys` (built in: ``received_attention``, ``attention_weighted``,
+    ``mean_key``, ``mean_query``)."""
+    keys_per_chunk: int = 4
+    """``received_attention``: keywords per chunk (InfLLM uses 4)."""
+    keyword_pool: str = "mean"
+    """``received_attention``: ``mean`` (one vector per chunk, InfLLM) or ``each`` (one per keyword)."""
+    top_k: int = 4
+    """Chunks retrieved per search."""
+    neighbours: int = 0
+    """Also read this many chunks before and after each hit (EM-LLM's contiguity buffer)."""
+    block_len: int = 32
+    """Queries are served in blocks of this many tokens; block j searches with the pooled
+    position-free queries of the ``block_len`` tokens before it (the previous segment's last
+    block for the first), so retrieval is causal and ``generate`` searches once per block."""
+    readout: str = "kv"
+    """A name registered in :mod:`memstack.memory.store.readouts`. ``kv``: the hits' keys and
+    values join the local softmax (no training needed); ``kv_gated``: attention over the hits
+    alone, mixed in by a learned per-head gate (Memorizing Transformers); ``tokens``: the hits'
+    token ids are put back in front of the segment (any model, no training; searched once per
+    segment with the previous one's tail)."""
+    gate_init: float = -2.0
+    """``kv_gated``: initial gate logit (sigmoid(-2) = 0.12: start close to the model alone)."""
+    distance: int | None = None
+    """Relative position at which every query sees every retrieved key (rotary models), the same
+    for all (InfLLM's choice). None: ``segment_len``, just beyond the local window."""
+    metric: str = "ip"
+    """``ip``: search by raw inner product, an attention logit; ``cosine``: normalised."""
+    index_factory: str = "Flat"
+    """FAISS factory string used once a layer holds more than ``matmul_threshold`` keys
+    (``Flat``, ``HNSW32``, ``IVF1024,PQ16``, ...); below it a plain matmul serves."""
+    matmul_threshold: int = 65536
+    max_records: int | None = None
+    """Chunks kept per stream and layer (None: no limit)."""
+    eviction: str = "none"
+    """Past ``max_records``: ``none`` (an error, never a silent loss), ``fifo`` or ``least_retrieved``."""
+    kv_dir: str | None = None
+    """Keep the stored K/V in memory-mapped scratch pages in this existing directory (a fast local
+    disk) instead of RAM, for long streams (``memory/kv_pages.py``); None: in RAM."""
+    kv_dtype: str = "bfloat16"
+    """dtype of the stored K/V (``bfloat16``, ``float16`` or ``float32``)."""
+    policy: str = "always"
+    """When the store is read (memstack/memory/store/policy.py): ``always``, ``every:K`` or ``uncertainty:H``
+    (only when the segment's mean next-token entropy without the store exceeds H nats). Every
+    segment is written whatever the policy."""
+
+    def __post_init__(self) -> None:
+        reject_bool_ints(self, "stack.store")
+        parse_layers(self.layers, num_layers=None, name="stack.store.layers")
+        check_choice("stack.store.chunking", self.chunking, ("fixed", "surprise"))
+        RetrievalPolicy.parse(self.policy)
+        check_int("stack.store.chunk_len", self.chunk_len, minimum=1)
+        check_choice("stack.store.strategy", self.strategy, tuple(STRATEGIES))
+        check_int("stack.store.keys_per_chunk", self.keys_per_chunk, minimum=1)
+        check_choice("stack.store.keyword_pool", self.keyword_pool, ("mean", "each"))
+        check_int("stack.store.top_k", self.top_k, minimum=1)
+        check_int("stack.store.neighbours", self.neighbours, minimum=0)
+        check_int("stack.store.block_len", self.block_len, minimum=1)
+        check_choice("stack.store.readout", self.readout, tuple(READOUTS))
+        check_number("stack.store.gate_init", self.gate_init, "a finite number", math.isfinite)
+        if self.distance is not None:
+            check_int("stack.store.distance", self.distance, minimum=0, optional=True)
+        check_choice("stack.store.metric", self.metric, ("ip", "cosine"))
+        check_int("stack.store.matmul_threshold", self.matmul_threshold, minimum=0)
+        if self.max_records is not None:
+            check_int("stack.store.max_records", self.max_records, minimum=1, optional=True)
+        check_choice("stack.store.eviction", self.eviction, ("none", "fifo", "least_retrieved"))
+        check_choice("stack.store.kv_dtype", self.kv_dtype, ("bfloat16", "float16", "float32"))
 
 
 @dataclass
@@ -67,18 +166,28 @@ class StoreState:
         return [len(s) for s in self.stores]
 
 
-def save_stores(state: StackState, path: str | Path) -> None:
-    """Write every store of ``state`` under ``path/layer-<L>/row-<R>/`` (each atomically, by
-    :meth:`ChunkStore.save`); the tensor memories are not included (``StackState.save`` has them)."""
-    for layer, layer_state in state.memories.get("store", {}).items():
+def save_stores(layers: dict[int, StoreState], path: str | Path) -> None:
+    """Write every row's store of every layer under ``path/layer-<L>/row-<R>/`` (each atomically,
+    by :meth:`ChunkStore.save`), and each layer's tail query (``path/layer-<L>/tail.safetensors``,
+    what the next segment's first block searches with) when it has one."""
+    for layer, layer_state in layers.items():
         for row, store in enumerate(layer_state.stores):
             store.save(Path(path) / f"layer-{layer}" / f"row-{row}")
+        tail = Path(path) / f"layer-{layer}" / TAIL_FILE
+        if layer_state.tail is not None:
+            with atomic_file(tail) as tmp:
+                tmp.write_bytes(save({"tail": layer_state.tail.detach().float().cpu().contiguous()}))
+        else:
+            tail.unlink(missing_ok=True)
 
 
-def load_stores(path: str | Path, expect: dict[str, str] | None = None) -> StackState:
-    """The stores :func:`save_stores` wrote, as a state holding only them (for ``stack.sleep``)."""
-    from memstack.state import StackState
+def load_stores(path: str | Path, expect: dict[str, str] | None = None) -> dict[int, StoreState]:
+    """The stores (and tails) :func:`save_stores` wrote, ``{layer: StoreState}``.
 
+    Raises:
+        FileNotFoundError: nothing saved there.
+        ValueError: a store or tail file is malformed or disagrees with the rows saved.
+    """
     path = Path(path)
     layers = sorted(path.glob("layer-*"), key=lambda p: int(p.name.split("-")[1]))
     if not layers:
@@ -86,11 +195,26 @@ def load_stores(path: str | Path, expect: dict[str, str] | None = None) -> Stack
     memories = {}
     for layer_dir in layers:
         rows = sorted(layer_dir.glob("row-*"), key=lambda p: int(p.name.split("-")[1]))
-        memories[int(layer_dir.name.split("-")[1])] = StoreState([ChunkStore.load(r, expect) for r in rows])
-    return StackState(memories={"store": memories})
+        stores = [ChunkStore.load(r, expect) for r in rows]
+        tail = None
+        if (layer_dir / TAIL_FILE).is_file():
+            try:
+                tail = load_file(str(layer_dir / TAIL_FILE))["tail"]
+            except (OSError, KeyError, SafetensorError) as e:
+                raise ValueError(f"{layer_dir / TAIL_FILE} is not a tail query file: {e}") from None
+            if tail.ndim != 2 or tail.shape[0] != len(stores) or tail.dtype != torch.float32:
+                raise ValueError(
+                    f"{layer_dir / TAIL_FILE}: tail {tuple(tail.shape)} {tail.dtype}; expected float32 "
+                    f"({len(stores)} rows, H_kv * d_k)"
+                )
+        memories[int(layer_dir.name.split("-")[1])] = StoreState(stores, tail)
+    return memories
 
 
-class LongTermMemory:
+TAIL_FILE = "tail.safetensors"
+
+
+class LongTermMemory(MemoryKind):
     """The long-term store as a memory kind. Holds configuration only; the stores are state.
 
     Args:
@@ -103,6 +227,7 @@ class LongTermMemory:
     name = "store"
     differentiable = False  # written once per segment, outside activation checkpointing
     needs_query = True  # keys of received_attention / mean_query and the tail query
+    colour = "tab:green"
 
     def __init__(
         self,
@@ -116,9 +241,40 @@ class LongTermMemory:
         self.layers = frozenset(layers)
         self.config = config
         self.policy = RetrievalPolicy.parse(config.policy)
-        """When this store is read (memstack/policy.py)."""
+        """When this store is read (memstack/memory/store/policy.py)."""
         self.distance = segment_len if config.distance is None else config.distance
         self.metadata = dict(metadata or {})
+        self.readout = READOUTS[config.readout]
+        self.gate_init = config.gate_init if self.readout.gated else None
+
+    @classmethod
+    def build(cls, config: StoreConfig, ctx: BuildContext) -> LongTermMemory:
+        """The store on the layers ``config.layers`` names; saved stores carry the model type."""
+        layers = ctx.layers(config.layers, "stack.store.layers")
+        return cls(layers, config, ctx.segment_len, metadata={"model_type": ctx.model_type})
+
+    def describe(self) -> str:
+        c = self.config
+        return (
+            f"3. long-term store: layers {sorted(self.layers)}, {c.chunk_len}-token chunks keyed by "
+            f"{c.strategy}, top {c.top_k} per {c.block_len}-query block, {c.readout} readout"
+        )
+
+    def check_state(self, layer: int, state: Any, batch: int, heads: tuple[int, int, int]) -> None:
+        """One store per input row."""
+        if state.batch_size != batch:
+            raise ValueError(
+                f"state's store memory of layer {layer} holds {state.batch_size} streams, the input has "
+                f"{batch} rows; call reset() or pass a state made for the same batch"
+            )
+
+    def save_state(self, layers: dict[int, Any], directory: Path) -> None:
+        """Every row's store and tail query (:func:`save_stores`)."""
+        save_stores(layers, directory)
+
+    def load_state(self, directory: Path) -> dict[int, Any]:
+        """What :meth:`save_state` wrote, checked against this store's strategy."""
+        return load_stores(directory, expect={"strategy": self.config.strategy})
 
     # ------------------------------------------------------------------ write
 
@@ -172,7 +328,7 @@ class LongTermMemory:
             if not chunks:
                 continue
             mass = None
-            if c.strategy in ("received_attention", "attention_weighted"):
+            if STRATEGIES[c.strategy].needs_mass:
                 mass = received_attention_mass(q_rot[row], k_rot[row], positions, positions, valid=valid)
             keys = chunk_keys(
                 c.strategy, chunks, key[row], query[row], mass, c.keys_per_chunk, c.keyword_pool
@@ -224,7 +380,7 @@ class LongTermMemory:
             distance, and which query sees which.
         """
         c = self.config
-        if c.readout == "tokens":  # the chunks come back as token ids before the segment (prefix)
+        if not self.readout.per_block:  # e.g. ``tokens``: the chunks come back before the segment
             return Readout(None)
         b, h, t_q, d_k = query.shape
         # Queries of this segment so far (decoding hands them over one call at a time).
@@ -260,42 +416,11 @@ class LongTermMemory:
             spans.append((*rows, col, col + blocks[j][2].shape[1]))
             col += blocks[j][2].shape[1]
         memory = MemoryKV(q_mem, keys, values, visible, tuple(spans))
-        if c.readout == "kv":
-            return Readout(None, None, memory)
-        nothing = ~visible.any(-1)[:, :, None].expand(b, t_q, h)  # (B, Tq, H): keep the running output
-        return Readout(memory.attend(ctx.scaling), nothing, None)  # kv_gated
+        return self.readout.read(memory, ctx)
 
     def prefix(self, state: StoreState) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``tokens`` readout: the token ids of each row's hits, in stream order, left-padded.
-
-        Searched once per segment with the previous segment's tail query (causal: nothing of the
-        coming segment is used). Returns ``(ids (B, P) int64, valid (B, P) bool)`` or None when
-        no row retrieved anything (or the readout is not ``tokens``).
-        """
-        c = self.config
-        if c.readout != "tokens" or state.tail is None:
-            return None
-        rows = []
-        for row, store in enumerate(state.stores):
-            pooled = state.tail[row]
-            if len(store) == 0 or not bool(pooled.any()):
-                rows.append(torch.zeros(0, dtype=torch.long))
-                continue
-            _, ids = store.search(0, pooled[None].float().cpu(), c.top_k)
-            ids = ids[0][ids[0] >= 0]
-            if c.neighbours:
-                ids = store.neighbours(ids, c.neighbours)
-            ids = ids.sort().values  # stream order: the chunks read as they were written
-            rows.append(torch.cat(store.tokens(ids)) if len(ids) else torch.zeros(0, dtype=torch.long))
-        width = max(len(r) for r in rows)
-        if width == 0:
-            return None
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        valid = torch.zeros(len(rows), width, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            if len(r):
-                ids[i, width - len(r) :], valid[i, width - len(r) :] = r, True
-        return ids, valid
+        """The readout's tokens before the next segment (``tokens``), or None."""
+        return self.readout.prefix(self, state)
 
     def _hits(
         self, state: StoreState, q_all: torch.Tensor, block: int, ctx: ReadContext
@@ -348,3 +473,6 @@ class LongTermMemory:
 
     def __repr__(self) -> str:
         return f"LongTermMemory(layers={sorted(self.layers)}, {self.config})"
+
+
+register_kind(LongTermMemory, StoreConfig)

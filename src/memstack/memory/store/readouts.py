@@ -1,0 +1,134 @@
+"""How the long-term store's hits come back into the model: the readout registry.
+
+A readout is one registered class. The store (:mod:`memstack.memory.store.kind`) searches once
+per block of queries and hands the hits to the readout as a
+:class:`~memstack.memory.base.MemoryKV` (keys and values rotated for the fixed read-back
+distance, and which query sees which hit); the readout turns them into the
+:class:`~memstack.memory.base.Readout` the layer mixes in. A readout that works on tokens instead
+(``per_block = False``) is asked for a :meth:`StoreReadout.prefix` before each segment.
+
+Built in:
+
+- ``kv``: the hits' keys and values join the local softmax (InfLLM), no training needed;
+- ``kv_gated``: attention over the hits alone, mixed in by a learned per-head gate (Memorizing
+  Transformers, https://arxiv.org/abs/2203.08913);
+- ``tokens``: the hits' token ids are put back in front of the segment (any model, no training;
+  searched once per segment with the previous segment's tail query).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from memstack.memory.base import MemoryKV, ReadContext, Readout
+
+if TYPE_CHECKING:  # annotations only: the store kind imports this module
+    from memstack.memory.store.kind import LongTermMemory, StoreState
+
+
+class StoreReadout:
+    """One way of reading the store's hits back. Subclass, set ``name``, register."""
+
+    name: ClassVar[str]
+    gated: ClassVar[bool] = False
+    """Mixed in by a learned per-head gate (initial logit ``StoreConfig.gate_init``)."""
+    per_block: ClassVar[bool] = True
+    """Searches per query block inside attention (:meth:`read`); False: before the segment
+    (:meth:`prefix`)."""
+
+    def read(self, memory: MemoryKV, ctx: ReadContext) -> Readout:
+        """The layer's readout from one call's hits (``per_block`` readouts)."""
+        return Readout(None)
+
+    def prefix(self, kind: LongTermMemory, state: StoreState) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Token ids ``(B, P)`` and validity to put before the next segment, or None."""
+        return None
+
+
+READOUTS: dict[str, StoreReadout] = {}
+"""The readouts by name; ``StoreConfig.readout`` accepts exactly these."""
+
+
+def register_readout(cls: type[StoreReadout]) -> type[StoreReadout]:
+    """Register a readout class under its ``name`` (usable as a class decorator).
+
+    Raises:
+        ValueError: not a StoreReadout subclass with a name, or the name is taken by another class.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, StoreReadout)) or not isinstance(
+        getattr(cls, "name", None), str
+    ):
+        raise ValueError(f"register_readout takes a StoreReadout subclass with a name, got {cls!r}")
+    old = READOUTS.get(cls.name)
+    if old is not None and type(old) is not cls:
+        raise ValueError(f"a store readout named {cls.name!r} is already registered")
+    READOUTS[cls.name] = cls()
+    return cls
+
+
+def unregister_readout(name: str) -> None:
+    """Forget a registered readout (tests, notebooks)."""
+    if name not in READOUTS:
+        raise ValueError(f"no store readout named {name!r}; registered: {sorted(READOUTS)}")
+    del READOUTS[name]
+
+
+@register_readout
+class KVReadout(StoreReadout):
+    """The hits join the local softmax: one attention over local and retrieved keys (no gate)."""
+
+    name = "kv"
+
+    def read(self, memory: MemoryKV, ctx: ReadContext) -> Readout:
+        return Readout(None, None, memory)
+
+
+@register_readout
+class GatedKVReadout(StoreReadout):
+    """Attention over the hits alone, mixed in by the layer's gate for the store."""
+
+    name = "kv_gated"
+    gated = True
+
+    def read(self, memory: MemoryKV, ctx: ReadContext) -> Readout:
+        b, h, t_q, _ = memory.query.shape
+        nothing = ~memory.visible.any(-1)[:, :, None].expand(b, t_q, h)  # keep the running output there
+        return Readout(memory.attend(ctx.scaling), nothing, None)
+
+
+@register_readout
+class TokensReadout(StoreReadout):
+    """The hits' token ids, in stream order, before the segment (left-padded per row)."""
+
+    name = "tokens"
+    per_block = False
+
+    def prefix(self, kind: LongTermMemory, state: StoreState) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Searched once per segment with the previous segment's tail query (causal: nothing of the
+        coming segment is used). None when no row retrieved anything."""
+        c = kind.config
+        if state.tail is None:
+            return None
+        rows: list[Any] = []
+        for row, store in enumerate(state.stores):
+            pooled = state.tail[row]
+            if len(store) == 0 or not bool(pooled.any()):
+                rows.append(torch.zeros(0, dtype=torch.long))
+                continue
+            _, ids = store.search(0, pooled[None].float().cpu(), c.top_k)
+            ids = ids[0][ids[0] >= 0]
+            if c.neighbours:
+                ids = store.neighbours(ids, c.neighbours)
+            ids = ids.sort().values  # stream order: the chunks read as they were written
+            rows.append(torch.cat(store.tokens(ids)) if len(ids) else torch.zeros(0, dtype=torch.long))
+        width = max(len(r) for r in rows)
+        if width == 0:
+            return None
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        valid = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            if len(r):
+                ids[i, width - len(r) :], valid[i, width - len(r) :] = r, True
+        return ids, valid
