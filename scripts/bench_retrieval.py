@@ -43,7 +43,6 @@ import numpy as np
 import torch
 
 from memstack.evals.retrieval import (
-    STRATEGIES,
     TOKENS,
     AttentionKeyer,
     AttentionReader,
@@ -52,6 +51,7 @@ from memstack.evals.retrieval import (
     byte_tokenize,
     headline,
     hf_tokenize,
+    key_strategies,
     markdown,
     rank_metrics,
     summarise,
@@ -108,7 +108,7 @@ def _indexes(texts: list[str], cache: dict, per_segment: int, head_dim: int) -> 
     out = []
     for layer in range(len(cache[texts[0]])):
         variants: dict[str, tuple] = {}
-        for ks in STRATEGIES:
+        for ks in key_strategies():
             v, c = joined([cache[t][layer].vectors[ks.name] for t in texts])
             variants[f"ip/{ks.name}"] = (ChunkIndex(v, c), lambda pooled, _: pooled)
             variants[f"cos/{ks.name}"] = (ChunkIndex(_unit(v), c), lambda pooled, _: _unit(pooled))

@@ -13,11 +13,11 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from memstack.data.tasks import PASSKEY_QUESTION
 from memstack.evals.retrieval import (
-    STRATEGIES,
     AttentionKeyer,
     AttentionReader,
     byte_tokenize,
     headline,
+    key_strategies,
     markdown,
     rank_by_tokens,
     rank_by_vectors,
@@ -170,7 +170,7 @@ def test_keyer_indexes_each_chunk_with_the_library_strategies():
     segs = keyer.segments(texts)
     view = keyer.reader(*byte_tokenize(texts[:1])[:2])[0]
     chunks = [(0, 8), (8, 16), (16, 24), (24, 27)]
-    for ks in STRATEGIES:
+    for ks in key_strategies():
         got = segs[0][0].vectors[ks.name]
         expected = chunk_keys(
             ks.strategy, chunks, view.key[0], view.query[0], view.mass[0], ks.keys_per_chunk, ks.keyword_pool

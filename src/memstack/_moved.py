@@ -22,7 +22,7 @@ MOVED = {
     "memstack.memory.sleep": "memstack.sleep",
     "memstack.memory.sleep_data": "memstack.sleep.data",
     "memstack.memory.sleep_losses": "memstack.sleep.losses",
-    "memstack.memory.store_files": "memstack.memory.store.files",
+    "memstack.memory.store_files": "memstack.memory.store.chunk_store",
     "memstack.memory.store_index": "memstack.memory.store.index",
     "memstack.memory.window": "memstack.model.window",
     "memstack.parameters": "memstack.stack (MemoryStack.param_groups)",

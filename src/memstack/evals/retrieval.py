@@ -33,6 +33,7 @@ import torch
 from einops import rearrange, reduce
 from torch import nn
 
+from memstack.memory.store.keys import STRATEGIES as KEY_STRATEGIES
 from memstack.memory.store.keys import chunk_keys, group_mean, segment_query
 from memstack.train.evaluate import wilson_interval
 
@@ -325,13 +326,18 @@ class KeyStrategy:
     keys_per_chunk: int = 4
 
 
-STRATEGIES = (
-    KeyStrategy("received_attention", "received_attention"),
-    KeyStrategy("received_attention_each", "received_attention", keyword_pool="each"),
-    KeyStrategy("attention_weighted", "attention_weighted"),
-    KeyStrategy("mean_key", "mean_key"),
-    KeyStrategy("mean_query", "mean_query"),
-)
+def key_strategies() -> tuple[KeyStrategy, ...]:
+    """Every registered key strategy (:data:`memstack.memory.store.keys.STRATEGIES`) with its
+    default options, plus ``received_attention`` with one vector per keyword: a strategy
+    registered anywhere joins the benchmark."""
+    variants = []
+    for name in KEY_STRATEGIES:
+        variants.append(KeyStrategy(name, name))
+        if name == "received_attention":
+            variants.append(KeyStrategy("received_attention_each", name, keyword_pool="each"))
+    return tuple(variants)
+
+
 TOKENS = "token_keys"
 """The raw per-token key search (Memorizing Transformers), shown beside the strategies."""
 
@@ -389,7 +395,7 @@ class AttentionKeyer:
         local = np.array([c for c, _ in present], dtype=np.int64)
         key, query, mass = view.key[row], view.query[row], view.mass[row]
         vectors = {}
-        for ks in STRATEGIES:
+        for ks in key_strategies():
             got = chunk_keys(ks.strategy, chunks, key, query, mass, ks.keys_per_chunk, ks.keyword_pool)
             vectors[ks.name] = (got.vectors.numpy(), local[got.chunk_index.numpy()])
         token_ids = np.concatenate([np.arange(a, b) for a, b in chunks]) if chunks else np.zeros(0, np.int64)

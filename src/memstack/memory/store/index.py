@@ -24,7 +24,7 @@ _TRAIN_POINTS_PER_CENTROID = 39
 _MAX_TRAIN_POINTS_PER_CENTROID = 256  # faiss would subsample beyond this anyway
 
 
-def _grow(arr: np.ndarray, needed: int) -> np.ndarray:
+def grow(arr: np.ndarray, needed: int) -> np.ndarray:
     """``arr`` with room for ``needed`` rows (capacity doubles, so appends are amortised O(1))."""
     if needed <= len(arr):
         return arr
@@ -33,7 +33,7 @@ def _grow(arr: np.ndarray, needed: int) -> np.ndarray:
     return new
 
 
-def _min_train_keys(index: faiss.Index) -> int:
+def min_train_keys_for(index: faiss.Index) -> int:
     """How many keys an untrained index needs: 39 per IVF list and per PQ/SQ centroid."""
     need = 1
     ivf = faiss.try_extract_index_ivf(index)
@@ -45,7 +45,7 @@ def _min_train_keys(index: faiss.Index) -> int:
     return need
 
 
-class _LayerKeys:
+class LayerKeys:
     """The keys of one store layer: float32 rows (dead ones included until compaction) + index."""
 
     def __init__(self, dim: int) -> None:
@@ -163,7 +163,7 @@ class StoreIndex:
             ids = np.where(hit, safe, -1)
         return scores.to(device), torch.from_numpy(ids).to(device)
 
-    def _search_matmul(self, lk: _LayerKeys, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_matmul(self, lk: LayerKeys, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if lk.cache is None or lk.cache[:2] != (self._version, q.device):
             alive = self._key_alive(lk)
             keys = lk.keys[: lk.n] if alive.all() else lk.keys[: lk.n][alive]
@@ -183,7 +183,7 @@ class StoreIndex:
         rows = uniq[arg]
         return self._pad(top, rows, k)
 
-    def _search_faiss(self, lk: _LayerKeys, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_faiss(self, lk: LayerKeys, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         keys = torch.from_numpy(lk.keys[: lk.n])
         qn = q.numpy()
         want = k * self.refine * max(1, lk.max_keys_per_record)
@@ -263,8 +263,8 @@ class StoreIndex:
 
     def _append_keys(self, layer: int, vectors: np.ndarray, rows: np.ndarray) -> None:
         lk, m = self._layer[layer], len(vectors)
-        lk.keys = _grow(lk.keys, lk.n + m)
-        lk.key_row = _grow(lk.key_row, lk.n + m)
+        lk.keys = grow(lk.keys, lk.n + m)
+        lk.key_row = grow(lk.key_row, lk.n + m)
         lk.keys[lk.n : lk.n + m] = vectors
         lk.key_row[lk.n : lk.n + m] = rows
         if lk.index is not None:
@@ -275,7 +275,7 @@ class StoreIndex:
         if m:
             lk.max_keys_per_record = max(lk.max_keys_per_record, int(self._key_counts[layer][rows].max()))
 
-    def _key_alive(self, lk: _LayerKeys) -> np.ndarray:
+    def _key_alive(self, lk: LayerKeys) -> np.ndarray:
         rows = lk.key_row[: lk.n]
         ok = rows >= 0
         ok[ok] = self._alive[rows[ok]]
