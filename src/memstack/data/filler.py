@@ -4,12 +4,12 @@ Two fillers: ``"synthetic"``, the repeated sentences of the papers' format (:dat
 ``"text"``, a passage of real English. A tiny model trained on the synthetic filler can learn the
 filler rather than retrieval (it scored 8% at 960 bytes once the filler was real text), so train on
 ``"text"`` (or a mix) and report both. The text filler reads a text file (default: the King
-James Bible shipped in ``memstack/data/corpora/kjv.txt``, cleaned of chapter headings and verse
-numbers, see :func:`filler_text`), split by words into ``"train"`` (the first 90%) and ``"test"``
-(the last 10%), so an evaluation on ``split="test"`` uses text the model never trained on. The
-passage starts at a word chosen by the seed; the needle(s) go between two words, never inside
-one; a passage longer than its split wraps around to the split's first word (the test split is
-~420 KB, so a 1M-byte prompt holds it about 2.4 times).
+James Bible, ``corpora/kjv.txt`` in the repository, see :func:`default_filler_path`; cleaned of
+chapter headings and verse numbers, see :func:`filler_text`), split by words into ``"train"``
+(the first 90%) and ``"test"`` (the last 10%), so an evaluation on ``split="test"`` uses text the
+model never trained on. The passage starts at a word chosen by the seed; the needle(s) go between
+two words, never inside one; a passage longer than its split wraps around to the split's first
+word (the test split is ~420 KB, so a 1M-byte prompt holds it about 2.4 times).
 
 Like every piece of a prompt, the filler is tokenized on its own, with the leading space it has in
 the running text (:func:`_piece`), and cut at token level, so a prompt is exactly the requested
@@ -19,8 +19,8 @@ number of tokens for any tokenizer.
 from __future__ import annotations
 
 import functools
-import importlib.resources
 import itertools
+import os
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -81,9 +81,49 @@ class _Corpus:
         return self.text[self.starts[i] : end]
 
 
+CORPORA_ENV = "MEMSTACK_CORPORA"
+"""Environment variable: a folder holding memstack's corpora (``kjv.txt``). Unset, they are read
+from ``corpora/`` in the source checkout memstack runs from; an installed wheel has no corpora."""
+DEFAULT_FILLER = "kjv.txt"
+
+
+@functools.cache
+def _checkout(start: Path) -> Path | None:
+    """The memstack source checkout holding ``start``: the first folder above it with a
+    ``pyproject.toml`` of the project ``memstack``; None if there is none."""
+    for folder in start.parents:
+        project = folder / "pyproject.toml"
+        if project.is_file():
+            name = re.search(r'(?m)^name\s*=\s*"([^"]*)"', project.read_text(encoding="utf-8"))
+            return folder if name and name.group(1) == "memstack" else None
+    return None
+
+
 def default_filler_path() -> Path:
-    """The filler text shipped with memstack: the King James Bible (public domain, 4.3 MB)."""
-    return Path(str(importlib.resources.files("memstack.data").joinpath("corpora", "kjv.txt")))
+    """The default filler text: the King James Bible (public domain, 4.3 MB), ``kjv.txt`` in the
+    folder ``$MEMSTACK_CORPORA``, or else in ``corpora/`` of the source checkout.
+
+    The corpora live in the repository, not in the installed package (they would be most of the
+    wheel), so an installed memstack finds them only through :data:`CORPORA_ENV`.
+
+    Raises:
+        FileNotFoundError: if that file does not exist; the message says what to do.
+    """
+    folder = os.environ.get(CORPORA_ENV)
+    if folder:
+        where = f"{CORPORA_ENV}={folder!r}"
+        path = Path(folder).expanduser() / DEFAULT_FILLER
+    else:
+        checkout = _checkout(Path(__file__).resolve())
+        path = None if checkout is None else checkout / "corpora" / DEFAULT_FILLER
+        where = f"{Path(__file__).parents[1]} is in no source checkout" if path is None else str(path.parent)
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            f"the default filler text {DEFAULT_FILLER} is missing ({where}): it is in the memstack "
+            f"repository's corpora/ folder, not in the installed package; set {CORPORA_ENV} to a "
+            "folder holding kjv.txt, or pass your own UTF-8 text file as filler_path"
+        )
+    return path
 
 
 def clean_filler_text(raw: str) -> str:
@@ -98,9 +138,13 @@ def clean_filler_text(raw: str) -> str:
     return " ".join(text.split())
 
 
-@functools.lru_cache(maxsize=4)
 def _corpus(path: str | None, split: str) -> _Corpus:
-    source = default_filler_path() if path is None else Path(path).expanduser()
+    # the default is resolved on every call, so a changed MEMSTACK_CORPORA is seen
+    return _read_corpus(default_filler_path() if path is None else Path(path).expanduser(), split)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_corpus(source: Path, split: str) -> _Corpus:
     try:
         raw = source.read_text(encoding="utf-8", errors="replace")
     except (FileNotFoundError, IsADirectoryError) as e:
@@ -129,14 +173,15 @@ def filler_text(split: str = "train", path: str | Path | None = None) -> str:
 
     Args:
         split: ``"train"`` or ``"test"``.
-        path: a UTF-8 text file; None for the shipped King James Bible (:func:`default_filler_path`).
+        path: a UTF-8 text file; None for the King James Bible (:func:`default_filler_path`).
 
     Returns:
         The split's words joined by single spaces (cached per file and split).
 
     Raises:
         ValueError: for an unknown split or a file of fewer than 10 words.
-        FileNotFoundError: if ``path`` is not a readable file.
+        FileNotFoundError: if ``path`` is not a readable file, or is None and the default text is
+            missing (an installed memstack without the repository: see :func:`default_filler_path`).
     """
     _check_filler("text", split)
     return _corpus(None if path is None else str(path), split).text

@@ -219,7 +219,7 @@ def passkey_sample(
         instruction: start with the papers' instruction sentence (about 30 words). False leaves
             more of a short prompt to the filler, for small models trained on short contexts.
         filler: ``"synthetic"`` (repeated sentences) or ``"text"`` (a passage of ``filler_path``).
-        filler_path: text file of the text filler; None for the shipped King James Bible.
+        filler_path: text file of the text filler; None for the King James Bible (default_filler_path).
         split: ``"train"`` or ``"test"`` part of the text (see :func:`filler_text`); evaluate on
             ``"test"``. Both ignored by the synthetic filler.
 
@@ -284,7 +284,7 @@ def passkey_batch(
         instruction: start each prompt with the instruction sentence (see :func:`passkey_sample`).
         filler: ``"synthetic"``, ``"text"``, or ``"mix"``: each row draws one of the two from the
             seed (independently, so a batch mostly holds both and a model cannot learn either).
-        filler_path: text file of the text filler (None: the shipped King James Bible).
+        filler_path: text file of the text filler (None: the King James Bible, see default_filler_path).
         split: part of the text the text filler reads (``"train"`` for training).
 
     Returns:
@@ -386,7 +386,7 @@ def multi_needle_sample(
         seed: seed of the keys, values and asked key.
         instruction: start with the instruction sentence (see :func:`passkey_sample`).
         filler: ``"synthetic"`` or ``"text"`` (see :func:`passkey_sample`).
-        filler_path: text file of the text filler (None: the shipped King James Bible).
+        filler_path: text file of the text filler (None: the King James Bible, see default_filler_path).
         split: part of the text the text filler reads (``"test"`` for evaluation).
 
     Returns:

@@ -21,11 +21,15 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
-
-import datasets
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from memstack.data.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import datasets
+
+    AnyDataset = datasets.Dataset | datasets.IterableDataset
 
 TEXT_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 """Local file suffixes understood by :func:`load_text_dataset`, and the loader each one uses."""
@@ -36,10 +40,24 @@ KJV_BOOK_SEPARATOR = r"(?m)^(?=(?:[1-3] )?[A-Z][A-Za-z]*(?: [A-Za-z]+)* 1\r?$)"
 chapter number is 1 (``Genesis 1``, ``1 Samuel 1``, ``Song of Solomon 1``), so each book keeps its
 headings. Verse lines are indented, so they never match."""
 
-TEXT_FEATURES = datasets.Features({"text": datasets.Value("string")})
-IDS_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int64"))})
 
-AnyDataset = datasets.Dataset | datasets.IterableDataset
+def _datasets() -> ModuleType:
+    """The ``datasets`` library, imported on first use: it is the optional ``text`` extra."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError('loading text datasets needs datasets: pip install "memstack[text]"') from e
+    return datasets
+
+
+def _text_features() -> datasets.Features:
+    datasets = _datasets()
+    return datasets.Features({"text": datasets.Value("string")})
+
+
+def _ids_features() -> datasets.Features:
+    datasets = _datasets()
+    return datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int64"))})
 
 
 def _split_documents(text: str, separator: re.Pattern[str] | None) -> list[str]:
@@ -178,6 +196,7 @@ def load_text_dataset(
             kinds, a missing ``text_field``, a bad ``doc_separator``, or ``split`` other than
             "train" for local files.
     """
+    datasets = _datasets()
     source_str = str(source)
     path = Path(source_str).expanduser()
     cache = str(cache_dir) if cache_dir is not None else None
@@ -212,11 +231,11 @@ def load_text_dataset(
             # The file list goes in gen_kwargs, so datasets can shard it across DataLoader workers.
             return datasets.IterableDataset.from_generator(
                 _txt_documents,
-                features=TEXT_FEATURES,
+                features=_text_features(),
                 gen_kwargs={"files": files, "doc_separator": doc_separator},
             )
         docs = [row["text"] for row in _txt_documents(files, doc_separator)]
-        return datasets.Dataset.from_dict({"text": docs}, features=TEXT_FEATURES)
+        return datasets.Dataset.from_dict({"text": docs}, features=_text_features())
     if doc_separator is not None:
         raise ValueError(f"doc_separator applies to .txt files only; {source_str!r} holds {kind} files")
     ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=streaming, cache_dir=cache)
@@ -269,9 +288,9 @@ def tokenize_dataset(
     """
     ds = _only(ds, "text", "tokenize_dataset")
     kwargs: dict[str, Any] = dict(
-        batched=True, batch_size=batch_size, remove_columns=["text"], features=IDS_FEATURES
+        batched=True, batch_size=batch_size, remove_columns=["text"], features=_ids_features()
     )
-    if isinstance(ds, datasets.Dataset):
+    if isinstance(ds, _datasets().Dataset):
         kwargs.update(num_proc=num_proc, desc="tokenize")
     return ds.map(_Tokenize(tokenizer), **kwargs)
 
@@ -340,9 +359,9 @@ def pack(ds_tokenized: AnyDataset, seq_len: int, batch_size: int = 1000) -> AnyD
         batch_size=batch_size,
         with_indices=True,
         remove_columns=["input_ids"],
-        features=IDS_FEATURES,
+        features=_ids_features(),
     )
-    if isinstance(ds, datasets.Dataset):
+    if isinstance(ds, _datasets().Dataset):
         kwargs.update(desc="pack")
     return ds.map(_Packer(seq_len), **kwargs)
 

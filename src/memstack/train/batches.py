@@ -42,8 +42,8 @@ class PasskeyBatches:
     tokens, as telling "the pass key is" from "the sky is" needs.
 
     ``data.filler`` picks the pass-key filler: ``synthetic``, ``text`` (passages of the train split
-    of ``data.filler_path``, by default the shipped King James Bible; evaluations read the test
-    split) or ``mix`` (each row draws one of the two from the batch's seed).
+    of ``data.filler_path``, by default the King James Bible in ``corpora/``; evaluations read the
+    test split) or ``mix`` (each row draws one of the two from the batch's seed).
     """
 
     def __init__(self, config: Config, tokenizer: Any):

@@ -1,20 +1,30 @@
 """Figures (matplotlib, headless): passkey heatmaps like the papers', loss by segment index,
-training curves with gate values."""
+training curves with gate values. matplotlib is the optional ``plots`` extra, imported when a
+figure is drawn."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+def _pyplot() -> ModuleType:
+    """``matplotlib.pyplot`` on the headless Agg backend, imported on first use."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError('plotting needs matplotlib: pip install "memstack[plots]"') from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def passkey_heatmap(result: dict[str, Any], path: str | Path) -> Path:
     """One heatmap per system (memory on / off): accuracy by length (x) and depth (y)."""
+    plt = _pyplot()
     tables = [(k, v) for k, v in result.items() if isinstance(v, dict) and "accuracy" in v]
     fig, axes = plt.subplots(1, len(tables), figsize=(4.5 * len(tables), 3.6), squeeze=False)
     for ax, (name, t) in zip(axes[0], tables, strict=True):
@@ -39,6 +49,7 @@ def passkey_heatmap(result: dict[str, Any], path: str | Path) -> Path:
 
 def passkey_offset_plot(result: dict[str, Any], path: str | Path) -> Path:
     """Accuracy against the needle's offset inside its segment, one line per system."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for name, t in result.items():
         if isinstance(t, dict) and "offsets" in t:
@@ -58,6 +69,7 @@ def passkey_offset_plot(result: dict[str, Any], path: str | Path) -> Path:
 
 def loss_by_segment_plot(result: dict[str, Any], path: str | Path) -> Path:
     """Loss per segment index, memory on vs off."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for key in ("memory_on", "memory_off"):
         if key in result:
@@ -76,6 +88,7 @@ def training_curves(metrics_path: str | Path, path: str | Path) -> Path:
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     if not records:
         raise ValueError(f"{metrics_path} holds no metrics")
+    plt = _pyplot()
     steps = [r["step"] for r in records]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     a.plot(steps, [r["loss"] for r in records], label="LM loss")
