@@ -1,6 +1,6 @@
 """The README's demo: a minute of the tiny pass-key recipe on a CPU with three memory layers
 (working memory, compressive memory, the long-term store), then the pass-key table with memory on
-and off. Far too short to solve the task (the trained figures are in the README); it shows the
+and off. Far too short to solve the task (the trained figures are in docs/results.md); it shows the
 whole path a real run takes.
 
     python scripts/train.py configs/demo.py

@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "retrieval_bench.json")
     p.add_argument("--replot", action="store_true", help="only redo the table and plot from --out")
-    p.add_argument("--markdown", action="store_true", help="with --replot: also print the README's tables")
+    p.add_argument("--markdown", action="store_true", help="with --replot: also print the docs' tables")
     args = p.parse_args(argv)
     if args.replot:
         replot(args.out, args.markdown)

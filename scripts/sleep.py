@@ -13,7 +13,7 @@ records not yet consolidated, with the run's ``sleep`` section as the recipe (``
 overrides it). Written to ``--out`` (default ``RUN/sleep``): the stack with every adapter
 (``save_pretrained``), the report under ``sleep_reports/``, and the stores with their records
 marked consolidated under ``stores/``. Replay and held-out windows, where used, come from the
-training and test splits of the text shipped with memstack.
+training and test splits of the King James Bible in the repository's corpora/.
 """
 
 from __future__ import annotations

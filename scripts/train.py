@@ -44,7 +44,7 @@ def summary_text(stack, config, result: dict) -> str:
                 line += f", off {100 * off['by_length'][i]['mean']:.0f}%"
             lines.append(line + f" (n={row['n']})")
     lines.append(f"  outputs in {config.run.out_dir}/: config.json, metrics.jsonl, passkey.json, step-*/")
-    lines.append("  trained figures, and the commands that reproduce them: README.md, 'Pass-key results'")
+    lines.append("  trained figures, and the commands that reproduce them: docs/results.md")
     return "\n".join(lines)
 
 

@@ -126,7 +126,7 @@ class DataConfig:
     ``mix`` (each row draws one of the two). A model trained on synthetic filler alone can learn
     the filler instead of retrieval."""
     filler_path: str | None = None
-    """Passkey: text file of the ``text`` filler; None for the King James Bible shipped with memstack."""
+    """Passkey: text file of the ``text`` filler; None: the KJV in corpora/."""
     doc_separator: str | None = None
     """Text: regex that splits one big text file into documents (None: a file is a document)."""
 

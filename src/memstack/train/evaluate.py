@@ -139,7 +139,7 @@ def passkey_accuracy(
         progress: show a progress bar.
         instruction: open prompts with the papers' instruction sentence (as in training).
         filler: ``"synthetic"`` or ``"text"`` (the text's test split, never trained on).
-        filler_path: text file of the text filler (None: the shipped King James Bible).
+        filler_path: text file of the text filler (None: the King James Bible in the repository's corpora/).
         batch_size: prompts per ``generate`` call (None: a whole cell).
 
     Returns:
