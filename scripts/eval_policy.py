@@ -9,7 +9,8 @@ For each policy (``StoreConfig.policy``: ``always``, ``every:K``, ``uncertainty:
 memstack/policy.py) the same weights answer the same pass-key prompts (real-text filler, the
 held-out split; each prompt its own key and passage, drawn by seed), and the script reports the
 accuracy with its 95% interval, the prompt tokens per second of the whole evaluation, and the
-share of segments that read the store (of those after the first, which has nothing to read).
+share of segments that read the store (of those after the first, which has nothing to read);
+the JSON keeps what each prompt generated (``records``).
 ``uncertainty:median`` stands for the median of the
 segments' mean next-token entropies without the store, measured on the first prompt.
 """
@@ -72,23 +73,27 @@ def main(argv: list[str] | None = None) -> dict:
         for spec in args.policies:
             spec = spec.replace("median", f"{threshold:.3f}")
             stack.kinds["store"].policy = RetrievalPolicy.parse(spec)
-            consulted, segments = [], []
+            consulted, segments, generated = [], [], []
             generate = stack.generate
 
-            def counting(*a, _generate=generate, _consulted=consulted, _segments=segments, **k):
+            def counting(
+                *a, _generate=generate, _consulted=consulted, _segments=segments, _out=generated, **k
+            ):
                 ids = _generate(*a, **k)  # and count the segments that read the store
                 _consulted.append(len(stack.consulted))
                 _segments.append(-(-ids.shape[1] // stack.config.segment_len) - 1)  # all but the first
+                _out.extend(ids[:, a[0].shape[1] :].tolist())  # what each prompt answered
                 return ids
 
             stack.generate = counting
             t0 = time.perf_counter()
+            per_depth = max(1, n // len(args.depths))
             result = passkey_accuracy(
                 stack,
                 tokenizer,
                 [length],
                 args.depths,
-                samples=max(1, n // len(args.depths)),
+                samples=per_depth,
                 seed=SEED,
                 filler="text",
                 batch_size=1,
@@ -96,6 +101,13 @@ def main(argv: list[str] | None = None) -> dict:
             seconds = time.perf_counter() - t0
             del stack.generate
             pooled = result["by_length"][0]
+            # one record per prompt, in passkey_accuracy's order (depth, then sample; batch_size=1);
+            # prompt (depth, i) was drawn with seed sample_seed("passkey", SEED, length, depth, i)
+            cells = [(depth, i) for depth in args.depths for i in range(per_depth)]
+            records = [
+                {"depth": depth, "sample": i, "generated": tokenizer.decode(ids), "generated_ids": ids}
+                for (depth, i), ids in zip(cells, generated, strict=True)
+            ]
             rows.append(
                 {
                     "policy": spec,
@@ -106,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "tokens_per_s": pooled["n"] * length / seconds,
                     "consulted_share": sum(consulted) / max(1, sum(segments)),
                     "seconds": seconds,
+                    "records": records,
                 }
             )
             r = rows[-1]

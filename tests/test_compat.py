@@ -139,14 +139,56 @@ def test_a_wrapped_hybrid_keeps_memory_only_on_attention_layers():
     assert sorted(out.state.memories["compressive"]) == stack.arch.layers
 
 
-def test_can_i_wrap_checks_a_saved_checkpoint(tmp_path):
-    import json
+def can_i_wrap_main():
     import runpy
     from pathlib import Path
 
-    main = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "can_i_wrap.py"))["main"]
+    return runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "can_i_wrap.py"))["main"]
+
+
+def test_can_i_wrap_checks_a_saved_checkpoint(tmp_path):
+    import json
+
+    main = can_i_wrap_main()
     build_tiny("qwen3").save_pretrained(tmp_path / "ckpt")
     assert main(["--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "v.json")]) == 0
     saved = json.loads((tmp_path / "v.json").read_text())
     assert [v["status"] for v in saved["verdicts"]] == ["supported"]
     assert saved["verdicts"][0]["model_type"] == "qwen3"
+
+
+def test_can_i_wrap_on_part_of_the_survey_leaves_the_shipped_table_alone(tmp_path, monkeypatch, capsys):
+    """--model (and --types) print their verdicts and write no JSON unless given --out; the full
+    survey still writes the default table. The default is pointed at a copy of the shipped one."""
+    import json
+    import re
+    import shutil
+    from pathlib import Path
+
+    main = can_i_wrap_main()
+    shipped = Path(__file__).parents[1] / "results" / "compat.json"
+    shipped_bytes = shipped.read_bytes()
+    default = tmp_path / "results" / "compat.json"
+    default.parent.mkdir()
+    shutil.copy(shipped, default)
+    stamp = default.stat().st_mtime_ns
+    monkeypatch.setitem(main.__globals__, "DEFAULT_OUT", default)
+    work = tmp_path / "cwd"  # a default relative to the working directory would land in here
+    (work / "results").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    build_tiny("qwen3").save_pretrained(tmp_path / "ckpt")
+
+    assert main(["--model", str(tmp_path / "ckpt")]) == 0
+    assert re.search(r"^qwen3\s+supported\s", capsys.readouterr().out, re.M)  # the table is printed
+    assert default.read_bytes() == shipped_bytes and default.stat().st_mtime_ns == stamp
+    assert list((work / "results").iterdir()) == [] and shipped.read_bytes() == shipped_bytes
+
+    # the full survey (every type: stood in for by one, to stay fast) writes the default table
+    verdict = check_type("llama")
+    monkeypatch.setitem(main.__globals__, "survey", lambda types, progress=False: [verdict])
+    assert main(["--types", "llama"]) == 0  # a part: printed, not written
+    assert default.stat().st_mtime_ns == stamp
+    assert main([]) == 0
+    written = json.loads(default.read_text())
+    assert [(v["model_type"], v["status"]) for v in written["verdicts"]] == [("llama", "supported")]
+    assert list((work / "results").iterdir()) == [] and shipped.read_bytes() == shipped_bytes

@@ -68,3 +68,28 @@ def test_plot_writes_a_png(tmp_path):
     ids, _ = fact_stream(2)
     path = stack_with_store().explain(ids).plot(tmp_path / "explain.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shares_of_a_store_only_stack_are_the_attention_mass_on_the_retrieved_keys():
+    """No compressive memory, so no gates: the store's share is the attention mass the head puts
+    on the retrieved keys, here built by hand (tests/test_longterm.py's reference softmax)."""
+    from tests.test_longterm import SEG as LT_SEG
+    from tests.test_longterm import kv_attention, kv_readout_case
+
+    _, parts = kv_readout_case("llama")  # 1 layer, a kv store, segment 1 retrieves 2 chunks of 4
+    stack, ids = parts["stack"], parts["ids"]
+    assert "compressive" not in stack.kinds and not stack._mixers[0].gates
+    shares = stack.explain(ids).shares
+    assert list(shares) == [0] and sorted(shares[0]) == ["local", "store"]
+    weights, _ = kv_attention(parts, 5)  # segment 1's queries over [8 retrieved keys; local keys]
+    on_retrieved = weights[0, :, :, :8].sum(-1)  # (heads, queries)
+    # averaged over both segments' queries: segment 0 had nothing stored to read
+    expected = on_retrieved.sum(-1) / (2 * LT_SEG)
+    store, local = torch.tensor(shares[0]["store"]), torch.tensor(shares[0]["local"])
+    torch.testing.assert_close(store, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(local + store, torch.ones_like(store))
+    assert bool((store > 1e-3).all())
+    # and through generate
+    gen = stack.explain(ids[:, : LT_SEG + 4], max_new_tokens=2)
+    total = torch.tensor(list(gen.shares[0].values())).sum(0)
+    torch.testing.assert_close(total, torch.ones_like(total))

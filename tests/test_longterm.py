@@ -1,6 +1,8 @@
 """Long-term memory in the stack: the kv readout against a hand-built attention, causality,
 generate == forward, padding never stored, batch rows apart, checkpointing writes once."""
 
+import functools
+
 import pytest
 import torch
 
@@ -61,10 +63,17 @@ def test_nothing_retrieved_or_gate_closed_equals_the_stack_without_a_store():
     assert out.state.memories["store"][0].num_records() == [3 * SEG // 4] * 2  # every chunk kept
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_retrieved_kv_enter_the_softmax_at_the_documented_distance(family):
-    """Segment 1, layer 0, block 0 (it searches with segment 0's tail query): the output equals a
-    softmax over [retrieved keys at +distance; the segment's causal keys], built by hand."""
+KV_ATOL = 1e-5  # float32: the readout and the hand-built softmax agree to ~1e-7
+WRONG_DISTANCES = [0, 3, 4, 6, 16]
+
+
+@functools.cache
+def kv_readout_case(family: str) -> tuple[torch.Tensor, dict]:
+    """Segment 1, layer 0, block 0 of a store stack with ``distance=5`` (it searches with segment
+    0's tail query): the attention output the stack computed, and the pieces a hand-built
+    reference needs (un-rotated q/k/v of the segment, the retrieved keys and values; the stack
+    and its two segments' ids, which it reads from scratch on another call)."""
+    torch.manual_seed(1234)
     model = make_model(family, layers=1)
     cfg = StackConfig(segment_len=SEG, compressive=None, store=store_config(block_len=SEG, distance=5))
     stack = MemoryStack(model, cfg)
@@ -102,28 +111,65 @@ def test_retrieved_kv_enter_the_softmax_at_the_documented_distance(family):
             .view(1, SEG, -1, q.shape[-1])
             .transpose(1, 2)
         )
-    h, h_kv, d = q.shape[1], k.shape[1], q.shape[-1]
-    k_mem = k_mem.float().permute(1, 0, 2, 3).reshape(h_kv, -1, d)[None]
-    v_mem = v_mem.float().permute(1, 0, 2, 3).reshape(h_kv, -1, d)[None]
+    h_kv, d = k.shape[1], q.shape[-1]
+    assert int(lengths.sum()) == 8  # two chunks of 4 retrieved
+    parts = dict(
+        family=family,
+        stack=stack,
+        ids=ids,
+        model=model,
+        q=q,
+        k=k,
+        v=v.float(),
+        k_mem=k_mem.float().permute(1, 0, 2, 3).reshape(h_kv, -1, d)[None],
+        v_mem=v_mem.float().permute(1, 0, 2, 3).reshape(h_kv, -1, d)[None],
+    )
+    return seen["out"].view(1, SEG, q.shape[1], d), parts
+
+
+def kv_attention(parts: dict, distance: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, values) of a softmax over [retrieved keys, queries rotated ``distance`` ahead of
+    them; the segment's causal keys], built by hand: weights ``(1, H, SEG, N + SEG)``, the N
+    retrieved keys first; ``distance=None``: the local keys alone."""
+    q, k, v, k_mem, v_mem = (parts[n] for n in ("q", "k", "v", "k_mem", "v_mem"))
+    h, d = q.shape[1], q.shape[-1]
     pos = torch.arange(SEG)
-    if family == "llama":
+    if parts["family"] == "llama":
+        model = parts["model"]
         q_loc, k_loc = llama_rotate(model, q, pos), llama_rotate(model, k, pos)
-        q_m = llama_rotate(model, q, torch.full((SEG,), 5))
+        q_m = llama_rotate(model, q, torch.full((SEG,), distance or 0))
         k_m = llama_rotate(model, k_mem, torch.zeros(k_mem.shape[2], dtype=torch.long))
     else:
         q_loc, k_loc, q_m, k_m = q, k, q, k_mem
-    g = h // h_kv
-    rep = lambda t: t.repeat_interleave(g, dim=1)  # noqa: E731
-    logits_mem = torch.einsum("bhqd,bhnd->bhqn", q_m, rep(k_m)) / d**0.5
+    rep = lambda t: t.repeat_interleave(h // k.shape[1], dim=1)  # noqa: E731
     logits_loc = torch.einsum("bhqd,bhkd->bhqk", q_loc, rep(k_loc)) / d**0.5
     logits_loc = logits_loc.masked_fill(~torch.ones(SEG, SEG, dtype=torch.bool).tril(), float("-inf"))
+    if distance is None:
+        return torch.softmax(logits_loc, -1), rep(v)
+    logits_mem = torch.einsum("bhqd,bhnd->bhqn", q_m, rep(k_m)) / d**0.5
     weights = torch.softmax(torch.cat([logits_mem, logits_loc], dim=-1), dim=-1)
-    expected = torch.einsum("bhqn,bhnd->bqhd", weights, torch.cat([rep(v_mem), rep(v.float())], dim=2))
-    assert int(lengths.sum()) == k_mem.shape[2] == 8  # two chunks of 4 retrieved
-    torch.testing.assert_close(seen["out"].view(1, SEG, h, d), expected, atol=2e-2, rtol=0)  # bf16 store
+    return weights, torch.cat([rep(v_mem), rep(v)], dim=2)
+
+
+def kv_reference(parts: dict, distance: int | None) -> torch.Tensor:
+    """The output ``(1, SEG, H, D)`` of :func:`kv_attention`."""
+    return torch.einsum("bhqn,bhnd->bqhd", *kv_attention(parts, distance))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_retrieved_kv_enter_the_softmax_at_the_documented_distance(family):
+    """The output equals the hand-built softmax with the retrieved keys 5 positions behind."""
+    out, parts = kv_readout_case(family)
+    torch.testing.assert_close(out, kv_reference(parts, 5), atol=KV_ATOL, rtol=0)
     # and memory really mattered: the same without the retrieved keys is farther away
-    local_only = torch.einsum("bhqk,bhkd->bqhd", torch.softmax(logits_loc, -1), rep(v.float()))
-    assert (seen["out"].view(1, SEG, h, d) - local_only).abs().max() > 1e-2
+    assert (out - kv_reference(parts, None)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("wrong", WRONG_DISTANCES)
+def test_a_reference_at_another_distance_does_not_match(wrong):
+    """The tolerance above tells the documented distance from its neighbours (rotary: llama)."""
+    out, parts = kv_readout_case("llama")
+    assert (out - kv_reference(parts, wrong)).abs().max() > 10 * KV_ATOL
 
 
 @pytest.mark.parametrize("readout", ["kv", "kv_gated"])
@@ -224,7 +270,7 @@ def test_a_state_with_a_store_is_checked_and_never_half_saved(tmp_path):
         state = stack(ids).state
     with pytest.raises(ValueError, match=r"store memory of layer 0 holds 2 streams, the input has 1 rows"):
         stack(ids[:1], state=state)
-    with pytest.raises(ValueError, match=r"holds \['store'\] memory, which a single file cannot hold"):
+    with pytest.raises(ValueError, match=r"\['store'\] memory, which a single file cannot hold; save the"):
         state.save(tmp_path / "state.safetensors")
     assert not list(tmp_path.iterdir())
     row = state.memories["store"][1].stores[0]

@@ -102,14 +102,38 @@ def test_generate_follows_every_k_and_uncertainty_decides_from_the_known_tokens(
 
 
 def test_eval_policy_script_reports_the_share_each_policy_reads(tmp_path):
+    """The share of segments read, and each policy's accuracy recomputed from its own prompts: each
+    prompt rebuilt from its documented seed, its recorded answer checked to be the greedy one by a
+    forward pass (not generate) of a freshly loaded stack under the same policy, and compared with
+    its pass key."""
     import json
     import runpy
     from pathlib import Path
 
-    main = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "eval_policy.py"))["main"]
+    from memstack.data.tasks import passkey_sample
+    from memstack.train.evaluate import load_run, sample_seed
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "eval_policy.py"))
     out = tmp_path / "p.json"
-    main(["--lengths", "300", "--samples", "5", "--policies", "always", "every:2", "--out", str(out)])
+    policies, depths = ["always", "every:2"], [0.0, 0.25, 0.5, 0.75, 1.0]  # the script's default depths
+    script["main"](["--lengths", "300", "--samples", "5", "--policies", *policies, "--out", str(out)])
     rows = {r["policy"]: r for r in json.loads(out.read_text())["rows"]}
     # 300 prompt tokens and a short answer in 128-token segments: the 2nd and 3rd segments can read
     assert rows["always"]["consulted_share"] == 1.0 and rows["every:2"]["consulted_share"] == 0.5
-    assert all(r["n"] == 5 and 0 <= r["accuracy"] <= 1 for r in rows.values())
+    _, stack, tokenizer = load_run(script["SHIPPED"])
+    for policy in policies:
+        stack.kinds["store"].policy = RetrievalPolicy.parse(policy)
+        row = rows[policy]
+        assert [(r["depth"], r["sample"]) for r in row["records"]] == [(d, 0) for d in depths]
+        hits = 0
+        for record in row["records"]:
+            seed = sample_seed("passkey", script["SEED"], 300, record["depth"], 0)
+            sample = passkey_sample(tokenizer, 300, record["depth"], seed, filler="text", split="test")
+            answer = record["generated_ids"]
+            assert len(answer) == len(sample.answer_ids)
+            # greedy: one forward over prompt + answer predicts each answer token from those before it
+            with torch.no_grad():
+                logits = stack(torch.tensor([sample.prompt_ids + answer])).logits[0, 299:-1]
+            assert logits.argmax(-1).tolist() == answer
+            hits += answer == sample.answer_ids
+        assert row["n"] == 5 and row["accuracy"] == pytest.approx(hits / 5)

@@ -12,7 +12,7 @@ One traced run of the stack (``forward``, or ``generate`` with ``max_new_tokens`
   on the retrieved keys, measured by running the same attention with ones for their values.
 
 Block ``j`` of a segment serves the queries at segment positions ``[j * block_len, (j + 1) *
-block_len)`` and searched with the queries of the block before it (memory/longterm.py).
+block_len)`` and searched with the queries of the block before it (memory/store/kind.py).
 """
 
 from __future__ import annotations
@@ -64,7 +64,10 @@ class Explanation:
         """Chunks (by stream position) against query blocks, coloured by score, at one store
         layer (default: the first; scores of different layers are on different scales); and each
         layer's per-head shares as stacked bars. Written as PNG."""
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError as e:
+            raise ImportError('plotting needs matplotlib: pip install "memstack[plots]"') from e
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -169,9 +172,9 @@ def _shares(stack, trace: dict) -> dict[int, dict[str, list[float]]]:
     for (tag, layer, _segment), events in trace.items():
         if tag != "shares":
             continue
-        gates = stack._mixers[layer].gates
+        gates = stack._mixers[layer].gates  # empty where no kind is gated (a store-only kv stack)
+        h = stack.arch.sites[layer].heads
         for b, t, mass, read in events:
-            h = next(iter(gates.values())).numel()
             share = {"local": torch.ones(b, t, h)}
             if mass is not None:  # a kv store joins the local softmax: its mass comes out of local's
                 share["store"] = mass.cpu()
