@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 1048576])
     p.add_argument("--repeats", type=int, default=None, help="default: 3 below 100K tokens, else 1")
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
-    p.add_argument("--out", default="bench/longterm.json")
+    p.add_argument("--out", default="results/bench/longterm.json")
     p.add_argument("--one", nargs=2, metavar=("SYSTEM", "LENGTH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:

@@ -330,7 +330,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="timed runs after one warm-up (default: 1 for lengths >= 32768, else 3)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--out", default="bench/memory.json", help="where to write the JSON results")
+    p.add_argument("--out", default="results/bench/memory.json", help="where to write the JSON results")
     p.add_argument(
         "--quick", action="store_true", help="smoke run: lengths 1024 2048, train length 1024, repeats 1"
     )

@@ -38,7 +38,7 @@ def saved_mib(system: str, length: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
-    p.add_argument("--out", type=Path, default=Path("bench/saved.json"))
+    p.add_argument("--out", type=Path, default=Path("results/bench/saved.json"))
     args = p.parse_args(argv)
     rows = []
     print("| length | bare_segments MiB | memstack MiB | memstack / bare_segments |\n|---:|---:|---:|---:|")

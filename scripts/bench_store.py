@@ -29,7 +29,7 @@ Usage::
     OMP_NUM_THREADS=2 python scripts/bench_store.py --quick    # 10K and 100K only
     OMP_NUM_THREADS=2 python scripts/bench_store.py --sizes 1000000 --dims 64 \
         --kinds matmul hnsw ivfpq --hnsw-max-keys 1000000 1000000 --nlist 1024 4096 \
-        --data clustered --out bench/store_1m_clustered.json        # approximate indexes at 1M
+        --data clustered --out results/bench/store_1m_clustered.json        # approximate indexes at 1M
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def main() -> None:
     p.add_argument("--data", choices=["random", "clustered"], default="random")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="10K and 100K keys only")
-    p.add_argument("--out", default="bench/store.json")
+    p.add_argument("--out", default="results/bench/store.json")
     args = p.parse_args()
     sizes = [s for s in args.sizes if s <= 100_000] if args.quick else args.sizes
     torch.manual_seed(0)

@@ -275,7 +275,7 @@ def test_results_loss_by_segment_matches_its_json():
 
 def test_benchmark_tables_match_their_json():
     text = (DOCS / "benchmarks.md").read_text()
-    memory = _load("bench/memory.json")
+    memory = _load("results/bench/memory.json")
     assert memory["table"].strip() in text  # the script's own markdown, verbatim
     goal = {r[0]: r for r in _table("benchmarks.md", "| | memstack | goal |")}
     train, infer = memory["ratios"]["train_time"], memory["ratios"]["inference_speed"]
@@ -283,7 +283,7 @@ def test_benchmark_tables_match_their_json():
     assert goal["training step time, 8K"][1] == f"**{train['memstack/bare_segments@8192']:.2f}x**"
     assert goal["inference tokens/s, 64K"][1] == f"{infer['memstack/bare_segments@65536']:.2f}x"
 
-    longterm = _load("bench/longterm.json")["rows"]
+    longterm = _load("results/bench/longterm.json")["rows"]
     base = {r["length"]: r["tokens_per_s"] for r in longterm if r["system"] == "compressive"}
     rows = _table("benchmarks.md", "| length | system | tokens/s |")
     assert len(rows) == len(longterm)
@@ -298,7 +298,7 @@ def test_benchmark_tables_match_their_json():
                 found.setdefault((r["keys"], r["dim"], r["factory"]), []).append(s)
         return found
 
-    store = search_rows("bench/store.json")
+    store = search_rows("results/bench/store.json")
     for row in _table("benchmarks.md", "| keys x dim | search |"):
         n, dim = row[0].split(" x ")
         keys = {"10K": 10_000, "100K": 100_000, "1M": 1_000_000}[n]
@@ -311,7 +311,7 @@ def test_benchmark_tables_match_their_json():
 
     for row in _table("benchmarks.md", "| data x dim | search |"):
         data, dim = row[0].split(" x ")
-        sweep = search_rows(f"bench/store_1m_{data}.json")
+        sweep = search_rows(f"results/bench/store_1m_{data}.json")
         factory = "matmul" if row[1].startswith("matmul") else row[1].split(", ")[0].split(",PQ")[0]
         matches = [
             s
