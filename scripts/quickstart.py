@@ -21,7 +21,7 @@ King James Bible), at several depths, on the same prompts three ways:
   saw positions past 1,024.
 
 It prints the three tables and a heatmap of them. The cells use the seeds of the
-README's table, so they reproduce its figures.
+docs/results.md's table, so they reproduce its figures.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from memstack.train.plots import passkey_heatmap
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "results" / "tiny_passkey_store" / "run"
-SEED = 10_000  # scripts/eval_passkey.py's default: the README's tables were drawn with it
+SEED = 10_000  # scripts/eval_passkey.py's default: docs/results.md's tables were drawn with it
 
 
 def verify(run_dir: Path) -> None:
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.out / 'quickstart_heatmap.png'})"
     )
     print(
-        "Next: train it yourself (python scripts/train.py configs/demo.py), the README's tables, "
+        "Next: train it yourself (python scripts/train.py configs/demo.py), docs/results.md, "
         "and sleep (python scripts/eval_sleep.py)."
     )
     return result
