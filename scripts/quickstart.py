@@ -21,7 +21,7 @@ King James Bible), at several depths, on the same prompts three ways:
   saw positions past 1,024.
 
 It prints the three tables and a heatmap of them. The cells use the seeds of the
-docs/results.md's table, so they reproduce its figures.
+table in docs/results.md, so they reproduce its figures.
 """
 
 from __future__ import annotations
