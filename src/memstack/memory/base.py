@@ -28,6 +28,7 @@ optional hook is declared on :class:`MemoryKind` with its default; nothing is re
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +163,7 @@ class BuildContext(NamedTuple):
         return chosen
 
 
-class MemoryKind:
+class MemoryKind(ABC):
     """One memory layer kind; instances hold configuration only, never per-stream state.
 
     Subclasses set :attr:`name` and the class flags, implement :meth:`build`, :meth:`empty`,
@@ -193,21 +194,25 @@ class MemoryKind:
     """When the kind is read; None: every segment."""
 
     @classmethod
+    @abstractmethod
     def build(cls, config: Any, ctx: BuildContext) -> MemoryKind:
         """The kind for the stack, from its config section (not None)."""
-        raise NotImplementedError(f"{cls.__name__}.build")
+        ...
 
+    @abstractmethod
     def empty(self, record: LayerRecord) -> Any:
         """The empty state of one layer, shaped for ``record``'s batch and heads."""
-        raise NotImplementedError(f"{type(self).__name__}.empty")
+        ...
 
+    @abstractmethod
     def read(self, state: Any, query: torch.Tensor, ctx: ReadContext) -> Readout:
         """Read ``state`` with position-free queries ``(B, H, T, d_k)``."""
-        raise NotImplementedError(f"{type(self).__name__}.read")
+        ...
 
+    @abstractmethod
     def write(self, state: Any, record: LayerRecord, segment: ClosedSegment) -> Any:
         """The state after writing one closed segment (``segment.valid``: False = padding)."""
-        raise NotImplementedError(f"{type(self).__name__}.write")
+        ...
 
     # ------------------------------------------------------------------ optional hooks
 
@@ -222,19 +227,28 @@ class MemoryKind:
 
     def check_state(self, layer: int, state: Any, batch: int, heads: tuple[int, int, int]) -> None:
         """Raise ValueError when ``state`` of ``layer`` cannot serve this model and batch;
-        ``heads`` is the layer's ``(kv_heads, d_k, d_v)``."""
+        ``heads`` is the layer's ``(kv_heads, d_k, d_v)``. Default: any state passes."""
+        return None
 
     @classmethod
     def check_loaded(cls, layer: int, state: Any, source: str) -> None:
-        """Raise ValueError when a state read from a file (``source``) is malformed (tensor states)."""
+        """Raise ValueError when a state read from a file (``source``) is malformed (tensor states).
+        Default: any state passes."""
+        return None
 
     def save_state(self, layers: dict[int, Any], directory: Path) -> None:
         """Write a handle state (``state_type`` None) of every layer under ``directory``."""
-        raise NotImplementedError(f"memory kind {self.name!r} cannot save its state")
+        raise TypeError(
+            f"memory kind {self.name!r} keeps a handle state (state_type None) but defines no "
+            "save_state: implement it to save a stream with this kind"
+        )
 
     def load_state(self, directory: Path) -> dict[int, Any]:
         """Read what :meth:`save_state` wrote."""
-        raise NotImplementedError(f"memory kind {self.name!r} cannot load its state")
+        raise TypeError(
+            f"memory kind {self.name!r} keeps a handle state (state_type None) but defines no "
+            "load_state: implement it to load a stream with this kind"
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layers={sorted(self.layers)})"

@@ -18,14 +18,11 @@ Built in:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from memstack.memory.base import MemoryKV, ReadContext, Readout
-
-if TYPE_CHECKING:  # annotations only: the store kind imports this module
-    from memstack.memory.store.kind import LongTermMemory, StoreState
 
 
 class StoreReadout:
@@ -42,8 +39,10 @@ class StoreReadout:
         """The layer's readout from one call's hits (``per_block`` readouts)."""
         return Readout(None)
 
-    def prefix(self, kind: LongTermMemory, state: StoreState) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Token ids ``(B, P)`` and validity to put before the next segment, or None."""
+    def prefix(self, kind: Any, state: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Token ids ``(B, P)`` and validity to put before the next segment, or None. ``kind`` is
+        the store kind (its ``config``), ``state`` one layer's ``StoreState`` (``stores``,
+        ``tail``); typed loosely because the store kind imports this module."""
         return None
 
 
@@ -105,7 +104,7 @@ class TokensReadout(StoreReadout):
     name = "tokens"
     per_block = False
 
-    def prefix(self, kind: LongTermMemory, state: StoreState) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def prefix(self, kind: Any, state: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Searched once per segment with the previous segment's tail query (causal: nothing of the
         coming segment is used). None when no row retrieved anything."""
         c = kind.config
