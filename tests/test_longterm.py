@@ -336,7 +336,7 @@ def test_tokens_readout_equals_the_model_on_the_concatenated_ids():
     with torch.no_grad():
         state = stack(ids[:, :SEG]).state
         layers = state.memories["store"]
-        prefix, valid = stack.kinds["store"].prefix(layers[min(layers)])  # before segment 1 writes
+        prefix, valid = stack.kinds["store"].prefix(layers)  # before segment 1 writes
         assert bool(valid.all()) and prefix.shape[1] == 2 * 4  # two chunks of 4 tokens
         out = stack(ids[:, SEG:], state=state)
         expected = ref(torch.cat([prefix, ids[:, SEG:]], dim=1)).logits[:, prefix.shape[1] :]

@@ -195,7 +195,7 @@ def test_quickstart_loads_the_shipped_weights_and_reproduces_the_readme_cells(tm
     full-attention row is recomputed here: the same prompts, rebuilt from their seeds, answered
     by a greedy forward pass per token (no cache, no generate) of the unwrapped model."""
     sys.path.insert(0, str(ROOT / "scripts"))
-    import quickstart
+    import quickstart_tiny as quickstart
     import torch
 
     from memstack.data.tasks import passkey_sample
@@ -244,7 +244,7 @@ def test_quickstart_refuses_altered_weights(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     import shutil
 
-    import quickstart
+    import quickstart_tiny as quickstart
 
     run_dir = tmp_path / "run"
     shutil.copytree(quickstart.SHIPPED, run_dir)

@@ -24,6 +24,7 @@ from memstack.memory.base import (
     register_kind,
     unregister_kind,
 )
+from memstack.memory.carry import CarryConfig, CarryTokens
 from memstack.memory.compressive import Compressive, CompressiveConfig, CompressiveState
 from memstack.memory.mixer import MemoryMixer
 from memstack.memory.store.keys import register_strategy
@@ -38,6 +39,8 @@ _install_moved_modules()
 __all__ = [
     "ATTENTION_NAME",
     "Architecture",
+    "CarryConfig",
+    "CarryTokens",
     "BuildContext",
     "ClosedSegment",
     "Compressive",

@@ -155,11 +155,11 @@ def memstack_attention(
             trace = (
                 None if inputs.trace is None else inputs.trace.setdefault((name, layer, inputs.segment), [])
             )
-            ctx = ReadContext(inputs.start, inputs.valid, rotate, scaling, scratch, trace)
+            ctx = ReadContext(inputs.start, inputs.valid, rotate, scaling, scratch, trace, layer)
             readouts[name] = kind.read(state, q_free, ctx)
     keep_query = any(kind.needs_query for kind in kinds.values())
     memstack.records.setdefault(layer, []).append(
-        LayerRecord(k_free, new_value, q_free if keep_query else None)
+        LayerRecord(k_free, new_value, q_free if keep_query else None, layer)
     )
     joint = [r.memory for r in readouts.values() if r.memory is not None]
     if len(joint) > 1:

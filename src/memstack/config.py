@@ -20,6 +20,7 @@ from typing import Any
 
 from memstack.fields import check_int, from_dict
 from memstack.memory.base import KINDS
+from memstack.memory.carry import CarryConfig  # noqa: F401  (registers the carry kind)
 from memstack.memory.compressive import CompressiveConfig
 from memstack.memory.store.kind import StoreConfig
 

@@ -87,6 +87,8 @@ class _OpenSegment:
     mask: torch.Tensor | None = None
     unread: frozenset[str] = frozenset()
     """Kinds whose retrieval policy skips this segment."""
+    last_logits: torch.Tensor | None = None
+    """``(B, V)`` at the prefix's last token (what ``close_prompt`` answers from)."""
 
 
 class MemoryStack(nn.Module):
@@ -316,14 +318,28 @@ class MemoryStack(nn.Module):
         return loss_sum, logits, StackState(after.memories, state.segments + 1)
 
     def _prefix(self, state: StackState, batch: int, unread: frozenset = frozenset()) -> tuple | None:
-        """Token ids (left-padded) and validity ``(B, P)`` a kind puts before the next segment, or None."""
-        for name, kind in self._active_kinds().items():
-            layers = state.memories.get(name)
-            if name not in unread and layers:
-                found = kind.prefix(layers[min(layers)])
-                if found is not None:
-                    return found[0].to(self.device), found[1].to(self.device)
-        return None
+        """Token ids (left-padded) and validity ``(B, P)`` the kinds put before the next segment,
+        or None: every kind's :meth:`~MemoryKind.opening`, then every kind's
+        :meth:`~MemoryKind.prefix` (kinds with ``prefix_last`` last), side by side."""
+        parts = []
+        kinds = sorted(self._active_kinds().items(), key=lambda item: item[1].prefix_last)  # stable
+        for hook in ("opening", "prefix"):
+            for name, kind in kinds:
+                layers = state.memories.get(name)
+                if name not in unread and layers:
+                    found = getattr(kind, hook)(layers)
+                    if found is not None:
+                        parts.append(found)
+        if not parts:
+            return None
+        ids = torch.cat([p[0].cpu() for p in parts], dim=1)
+        valid = torch.cat([p[1].cpu().bool() for p in parts], dim=1)
+        if len(parts) > 1 and not bool(valid.all()):  # each row's tokens together, left-padded
+            width = int(valid.sum(1).max())
+            rows = [ids[r][valid[r]] for r in range(ids.shape[0])]
+            ids = torch.stack([torch.cat([row.new_zeros(width - len(row)), row]) for row in rows])
+            valid = torch.arange(width)[None, :] >= (width - torch.tensor([len(r) for r in rows]))[:, None]
+        return ids.to(self.device), valid.to(self.device)
 
     def _maybe_cut(self, state: StackState) -> StackState:
         """Truncated BPTT: detach at every multiple of ``bptt_segments``."""
@@ -443,6 +459,7 @@ class MemoryStack(nn.Module):
         eos_token_id: int | None = None,
         state: StackState | None = None,
         generator: torch.Generator | None = None,
+        close_prompt: bool = False,
     ) -> torch.Tensor:
         """Continue ``prompt_ids`` (greedy, or sampling with temperature / top-k / top-p).
 
@@ -456,6 +473,14 @@ class MemoryStack(nn.Module):
             state: memory to start from (e.g. ``stack.state`` after :meth:`step` calls); default
                 empty. The stream state :attr:`state` is not changed.
             generator: for reproducible sampling.
+            close_prompt: close the prompt's last segment where the prompt ends (written to
+                memory like any closed segment) and answer in a fresh one, whose prefix predicts
+                the first new token: the store's ``tokens`` readout searched with the prompt's
+                last queries (so a question at the end of the prompt drives retrieval) and the
+                carried tokens (:mod:`memstack.memory.carry`, which must carry ``recent >= 1``
+                so that the prompt's end is in sight). Each token is then what ``forward`` would
+                predict on a stream cut there. False: the prompt's segments are cut as
+                ``forward`` would cut the whole sequence.
 
         Returns:
             ``(B, P + n)`` prompt and continuation, n <= max_new_tokens (stops early once every
@@ -485,28 +510,41 @@ class MemoryStack(nn.Module):
         ids = prompt_ids.to(self.device)
         seg = self.config.segment_len
         state = state if state is not None else StackState()
-        n_closed = (ids.shape[1] // seg) * seg
-        logits = None
-        if n_closed:
-            # Only the last closed segment's logits can be needed: a million-token prompt's
-            # logits would not fit in memory.
-            if n_closed > seg:
-                state = self.forward(ids[:, : n_closed - seg], state=state, return_logits=False).state
-            out = self.forward(ids[:, n_closed - seg : n_closed], state=state)
-            state, logits = out.state, out.logits[:, -1]
-        # The open segment: prefill its tokens into a fresh cache, memory read-only.
-        fill = ids.shape[1] - n_closed
-        # An uncertainty policy decides from the tokens known when the segment opens: the
-        # prompt's part of it, else the segment before (memstack/policy.py).
-        known = ids[:, n_closed:] if fill else (ids[:, n_closed - seg : n_closed] if n_closed else None)
-        seg_open = self._open_segment(state, ids.shape[0], known)
         surprise = self._needs_surprise()
-        nll: list[torch.Tensor] = []  # per position of the open segment, when a kind needs it
-        if fill:
-            all_logits = self._decode(ids[:, n_closed:], 0, seg_open, state)
-            logits = all_logits[:, -1]
-            if surprise:
-                nll = list(token_nll(all_logits, ids[:, n_closed:]).unbind(1))
+        if close_prompt:
+            carry = self._active_kinds().get("carry")
+            if carry is None or carry.config.recent < 1:
+                raise ValueError(
+                    "close_prompt=True needs the carry kind with recent >= 1 (StackConfig(kinds="
+                    '{"carry": CarryConfig(recent=256)})): the fresh segment must see the prompt\'s end'
+                )
+            state = self.forward(ids, state=state, return_logits=False).state
+            seg_open = self._open_segment(state, ids.shape[0], ids[:, -seg:])
+            if seg_open.last_logits is None:  # nothing carried: the state had no segment yet
+                raise ValueError("close_prompt=True: the carry kind carried nothing (memory switched off?)")
+            logits, fill, nll = seg_open.last_logits, 0, []
+        else:
+            n_closed = (ids.shape[1] // seg) * seg
+            logits = None
+            if n_closed:
+                # Only the last closed segment's logits can be needed: a million-token prompt's
+                # logits would not fit in memory.
+                if n_closed > seg:
+                    state = self.forward(ids[:, : n_closed - seg], state=state, return_logits=False).state
+                out = self.forward(ids[:, n_closed - seg : n_closed], state=state)
+                state, logits = out.state, out.logits[:, -1]
+            # The open segment: prefill its tokens into a fresh cache, memory read-only.
+            fill = ids.shape[1] - n_closed
+            # An uncertainty policy decides from the tokens known when the segment opens: the
+            # prompt's part of it, else the segment before (memstack/policy.py).
+            known = ids[:, n_closed:] if fill else (ids[:, n_closed - seg : n_closed] if n_closed else None)
+            seg_open = self._open_segment(state, ids.shape[0], known)
+            nll: list[torch.Tensor] = []  # per position of the open segment, when a kind needs it
+            if fill:
+                all_logits = self._decode(ids[:, n_closed:], 0, seg_open, state)
+                logits = all_logits[:, -1]
+                if surprise:
+                    nll = list(token_nll(all_logits, ids[:, n_closed:]).unbind(1))
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for i in range(max_new_tokens):
             scores = logits.float()
@@ -546,14 +584,16 @@ class MemoryStack(nn.Module):
             open_.offset, open_.mask = prefix_ids.shape[1], prefix_valid.long()
             pos = self._positions(0, open_.offset)
             ctx = SegmentContext(self._inputs(state, 0, 0, None, {}, open_.unread))  # not the segment's
-            open_.cache = self.model(
+            out = self.model(
                 input_ids=prefix_ids,
                 attention_mask=open_.mask,
                 position_ids=pos,
                 cache=None,
                 use_cache=True,
                 memstack=ctx,
-            ).cache
+                logits_to_keep=1,
+            )
+            open_.cache, open_.last_logits = out.cache, out.logits[:, -1]
         return open_
 
     def _decode(

@@ -185,7 +185,7 @@ class StackState:
                 KINDS[kind].kind.check_loaded(layer, s, str(path))
         for kind, layers in memories.items():
             for layer, s in layers.items():
-                if any(t.dtype != torch.float32 for t in s):
+                if any(t.is_floating_point() and t.dtype != torch.float32 for t in s):
                     raise ValueError(f"{path}: {kind} layer {layer} is not float32; memory is float32")
         state = cls(memories, int(segments))
         if len({t.shape[0] for t in state.flatten()[1]}) > 1:

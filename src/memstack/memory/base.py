@@ -45,13 +45,14 @@ class LayerRecord(NamedTuple):
     key: torch.Tensor  # (B, H_kv, T, d_k)
     value: torch.Tensor  # (B, H_kv, T, d_v)
     query: torch.Tensor | None = None  # (B, H, T, d_k), kept only when a kind needs it
+    layer: int | None = None  # the decoder layer (a kind may configure layers differently)
 
     def sliced(self, start: int) -> LayerRecord:
         """The record from position ``start`` on (a prefix the segment does not own cut off)."""
         if start == 0:
             return self
         query = None if self.query is None else self.query[:, :, start:]
-        return LayerRecord(self.key[:, :, start:], self.value[:, :, start:], query)
+        return LayerRecord(self.key[:, :, start:], self.value[:, :, start:], query, self.layer)
 
     @staticmethod
     def cat(parts: list[LayerRecord]) -> LayerRecord:
@@ -60,7 +61,10 @@ class LayerRecord(NamedTuple):
             return parts[0]
         query = None if parts[0].query is None else torch.cat([p.query for p in parts], dim=2)
         return LayerRecord(
-            torch.cat([p.key for p in parts], dim=2), torch.cat([p.value for p in parts], dim=2), query
+            torch.cat([p.key for p in parts], dim=2),
+            torch.cat([p.value for p in parts], dim=2),
+            query,
+            parts[0].layer,
         )
 
 
@@ -112,6 +116,7 @@ class ReadContext(NamedTuple):
     scaling: float | None  # the layer's softmax scale (None: 1/sqrt(d))
     scratch: dict  # per segment, kind and layer; survives activation checkpointing's re-run
     trace: list | None = None  # when explaining (memstack/explain.py): a read appends what it found
+    layer: int | None = None  # the decoder layer being read
 
 
 class ClosedSegment(NamedTuple):
@@ -182,6 +187,8 @@ class MemoryKind(ABC):
     (a store), saved by :meth:`save_state` and loaded by :meth:`load_state`."""
     colour: ClassVar[str] = "tab:gray"
     """This kind's colour in :meth:`Explanation.plot <memstack.explain.Explanation.plot>`."""
+    prefix_last: ClassVar[bool] = False
+    """Put this kind's :meth:`prefix` after the other kinds' (closest to the segment)."""
 
     layers: frozenset[int] = frozenset()
     """The decoder layers (``layer_idx``) this kind serves."""
@@ -216,9 +223,14 @@ class MemoryKind(ABC):
 
     # ------------------------------------------------------------------ optional hooks
 
-    def prefix(self, state: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def prefix(self, layers: dict[int, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Token ids ``(B, P)`` (left-padded) and their validity to put before the next segment,
-        from the state of the kind's first layer; None (the default): nothing."""
+        from the kind's state ``{layer: state}``; None (the default): nothing."""
+        return None
+
+    def opening(self, layers: dict[int, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Like :meth:`prefix`, but put first, before every kind's prefix (a stream's opening
+        tokens, as InfLLM keeps them before what it retrieves); None (the default): nothing."""
         return None
 
     def describe(self) -> str:

@@ -312,6 +312,28 @@ def mean_query(
     return _weighted_chunk_mean(chunks, grouped, torch.ones(grouped.shape[:2], device=grouped.device))
 
 
+def every_token(
+    chunks: Sequence[Chunk],
+    key_pf: torch.Tensor,
+    query_pf: torch.Tensor | None = None,
+    mass: torch.Tensor | None = None,
+    *,
+    keys_per_chunk: int = 4,
+    keyword_pool: str = "mean",
+) -> ChunkKeys:
+    """Every token's position-free key is its own index vector (heads concatenated), pointing at
+    its chunk, so a chunk scores its best token: an attention logit of one real key, which a
+    retrieval head's query aims at exactly (a pass key's digits are 2-3 tokens of a 32-token
+    chunk; a mean of keywords blurs them). The index holds one vector per token, as the stored
+    K/V do anyway. Only ``chunks`` and ``key_pf`` are used.
+    """
+    _check_inputs(chunks, key_pf, query_pf, mass)
+    tokens = rearrange(key_pf.float(), "hkv t d -> t (hkv d)")
+    ids = _token_chunk_ids(chunks, tokens.shape[0], tokens.device)
+    inside = ids >= 0
+    return ChunkKeys(tokens[inside], ids[inside])
+
+
 StrategyFn = Callable[..., ChunkKeys]
 """``fn(chunks, key_pf, query_pf, mass, *, keys_per_chunk, keyword_pool) -> ChunkKeys``."""
 
@@ -365,6 +387,7 @@ register_strategy("received_attention", received_attention, needs_mass=True)
 register_strategy("attention_weighted", attention_weighted, needs_mass=True)
 register_strategy("mean_key", mean_key)
 register_strategy("mean_query", mean_query, needs_query=True)
+register_strategy("every_token", every_token)
 
 
 def chunk_keys(

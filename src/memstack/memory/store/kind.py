@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from einops import rearrange
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
@@ -54,7 +55,13 @@ from memstack.memory.base import (
 )
 from memstack.memory.store.chunk_store import ChunkStore
 from memstack.memory.store.chunks import fixed_chunks, surprise_chunks
-from memstack.memory.store.keys import STRATEGIES, chunk_keys, received_attention_mass, segment_query
+from memstack.memory.store.keys import (
+    STRATEGIES,
+    chunk_keys,
+    group_mean,
+    received_attention_mass,
+    segment_query,
+)
 from memstack.memory.store.policy import RetrievalPolicy
 from memstack.memory.store.readouts import READOUTS
 
@@ -70,7 +77,18 @@ class StoreConfig:
 
     layers: str = "every:2"
     """Decoder layers that write to and read from the store: same syntax as
-    ``stack.compressive.layers``."""
+    ``stack.compressive.layers``, or ``"heads"``: the layers that :attr:`heads` names."""
+    heads: str | None = None
+    """The query heads that search, ``"layer.head,..."`` (e.g. ``"18.7,17.3"``, heads numbered as
+    the model's query heads). None: every head of a store layer searches (each KV head's group of
+    query heads averaged, heads concatenated). Retrieval heads are few (Wu et al. 2024,
+    https://arxiv.org/abs/2404.15574) and averaging them with the others dilutes them; find them
+    with :func:`memstack.evals.heads.retrieval_heads`. A store layer that no head here names
+    searches with all its heads. Only the search changes: every head of a store layer reads the hits."""
+    query_pool: str = "mean"
+    """How a block's queries search: ``mean``, one search with the block's pooled queries (InfLLM);
+    ``max``, every query of the block searches and a chunk scores its best match over them, so one
+    token that asks (the question's last words) is not averaged away by the others."""
     chunking: str = "fixed"
     """``fixed`` (``chunk_len`` tokens) or ``surprise`` (cut where the model's -log p is high,
     EM-LLM; ``chunk_len`` is then the longest chunk and ``chunk_len // 4`` the shortest)."""
@@ -81,7 +99,7 @@ class StoreConfig:
     strategy: str = "received_attention"
     """How a chunk's attention becomes its index keys: a name registered in
     :mod:`memstack.memory.store.keys` (built in: ``received_attention``, ``attention_weighted``,
-    ``mean_key``, ``mean_query``)."""
+    ``mean_key``, ``mean_query``, ``every_token``)."""
     keys_per_chunk: int = 4
     """``received_attention``: keywords per chunk (InfLLM uses 4)."""
     keyword_pool: str = "mean"
@@ -120,6 +138,10 @@ class StoreConfig:
     disk) instead of RAM, for long streams (``memory/kv_pages.py``); None: in RAM."""
     kv_dtype: str = "bfloat16"
     """dtype of the stored K/V (``bfloat16``, ``float16`` or ``float32``)."""
+    skip_recent: int = 0
+    """``tokens`` readout: never return a chunk that ends within the stream's last
+    ``skip_recent`` tokens. Those are in view already when the carry kind carries them (set it to
+    the carry's ``recent``), and a question would otherwise find itself first."""
     policy: str = "always"
     """When the store is read (memstack/memory/store/policy.py): ``always``, ``every:K`` or ``uncertainty:H``
     (only when the segment's mean next-token entropy without the store exceeds H nats). Every
@@ -127,7 +149,14 @@ class StoreConfig:
 
     def __post_init__(self) -> None:
         reject_bool_ints(self, "stack.store")
-        parse_layers(self.layers, num_layers=None, name="stack.store.layers")
+        if self.layers == "heads":
+            if self.heads is None:
+                raise ValueError('stack.store.layers="heads" needs stack.store.heads, e.g. "18.7,17.3"')
+        else:
+            parse_layers(self.layers, num_layers=None, name="stack.store.layers")
+        if self.heads is not None:
+            parse_heads(self.heads)
+        check_choice("stack.store.query_pool", self.query_pool, ("mean", "max"))
         check_choice("stack.store.chunking", self.chunking, ("fixed", "surprise"))
         RetrievalPolicy.parse(self.policy)
         check_int("stack.store.chunk_len", self.chunk_len, minimum=1)
@@ -137,6 +166,7 @@ class StoreConfig:
         check_int("stack.store.top_k", self.top_k, minimum=1)
         check_int("stack.store.neighbours", self.neighbours, minimum=0)
         check_int("stack.store.block_len", self.block_len, minimum=1)
+        check_int("stack.store.skip_recent", self.skip_recent, minimum=0)
         check_choice("stack.store.readout", self.readout, tuple(READOUTS))
         check_number("stack.store.gate_init", self.gate_init, "a finite number", math.isfinite)
         if self.distance is not None:
@@ -149,13 +179,33 @@ class StoreConfig:
         check_choice("stack.store.kv_dtype", self.kv_dtype, ("bfloat16", "float16", "float32"))
 
 
+def parse_heads(spec: str) -> dict[int, tuple[int, ...]]:
+    """``"18.7,17.3,18.6"`` -> ``{17: (3,), 18: (6, 7)}`` (layer -> sorted query heads).
+
+    Raises:
+        ValueError: not a comma-separated list of ``layer.head`` pairs of non-negative ints.
+    """
+    accepted = 'accepted: comma-separated "layer.head" pairs such as "18.7,17.3"'
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"stack.store.heads must be a non-empty string; {accepted}, got {spec!r}")
+    heads: dict[int, set[int]] = {}
+    for item in spec.split(","):
+        parts = item.strip().split(".")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"stack.store.heads: bad entry {item.strip()!r}; {accepted}")
+        heads.setdefault(int(parts[0]), set()).add(int(parts[1]))
+    return {layer: tuple(sorted(h)) for layer, h in sorted(heads.items())}
+
+
 @dataclass
 class StoreState:
     """One layer's long-term memory for a batch of streams: a store per row, and the pooled query
     of each row's last block (block 0 of the next segment searches with it)."""
 
     stores: list[ChunkStore]
-    tail: torch.Tensor | None = None  # (B, H_kv * d_k) float32
+    tail: torch.Tensor | None = None
+    """``(B, dim)`` float32 pooled queries (``query_pool="mean"``) or ``(B, block_len, dim)`` the
+    block's queries (``"max"``), ``dim`` the searching heads' concatenated width."""
 
     @property
     def batch_size(self) -> int:
@@ -202,10 +252,10 @@ def load_stores(path: str | Path, expect: dict[str, str] | None = None) -> dict[
                 tail = load_file(str(layer_dir / TAIL_FILE))["tail"]
             except (OSError, KeyError, SafetensorError) as e:
                 raise ValueError(f"{layer_dir / TAIL_FILE} is not a tail query file: {e}") from None
-            if tail.ndim != 2 or tail.shape[0] != len(stores) or tail.dtype != torch.float32:
+            if tail.ndim not in (2, 3) or tail.shape[0] != len(stores) or tail.dtype != torch.float32:
                 raise ValueError(
                     f"{layer_dir / TAIL_FILE}: tail {tuple(tail.shape)} {tail.dtype}; expected float32 "
-                    f"({len(stores)} rows, H_kv * d_k)"
+                    f"({len(stores)} rows, [block_len,] search width)"
                 )
         memories[int(layer_dir.name.split("-")[1])] = StoreState(stores, tail)
     return memories
@@ -240,6 +290,14 @@ class LongTermMemory(MemoryKind):
         """The stack hands -log p of each token to :meth:`write` (EM-LLM's surprise chunking)."""
         self.layers = frozenset(layers)
         self.config = config
+        self.heads = parse_heads(config.heads) if config.heads is not None else {}
+        """``{layer: query heads}`` that search (:attr:`StoreConfig.heads`); empty: all heads."""
+        stray = sorted(set(self.heads) - self.layers)
+        if stray:
+            raise ValueError(
+                f"stack.store.heads names layers {stray}, which have no store (store layers: "
+                f'{sorted(self.layers)}); add them to stack.store.layers or use layers="heads"'
+            )
         self.policy = RetrievalPolicy.parse(config.policy)
         """When this store is read (memstack/memory/store/policy.py)."""
         self.distance = segment_len if config.distance is None else config.distance
@@ -250,14 +308,19 @@ class LongTermMemory(MemoryKind):
     @classmethod
     def build(cls, config: StoreConfig, ctx: BuildContext) -> LongTermMemory:
         """The store on the layers ``config.layers`` names; saved stores carry the model type."""
-        layers = ctx.layers(config.layers, "stack.store.layers")
+        if config.layers == "heads":
+            layers = ctx.layers(",".join(str(la) for la in parse_heads(config.heads)), "stack.store.heads")
+        else:
+            layers = ctx.layers(config.layers, "stack.store.layers")
         return cls(layers, config, ctx.segment_len, metadata={"model_type": ctx.model_type})
 
     def describe(self) -> str:
         c = self.config
+        searched = f", searched by heads {c.heads}" if c.heads else ""
         return (
             f"3. long-term store: layers {sorted(self.layers)}, {c.chunk_len}-token chunks keyed by "
-            f"{c.strategy}, top {c.top_k} per {c.block_len}-query block, {c.readout} readout"
+            f"{c.strategy}{searched}, top {c.top_k} per {c.block_len}-query block ({c.query_pool}), "
+            f"{c.readout} readout"
         )
 
     def check_state(self, layer: int, state: Any, batch: int, heads: tuple[int, int, int]) -> None:
@@ -282,10 +345,11 @@ class LongTermMemory(MemoryKind):
         """A fresh store per row of ``record``'s batch."""
         b, h_kv, _, d_k = record.key.shape
         c = self.config
+        searching = len(self.heads.get(record.layer, ())) or h_kv
         stores = [
             ChunkStore(
                 [0],
-                h_kv * d_k,
+                searching * d_k,
                 index_factory=c.index_factory,
                 metric="cosine" if c.metric == "cosine" else "ip",
                 matmul_threshold=c.matmul_threshold,
@@ -305,9 +369,11 @@ class LongTermMemory(MemoryKind):
         key, value, query = (t.detach().float() for t in (record.key, record.value, record.query))
         b, h_kv, t_len, _ = key.shape
         positions = torch.arange(t_len, device=key.device)
-        q_rot, k_rot = query, key
+        # the searching heads' Q/K: index keys, mass and tail queries are theirs alone
+        q_s, k_s = self._searching(record.layer, query, key)
+        q_rot, k_rot = q_s, k_s
         if segment.rotate is not None:  # the model's real attention: rotated Q/K at 0..T-1
-            q_rot, k_rot = segment.rotate(query, 0), segment.rotate(key, 0)
+            q_rot, k_rot = segment.rotate(q_s, 0), segment.rotate(k_s, 0)
         tails = []
         for row in range(b):
             valid = (
@@ -324,15 +390,13 @@ class LongTermMemory(MemoryKind):
                 )
             else:
                 chunks = fixed_chunks(valid.cpu(), c.chunk_len)
-            tails.append(self._tail_query(query[row], valid, h_kv))
+            tails.append(self._tail_query(q_s[row], valid, k_s.shape[1]))
             if not chunks:
                 continue
             mass = None
             if STRATEGIES[c.strategy].needs_mass:
                 mass = received_attention_mass(q_rot[row], k_rot[row], positions, positions, valid=valid)
-            keys = chunk_keys(
-                c.strategy, chunks, key[row], query[row], mass, c.keys_per_chunk, c.keyword_pool
-            )
+            keys = chunk_keys(c.strategy, chunks, k_s[row], q_s[row], mass, c.keys_per_chunk, c.keyword_pool)
             state.stores[row].add(
                 [segment.ids[row, a:e].cpu() for a, e in chunks],
                 [segment.index * segment.segment_len + a for a, e in chunks],
@@ -357,11 +421,51 @@ class LongTermMemory(MemoryKind):
         )
         return StoreState(state.stores, tail)
 
+    def _searching(
+        self, layer: int | None, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The searching heads' queries and keys, ``(B, H', T, D)`` each (:attr:`StoreConfig.heads`):
+        the named query heads and the KV head each reads (so H' = H_kv' and groups of one), or
+        all heads unchanged."""
+        heads = self.heads.get(layer)
+        if not heads:
+            return query, key
+        h, h_kv = query.shape[1], key.shape[1]
+        if heads[-1] >= h:
+            raise ValueError(
+                f"stack.store.heads names query head {heads[-1]} of layer {layer}, which has {h} query "
+                f"heads (0..{h - 1})"
+            )
+        group = h // h_kv  # HF's repeat_kv: query head i reads KV head i // group
+        return query[:, list(heads)], key[:, [i // group for i in heads]]
+
+    def _block_search(self, query: torch.Tensor, h_kv: int, valid: torch.Tensor | None) -> torch.Tensor:
+        """The search vectors of one block of a row's searching queries ``(H', T, D)``:
+        ``(1, dim)`` pooled (``query_pool="mean"``) or ``(T, dim)`` one per query (``"max"``; a
+        padded position repeats a valid one, which changes no maximum)."""
+        if self.config.query_pool == "mean":
+            return segment_query(query, h_kv, valid)[None]
+        per_token = rearrange(group_mean(query, h_kv), "hkv t d -> t (hkv d)")
+        if valid is not None and bool(valid.any()) and not bool(valid.all()):
+            first = int(valid.nonzero()[0])
+            per_token = torch.where(valid[:, None], per_token, per_token[first])
+        return per_token
+
     def _tail_query(self, query: torch.Tensor, valid: torch.Tensor, h_kv: int) -> torch.Tensor | None:
-        """Pooled position-free queries of the last ``block_len`` valid tokens of a row."""
+        """The search of the next segment's first block: from the last ``block_len`` valid
+        tokens of a row (:meth:`_block_search` of them, squeezed to ``(dim,)`` when pooled)."""
         if not bool(valid.any()):
             return None
-        return segment_query(query, h_kv, valid, window=self.config.block_len)
+        positions = valid.nonzero().flatten()[-self.config.block_len :]
+        window = torch.zeros_like(valid)
+        window[positions] = True
+        last = query[:, int(positions[0]) : int(positions[-1]) + 1]
+        vectors = self._block_search(last, h_kv, window[int(positions[0]) : int(positions[-1]) + 1])
+        if self.config.query_pool == "mean":
+            return vectors[0]
+        if vectors.shape[0] < self.config.block_len:  # a short row: repeat, for one tail shape
+            vectors = torch.cat([vectors, vectors[:1].expand(self.config.block_len - vectors.shape[0], -1)])
+        return vectors
 
     # ------------------------------------------------------------------ read
 
@@ -418,9 +522,20 @@ class LongTermMemory(MemoryKind):
         memory = MemoryKV(q_mem, keys, values, visible, tuple(spans))
         return self.readout.read(memory, ctx)
 
-    def prefix(self, state: StoreState) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def prefix(self, layers: dict[int, StoreState]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The readout's tokens before the next segment (``tokens``), or None."""
-        return self.readout.prefix(self, state)
+        return self.readout.prefix(self, layers)
+
+    def search(
+        self, store: ChunkStore, vectors: torch.Tensor, top_k: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``top_k`` (default ``config.top_k``) best distinct chunks of ``store`` for search
+        vectors ``(dim,)`` or ``(n, dim)`` (a chunk scores its best match over them):
+        ``(scores, ids)``, best first."""
+        k = self.config.top_k if top_k is None else top_k
+        vectors = vectors[None] if vectors.ndim == 1 else vectors
+        scores, ids = store.search(0, vectors.to(torch.float32).cpu(), k)
+        return _best_distinct(scores, ids, k)
 
     def _hits(
         self, state: StoreState, q_all: torch.Tensor, block: int, ctx: ReadContext
@@ -431,28 +546,35 @@ class LongTermMemory(MemoryKind):
             return cached
         c = self.config
         b, h, _, d_k = q_all.shape
-        h_kv = state.stores[0].dim // d_k  # an index vector concatenates the KV heads
+        searching = state.stores[0].dim // d_k  # heads of an index vector
+        heads = self.heads.get(ctx.layer)
         bl = c.block_len
         per_row = []
         for row in range(b):
             if block == 0:
-                pooled = None if state.tail is None else state.tail[row]
+                search = None if state.tail is None else state.tail[row]
+                if search is not None and search.ndim == 1:
+                    search = search[None]
             else:
                 window_valid = None if ctx.valid is None else ctx.valid[row, (block - 1) * bl : block * bl]
-                pooled = segment_query(q_all[row, :, (block - 1) * bl : block * bl], h_kv, window_valid)
+                q_block = q_all[row, :, (block - 1) * bl : block * bl]
+                if heads:
+                    q_block = q_block[list(heads)]  # checked by the writes that filled the store
+                search = self._block_search(q_block, searching, window_valid)
                 if window_valid is not None and not bool(window_valid.any()):
-                    pooled = None
+                    search = None
             store = state.stores[row]
-            if pooled is None or len(store) == 0 or not bool(pooled.any()):
+            if search is None or len(store) == 0 or not bool(search.any()):
                 per_row.append(None)
                 continue
-            scores, ids = store.search(0, pooled[None].to(torch.float32).cpu(), c.top_k)
-            scores, ids = scores[0][ids[0] >= 0], ids[0][ids[0] >= 0]
+            scores, ids = self.search(store, search)
             if ctx.trace is not None:  # explaining (memstack/explain.py)
                 ctx.trace.append((block, row, ids.tolist(), scores.tolist(), store))
             if c.neighbours:
                 ids = store.neighbours(ids, c.neighbours)
             per_row.append(store.kv(0, ids) if len(ids) else None)
+        # KV heads of the stored K/V (1 where nothing is stored yet: zero hits broadcast anyway)
+        h_kv = next((h for h in (s.kv_heads(0) for s in state.stores) if h is not None), 1)
         n = max((k.shape[0] * k.shape[2] for k, _, _ in filter(None, per_row)), default=0)
         device = q_all.device
         keys = torch.zeros(b, h_kv, n, d_k, device=device)
@@ -473,6 +595,25 @@ class LongTermMemory(MemoryKind):
 
     def __repr__(self) -> str:
         return f"LongTermMemory(layers={sorted(self.layers)}, {self.config})"
+
+
+def _best_distinct(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best distinct records of several queries' results ``(q, k)``, best first: a
+    record scores its best match over the queries (exact: a record among the overall top k is
+    among the top k of the query where it scores best)."""
+    scores, ids = scores.flatten(), ids.flatten()
+    found = ids >= 0
+    scores, ids = scores[found], ids[found]
+    order = scores.argsort(descending=True, stable=True)
+    chosen, seen = [], set()
+    for i in order.tolist():
+        if int(ids[i]) not in seen:
+            seen.add(int(ids[i]))
+            chosen.append(i)
+            if len(chosen) == k:
+                break
+    chosen_t = torch.tensor(chosen, dtype=torch.int64)
+    return scores[chosen_t], ids[chosen_t]
 
 
 register_kind(LongTermMemory, StoreConfig)

@@ -113,6 +113,11 @@ class StoreKV:
             return k.to("cpu", self.kv_dtype).contiguous(), v.to("cpu", self.kv_dtype).contiguous()
         return self._kv_pages[layer].put(k.cpu(), v.cpu())
 
+    def kv_heads(self, layer: int) -> int | None:
+        """KV heads of the K/V stored at ``layer`` (None before any is stored)."""
+        shape = self._check_layer(layer).kv_shape
+        return None if shape is None else int(shape[0])
+
     def kv(
         self, layer: int, record_ids: torch.Tensor | Sequence[int]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

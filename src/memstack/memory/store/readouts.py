@@ -39,10 +39,11 @@ class StoreReadout:
         """The layer's readout from one call's hits (``per_block`` readouts)."""
         return Readout(None)
 
-    def prefix(self, kind: Any, state: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def prefix(self, kind: Any, layers: dict[int, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Token ids ``(B, P)`` and validity to put before the next segment, or None. ``kind`` is
-        the store kind (its ``config``), ``state`` one layer's ``StoreState`` (``stores``,
-        ``tail``); typed loosely because the store kind imports this module."""
+        the store kind (its ``config`` and ``search``), ``layers`` each store layer's
+        ``StoreState`` (``stores``, ``tail``); typed loosely because the store kind imports this
+        module."""
         return None
 
 
@@ -97,6 +98,20 @@ class GatedKVReadout(StoreReadout):
         return Readout(memory.attend(ctx.scaling), nothing, None)
 
 
+def _search_skipping_recent(kind: Any, store: Any, vectors: torch.Tensor) -> torch.Tensor:
+    """The ``top_k`` best chunk ids, leaving out chunks that end within the stream's last
+    ``skip_recent`` tokens (searched deep enough that ``top_k`` others remain when they exist)."""
+    c = kind.config
+    if not c.skip_recent:
+        return kind.search(store, vectors)[1]
+    every = store.ids()
+    fields = store.records(every)
+    ends = fields["start"] + fields["length"]
+    recent = set(every[ends > int(ends.max()) - c.skip_recent].tolist())
+    _, ids = kind.search(store, vectors, c.top_k + len(recent))
+    return torch.tensor([i for i in ids.tolist() if i not in recent][: c.top_k], dtype=torch.long)
+
+
 @register_readout
 class TokensReadout(StoreReadout):
     """The hits' token ids, in stream order, before the segment (left-padded per row)."""
@@ -104,20 +119,31 @@ class TokensReadout(StoreReadout):
     name = "tokens"
     per_block = False
 
-    def prefix(self, kind: Any, state: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Searched once per segment with the previous segment's tail query (causal: nothing of the
-        coming segment is used). None when no row retrieved anything."""
+    def prefix(self, kind: Any, layers: dict[int, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Searched once per segment with the previous segment's tail queries (causal: nothing of
+        the coming segment is used), on every store layer; the layers' rankings are fused by
+        reciprocal rank (a chunk scores ``sum over layers of 1 / (1 + rank)``; Cormack et al.
+        2009 add 60, which only matters for long lists), and the ``top_k`` best chunks come back
+        in stream order. None when no row retrieved anything."""
         c = kind.config
-        if state.tail is None:
+        if all(state.tail is None for state in layers.values()):
             return None
         rows: list[Any] = []
-        for row, store in enumerate(state.stores):
-            pooled = state.tail[row]
-            if len(store) == 0 or not bool(pooled.any()):
+        for row in range(next(iter(layers.values())).batch_size):
+            votes: dict[int, float] = {}
+            for state in layers.values():
+                store = state.stores[row]
+                if state.tail is None or len(store) == 0 or not bool(state.tail[row].any()):
+                    continue
+                ids = _search_skipping_recent(kind, store, state.tail[row])
+                for rank, i in enumerate(ids.tolist()):
+                    votes[i] = votes.get(i, 0.0) + 1.0 / (1 + rank)
+            if not votes:
                 rows.append(torch.zeros(0, dtype=torch.long))
                 continue
-            _, ids = store.search(0, pooled[None].float().cpu(), c.top_k)
-            ids = ids[0][ids[0] >= 0]
+            store = next(iter(layers.values())).stores[row]  # chunk ids agree across layers
+            best = sorted(votes, key=lambda i: (-votes[i], i))[: c.top_k]
+            ids = torch.tensor(best, dtype=torch.long)
             if c.neighbours:
                 ids = store.neighbours(ids, c.neighbours)
             ids = ids.sort().values  # stream order: the chunks read as they were written

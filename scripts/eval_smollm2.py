@@ -1,0 +1,195 @@
+"""Pass key on a real pretrained model (SmolLM2-135M-Instruct), in model tokens, memory on and off.
+
+    python scripts/eval_smollm2.py --lengths 4096 16384 --samples 20 --rows bare off store
+    python scripts/eval_smollm2.py --calibrate          # choose the retrieval heads (about 30 s)
+
+Every prompt is the papers' pass-key format (memstack.data.tasks.passkey_sample) in SmolLM2's
+own tokens: instruction, filler (``--filler synthetic``: the repeated sentences of Landmark /
+Infini-attention; ``text``: the held-out split of the King James Bible), the needle at depth
+``(i + 0.5) / samples`` for prompt ``i``, its own key and passage per prompt (seeded by row-free
+``sample_seed``, so every row sees the same prompts), and the question "What is the pass key?
+The pass key is". A prompt counts as found when the key's digits appear in the 8 greedy tokens
+that follow. Rows:
+
+- ``bare``: the model alone, full attention over the whole prompt (its window is 8,192 tokens;
+  longer prompts are skipped unless ``--past-window``);
+- ``off``: memstack in segments of ``--segment`` tokens with the store switched off; each
+  segment sees the previous one's last 256 tokens (the carry kind), so the answer sees the
+  question but nothing older;
+- ``store``: the same plus the long-term store, training-free: every token's key at the
+  calibrated retrieval heads is indexed, the question's last queries search it (``close_prompt``:
+  the prompt's end closes a segment and the answer opens a fresh one), and the best chunks' tokens
+  are put back before the carried tokens (the ``tokens`` readout), fused over the heads' layers;
+- ``store_all``: the store as configured before calibration existed (every layer, all heads,
+  InfLLM's representative tokens), same readout and protocol.
+
+Results append to ``<out>/passkey.jsonl`` one prompt per line (a rerun skips what is there, so a
+long run can be stopped and resumed) and the table with Wilson 95% intervals goes to
+``<out>/passkey.json``. The weights are the GGUF's Q4_1 weights de-quantized: results carry that
+quantization error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memstack import MemoryStack
+from memstack.data.tasks import passkey_sample
+from memstack.data.tokenizer import HFTokenizer
+from memstack.evals.longcontext import ROWS, answer, stack_config
+from memstack.io import write_json
+from memstack.train.evaluate import sample_seed, wilson_interval
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "results" / "smollm2"
+WINDOW = 8192  # SmolLM2's trained context
+
+
+def load_heads(out: Path) -> str:
+    """The calibrated retrieval heads (``--calibrate`` wrote them)."""
+    path = out / "heads.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} is missing; run with --calibrate first")
+    return json.loads(path.read_text())["heads"]
+
+
+class Rows:
+    """One stack wrapped at a time around the model (the ``bare`` row needs it unwrapped)."""
+
+    def __init__(self, model: Any, heads: str, segment_len: int):
+        self.model, self.heads, self.segment_len = model, heads, segment_len
+        self.current: tuple[str, MemoryStack] | None = None
+
+    def stack(self, row: str) -> MemoryStack | None:
+        want = None if row == "bare" else ("store_all" if row == "store_all" else "store")
+        if self.current is not None and self.current[0] == want:
+            return self.current[1]
+        if self.current is not None:
+            self.current[1].unwrap()
+            self.current = None
+        if want is None:
+            return None
+        heads = None if want == "store_all" else self.heads
+        self.current = (want, MemoryStack(self.model, stack_config(heads, self.segment_len)))
+        return self.current[1]
+
+
+def summarise(path: Path) -> dict[str, Any]:
+    """Hits, n and Wilson interval per (filler, row, length) of the JSONL results."""
+    cells: dict[tuple[str, str, int], list[bool]] = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        cells.setdefault((r["filler"], r["row"], r["length"]), []).append(r["found"])
+    table = []
+    for (filler, row, length), found in sorted(cells.items()):
+        hits, n = sum(found), len(found)
+        table.append(
+            {
+                "filler": filler,
+                "row": row,
+                "length": length,
+                "hits": hits,
+                "n": n,
+                "mean": hits / n,
+                "ci95": list(wilson_interval(hits, n)),
+            }
+        )
+    return {"cells": table}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=["bare", "off", "store"])
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096])
+    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--filler", choices=["synthetic", "text"], default="synthetic")
+    p.add_argument("--segment", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=10_000)
+    p.add_argument("--past-window", action="store_true", help="run `bare` past 8,192 tokens too")
+    p.add_argument("--calibrate", action="store_true", help="find the retrieval heads, write heads.json")
+    p.add_argument("--top-heads", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from memstack.pretrained import smollm2
+
+    model, hf_tok = smollm2()
+    tok = HFTokenizer(hf_tok)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.calibrate:
+        from memstack.evals.heads import heads_spec, retrieval_heads
+
+        t0 = time.perf_counter()
+        scores = retrieval_heads(model, hf_tok, prompts=12, length=1536)
+        result = {
+            "heads": heads_spec(scores, args.top_heads),
+            "top": [{"layer": s.layer, "head": s.head, "share": s.share} for s in scores[:20]],
+            "prompts": 12,
+            "length": 1536,
+            "seconds": time.perf_counter() - t0,
+        }
+        write_json(args.out / "heads.json", result)
+        print(f"retrieval heads: {result['heads']} ({result['seconds']:.0f} s)")
+        return result
+    rows = Rows(model, load_heads(args.out), args.segment)
+    log = args.out / "passkey.jsonl"
+    done = set()
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["filler"], r["row"], r["length"], r["sample"]))
+    for length in args.lengths:
+        for row in args.rows:
+            if row == "bare" and length > WINDOW and not args.past_window:
+                continue
+            for i in range(args.samples):
+                if (args.filler, row, length, i) in done:
+                    continue
+                depth = (i + 0.5) / args.samples
+                s = passkey_sample(
+                    tok,
+                    length,
+                    depth,
+                    sample_seed("smollm2", args.seed, length, i),
+                    filler=args.filler,
+                    split="test",
+                )
+                t0 = time.perf_counter()
+                out = answer(row, model, rows.stack(row), s.prompt_ids)
+                text = tok.decode(out)
+                rec = {
+                    "filler": args.filler,
+                    "row": row,
+                    "length": length,
+                    "sample": i,
+                    "depth": depth,
+                    "passkey": s.passkey,
+                    "answer": text,
+                    "found": s.passkey in text,
+                    "seconds": round(time.perf_counter() - t0, 2),
+                }
+                with log.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                print(json.dumps(rec), flush=True)
+    summary = summarise(log)
+    summary["heads"] = rows.heads
+    summary["command"] = "python scripts/eval_smollm2.py " + " ".join(argv or [])
+    write_json(args.out / "passkey.json", summary)
+    for c in summary["cells"]:
+        lo, hi = c["ci95"]
+        print(
+            f"{c['filler']:9s} {c['row']:9s} {c['length']:7d}  {c['hits']:2d}/{c['n']:2d} = "
+            f"{c['mean']:4.0%}  [{lo:.0%}, {hi:.0%}]"
+        )
+    return summary
+
+
+if __name__ == "__main__":
+    main()

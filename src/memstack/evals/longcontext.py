@@ -1,0 +1,97 @@
+"""Pass key on a pretrained model, in its own tokens: the rows every long-context table compares.
+
+The protocol (``scripts/eval_smollm2.py`` and ``scripts/quickstart.py`` use it):
+
+- the prompt is the papers' pass-key format (:func:`memstack.data.tasks.passkey_sample`) in the
+  model's tokens, ending with the question "What is the pass key? The pass key is";
+- a prompt counts as found when the key's digits appear in the greedy continuation
+  (:data:`ANSWER_TOKENS` tokens; RULER scores the same way, by the expected string's presence);
+- memstack rows answer with ``generate(..., close_prompt=True)``: the prompt's end closes a
+  segment, so the question's own last queries search the store, and the answer opens a fresh
+  segment whose prefix holds the retrieved chunks' tokens and the carried end of the prompt.
+
+Rows (:data:`ROWS`): ``bare`` (the model alone, full attention over the whole prompt), ``off``
+(memstack with the store switched off: segments that see the previous segment's last 256 tokens,
+so the answer sees the question and nothing older), ``store`` (the store searched by the
+calibrated retrieval heads alone), ``store_all`` (the store on every layer and head with
+InfLLM's representative tokens: the configuration before calibration).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from memstack.config import StackConfig
+from memstack.memory.carry import CarryConfig
+from memstack.memory.store.kind import StoreConfig
+from memstack.stack import MemoryStack
+
+ROWS = ("bare", "off", "store", "store_all")
+ANSWER_TOKENS = 8
+RECENT = 256
+"""Tokens of the previous segment every segment sees (the carry kind)."""
+
+
+def stack_config(heads: str | None, segment_len: int = 2048) -> StackConfig:
+    """The stack of the ``store`` row (``heads``: its calibrated retrieval heads) or of the
+    ``store_all`` row (``heads=None``); ``off`` is the ``store`` stack with the store switched off.
+
+    Training-free: no compressive memory (its gates would need training), the store's
+    ``tokens`` readout (the hits' tokens go back in front of the segment, which any model reads
+    without training), every token's key indexed at the searching heads (``every_token``), each of
+    the question's last 16 queries searching (``query_pool="max"``), the 4 best 32-token chunks.
+    """
+    if heads is not None:
+        store = StoreConfig(
+            layers="heads",
+            heads=heads,
+            strategy="every_token",
+            query_pool="max",
+            block_len=16,
+            top_k=4,
+            chunk_len=32,
+            readout="tokens",
+            skip_recent=RECENT,
+        )
+    else:
+        store = StoreConfig(
+            layers="all", block_len=16, top_k=4, chunk_len=32, readout="tokens", skip_recent=RECENT
+        )
+    return StackConfig(
+        segment_len=segment_len, compressive=None, store=store, kinds={"carry": CarryConfig(recent=RECENT)}
+    )
+
+
+def off_suffix(ids: list[int], segment_len: int) -> list[int]:
+    """What the ``off`` row needs of a prompt: its last two segments as ``forward`` cuts it from
+    the start. With the store off nothing older reaches the answer (the carry holds only the
+    previous segment's end), so the answer is the same as over the whole prompt, at a fraction
+    of the cost (``tests/test_heads_carry.py`` checks the equality). Exact when the carry kind
+    keeps no initial tokens and ``recent <= segment_len`` (:func:`answer` checks)."""
+    cut = max(0, (len(ids) - 1) // segment_len - 1) * segment_len
+    return ids[cut:]
+
+
+@torch.no_grad()
+def answer(row: str, model: Any, stack: MemoryStack | None, ids: list[int]) -> list[int]:
+    """The :data:`ANSWER_TOKENS` greedy tokens a row generates after the prompt ``ids``.
+
+    ``model`` is the unwrapped model for ``bare`` (``stack`` must then be None or unwrapped);
+    ``stack`` the row's stack otherwise (``off`` uses the ``store`` stack with the store off).
+    """
+    if row == "bare":
+        x = torch.tensor([ids], device=next(model.parameters()).device)
+        out = model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=ANSWER_TOKENS, do_sample=False
+        )
+        return out[0, x.shape[1] :].tolist()
+    if stack is None:
+        raise ValueError(f"row {row!r} needs a stack")
+    carry = stack.config.kinds.get("carry")
+    if row == "off" and carry is not None and carry.initial == 0 and carry.recent <= stack.config.segment_len:
+        ids = off_suffix(ids, stack.config.segment_len)
+    x = torch.tensor([ids], device=stack.device)
+    with stack.memory_enabled(row != "off", kinds=("store",)):
+        return stack.generate(x, max_new_tokens=ANSWER_TOKENS, close_prompt=True)[0, x.shape[1] :].tolist()
