@@ -402,12 +402,17 @@ class LongTermMemory(MemoryKind):
                 [segment.index * segment.segment_len + a for a, e in chunks],
                 segment.index,
                 {0: (keys.vectors.cpu(), keys.chunk_index.cpu())},
-                kv={
-                    0: (
-                        [key[row, :, a:e].cpu() for a, e in chunks],
-                        [value[row, :, a:e].cpu() for a, e in chunks],
-                    )
-                },
+                # a readout that never reads K/V back (``tokens``) does not keep them
+                kv=(
+                    {
+                        0: (
+                            [key[row, :, a:e].cpu() for a, e in chunks],
+                            [value[row, :, a:e].cpu() for a, e in chunks],
+                        )
+                    }
+                    if self.readout.per_block
+                    else None
+                ),
             )
         if all(t is None for t in tails):  # only padding in this segment: keep the previous tails
             return state
