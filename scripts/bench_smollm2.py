@@ -92,9 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
     base = next((r["seconds"] for r in results if r["row"] == "off"), None)
-    print(
-        f"{'row':10s} {'tokens':>7s} {'seconds':>8s} {'tok/s':>6s} {'x off':>6s} {'store B/token':>13s} {'peak RSS MB':>11s}"
-    )
+    header = ("row", "tokens", "seconds", "tok/s", "x off", "store B/token", "peak RSS MB")
+    print("{:10s} {:>7s} {:>8s} {:>6s} {:>6s} {:>13s} {:>11s}".format(*header))
     for r in results:
         r["ratio_to_off"] = r["seconds"] / base if base else None
         ratio = f"{r['ratio_to_off']:.2f}" if base else "-"

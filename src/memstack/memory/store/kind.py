@@ -117,7 +117,7 @@ class StoreConfig:
     values join the local softmax (no training needed); ``kv_gated``: attention over the hits
     alone, mixed in by a learned per-head gate (Memorizing Transformers); ``tokens``: the hits'
     token ids are put back in front of the segment (any model, no training; searched once per
-    segment with the previous one's tail)."""
+    segment with the previous one's tail; the chunks' K/V are then not kept)."""
     gate_init: float = -2.0
     """``kv_gated``: initial gate logit (sigmoid(-2) = 0.12: start close to the model alone)."""
     distance: int | None = None
