@@ -80,6 +80,29 @@ class Rows:
         return self.current[1]
 
 
+def markdown(cells: list[dict[str, Any]]) -> str:
+    """One table per filler: a row per system, a column per length, ``hits/n = mean [interval]``."""
+    out = []
+    for filler in sorted({c["filler"] for c in cells}):
+        mine = [c for c in cells if c["filler"] == filler]
+        lengths = sorted({c["length"] for c in mine})
+        out.append(f"{filler} filler | " + " | ".join(f"{n:,} tokens" for n in lengths))
+        out.append("---|" + "|".join("---" for _ in lengths))
+        for row in [r for r in ROWS if any(c["row"] == r for c in mine)]:
+            got = {c["length"]: c for c in mine if c["row"] == row}
+            shown = []
+            for n in lengths:
+                c = got.get(n)
+                shown.append(
+                    ""
+                    if c is None
+                    else f"{c['hits']}/{c['n']} = {c['mean']:.0%} [{c['ci95'][0]:.0%}, {c['ci95'][1]:.0%}]"
+                )
+            out.append(f"{row} | " + " | ".join(shown))
+        out.append("")
+    return "\n".join(out)
+
+
 def summarise(path: Path) -> dict[str, Any]:
     """Hits, n and Wilson interval per (filler, row, length) of the JSONL results."""
     cells: dict[tuple[str, str, int], list[bool]] = {}
@@ -182,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary["heads"] = rows.heads
     summary["command"] = "python scripts/eval_smollm2.py " + " ".join(argv or [])
     write_json(args.out / "passkey.json", summary)
+    (args.out / "passkey.md").write_text(markdown(summary["cells"]))
     for c in summary["cells"]:
         lo, hi = c["ci95"]
         print(

@@ -329,3 +329,37 @@ def test_bench_retrieval_keys_with_a_local_causal_lm_checkpoint(tmp_path):
     layers = {variant.split("/")[0] for variant in saved["results"]["facts"]["hf_model"]}
     assert layers == {"0", "1"}
     assert all(r["n"]["mean"] == 2 for r in saved["results"]["passkey_2K"]["hf_model"].values())
+
+
+def test_eval_smollm2_tables_count_hits_with_wilson_intervals(tmp_path):
+    """The real-model evaluation's summary: hits and n per (filler, row, length) and the 95% Wilson
+    interval, recomputed here from the formula."""
+    import math
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import eval_smollm2
+
+    found = {("synthetic", "store", 4096): [1, 1, 0, 1, 1], ("text", "off", 2048): [0, 0, 0]}
+    log = tmp_path / "passkey.jsonl"
+    with log.open("w") as f:
+        for (filler, row, length), hits in found.items():
+            for i, h in enumerate(hits):
+                f.write(
+                    json.dumps(
+                        {"filler": filler, "row": row, "length": length, "sample": i, "found": bool(h)}
+                    )
+                    + "\n"
+                )
+    cells = {(c["filler"], c["row"], c["length"]): c for c in eval_smollm2.summarise(log)["cells"]}
+    z = 1.96
+    for key, hits in found.items():
+        n, k = len(hits), sum(hits)
+        p = k / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        assert (cells[key]["hits"], cells[key]["n"]) == (k, n)
+        assert cells[key]["ci95"] == pytest.approx(
+            [max(0.0, centre - half), min(1.0, centre + half)], abs=1e-9
+        )
+    table = eval_smollm2.markdown(list(cells.values()))
+    assert "store | 4/5 = 80%" in table and "off | 0/3 = 0%" in table

@@ -187,3 +187,30 @@ def test_a_repeated_passage_retrieves_its_first_occurrence(smol):
     best = max(rates, key=rates.get)
     texts = [r.text for r in found.retrievals if r.layer == best and r.queries[0] - block >= second]
     assert any(t and t.strip() and t.strip() in PASSAGE for t in texts), texts
+
+
+def test_the_calibrated_heads_find_a_pass_key_past_the_window_of_a_segment(smol):
+    """The shipped retrieval heads (results/smollm2/heads.json) search the store training-free: at
+    3,000 tokens in segments of 1,024, the prefix the answer reads holds the needle's key, which
+    neither the carried tokens nor the answer's segment contain. A random pick of 4 of the ~85
+    chunks would hold it in 1 prompt of 20; at least 2 of 4 prompts would happen by chance in
+    about 1 run of 70."""
+    import json
+    from pathlib import Path
+
+    from memstack.data.tasks import passkey_sample
+    from memstack.data.tokenizer import HFTokenizer
+    from memstack.evals.longcontext import stack_config
+
+    heads = json.loads((Path(__file__).parents[1] / "results" / "smollm2" / "heads.json").read_text())["heads"]
+    tok = HFTokenizer(smol[1])
+    stack = wrap(smol, stack_config(heads, segment_len=1024))
+    found = 0
+    for i, depth in enumerate((0.15, 0.4, 0.6, 0.85)):
+        s = passkey_sample(tok, 3000, depth, 31 + i)
+        assert s.passkey not in tok.decode(s.prompt_ids[-256:])  # not carried: only the store can bring it
+        with torch.no_grad():
+            state = stack(torch.tensor([s.prompt_ids]), return_logits=False).state
+        prefix = stack._prefix(state, 1)[0][0].tolist()
+        found += s.passkey in tok.decode(prefix)
+    assert found >= 2
