@@ -202,7 +202,8 @@ def test_the_calibrated_heads_find_a_pass_key_past_the_window_of_a_segment(smol)
     from memstack.data.tokenizer import HFTokenizer
     from memstack.evals.longcontext import stack_config
 
-    heads = json.loads((Path(__file__).parents[1] / "results" / "smollm2" / "heads.json").read_text())["heads"]
+    shipped = Path(__file__).parents[1] / "results" / "smollm2" / "heads.json"
+    heads = json.loads(shipped.read_text())["heads"]
     tok = HFTokenizer(smol[1])
     stack = wrap(smol, stack_config(heads, segment_len=1024))
     found = 0
