@@ -20,6 +20,7 @@ that follow. Rows:
   calibrated retrieval heads is indexed, the question's last queries search it (``close_prompt``:
   the prompt's end closes a segment and the answer opens a fresh one), and the best chunks' tokens
   are put back before the carried tokens (the ``tokens`` readout), fused over the heads' layers;
+- ``compressive``: Infini-attention's compressive memory on every layer, gates untrained, no store;
 - ``store_all``: the store as configured before calibration existed (every layer, all heads,
   InfLLM's representative tokens), same readout and protocol.
 
@@ -42,7 +43,7 @@ import torch
 from memstack import MemoryStack
 from memstack.data.tasks import passkey_sample
 from memstack.data.tokenizer import HFTokenizer
-from memstack.evals.longcontext import ROWS, answer, stack_config
+from memstack.evals.longcontext import ROWS, answer, compressive_config, stack_config
 from memstack.io import write_json
 from memstack.train.evaluate import sample_seed, wilson_interval
 
@@ -67,7 +68,7 @@ class Rows:
         self.current: tuple[str, MemoryStack] | None = None
 
     def stack(self, row: str) -> MemoryStack | None:
-        want = None if row == "bare" else ("store_all" if row == "store_all" else "store")
+        want = None if row == "bare" else (row if row in ("store_all", "compressive") else "store")
         if self.current is not None and self.current[0] == want:
             return self.current[1]
         if self.current is not None:
@@ -75,8 +76,11 @@ class Rows:
             self.current = None
         if want is None:
             return None
-        heads = None if want == "store_all" else self.heads
-        self.current = (want, MemoryStack(self.model, stack_config(heads, self.segment_len)))
+        if want == "compressive":
+            config = compressive_config(self.segment_len)
+        else:
+            config = stack_config(None if want == "store_all" else self.heads, self.segment_len)
+        self.current = (want, MemoryStack(self.model, config))
         return self.current[1]
 
 

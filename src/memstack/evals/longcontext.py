@@ -14,11 +14,13 @@ Rows (:data:`ROWS`): ``bare`` (the model alone, full attention over the whole pr
 (memstack with the store switched off: segments that see the previous segment's last 256 tokens,
 so the answer sees the question and nothing older), ``store`` (the store searched by the
 calibrated retrieval heads alone), ``store_all`` (the store on every layer and head with
-InfLLM's representative tokens: the configuration before calibration).
+InfLLM's representative tokens: the configuration before calibration), ``compressive``
+(Infini-attention's compressive memory with its gates untrained, no store).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -28,10 +30,23 @@ from memstack.memory.carry import CarryConfig
 from memstack.memory.store.kind import StoreConfig
 from memstack.stack import MemoryStack
 
-ROWS = ("bare", "off", "store", "store_all")
+ROWS = ("bare", "off", "compressive", "store", "store_all")
 ANSWER_TOKENS = 8
 RECENT = 256
 """Tokens of the previous segment every segment sees (the carry kind)."""
+
+
+def compressive_config(segment_len: int = 2048) -> StackConfig:
+    """The ``compressive`` row: compressive memory on every layer, its gates at their initial
+    value (untrained), the same carried tokens, no store."""
+    from memstack.memory.compressive import CompressiveConfig
+
+    return StackConfig(
+        segment_len=segment_len,
+        compressive=CompressiveConfig(layers="all"),
+        store=None,
+        kinds={"carry": CarryConfig(recent=RECENT)},
+    )
 
 
 def stack_config(heads: str | None, segment_len: int = 2048) -> StackConfig:
@@ -93,5 +108,6 @@ def answer(row: str, model: Any, stack: MemoryStack | None, ids: list[int]) -> l
     if row == "off" and carry is not None and carry.initial == 0 and carry.recent <= stack.config.segment_len:
         ids = off_suffix(ids, stack.config.segment_len)
     x = torch.tensor([ids], device=stack.device)
-    with stack.memory_enabled(row != "off", kinds=("store",)):
+    off = stack.memory_off("store") if row == "off" else contextlib.nullcontext()
+    with off:
         return stack.generate(x, max_new_tokens=ANSWER_TOKENS, close_prompt=True)[0, x.shape[1] :].tolist()
