@@ -534,7 +534,8 @@ def test_retrieval_heads_equal_eager_attention_shares():
 
 
 def test_memory_off_on_the_last_two_segments_equals_the_whole_prompt():
-    """evals.longcontext.off_suffix: with the store off, only the last two segments reach the answer."""
+    """evals.longcontext.off_suffix: with the store off, only the last two segments reach the
+    answer; and a prompt inside one segment is answered as the unwrapped model answers it."""
     from memstack.evals.longcontext import ANSWER_TOKENS, answer, off_suffix
 
     config = StackConfig(
@@ -550,5 +551,16 @@ def test_memory_off_on_the_last_two_segments_equals_the_whole_prompt():
         cut = off_suffix(ids[0].tolist(), 16)
         assert len(cut) <= 32 and (length - len(cut)) % 16 == 0
         with torch.no_grad(), stack.memory_off("store"):
-            whole = stack.generate(ids, max_new_tokens=ANSWER_TOKENS, close_prompt=True)[0, length:]
+            # a prompt inside one segment is read whole (close_prompt only past one segment)
+            whole = stack.generate(ids, max_new_tokens=ANSWER_TOKENS, close_prompt=length > 16)[0, length:]
         assert answer("off", None, stack, ids[0].tolist()) == whole.tolist()
+        if length <= 16:
+            plain = stack.unwrap().generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=ANSWER_TOKENS,
+                pad_token_id=0,
+            )[0, length:]
+            stack = MemoryStack(stack.model, config)
+            assert answer("store", None, stack, ids[0].tolist()) == plain.tolist()

@@ -6,9 +6,11 @@ The protocol (``scripts/eval_smollm2.py`` and ``scripts/quickstart.py`` use it):
   model's tokens, ending with the question "What is the pass key? The pass key is";
 - a prompt counts as found when the key's digits appear in the greedy continuation
   (:data:`ANSWER_TOKENS` tokens; RULER scores the same way, by the expected string's presence);
-- memstack rows answer with ``generate(..., close_prompt=True)``: the prompt's end closes a
-  segment, so the question's own last queries search the store, and the answer opens a fresh
-  segment whose prefix holds the retrieved chunks' tokens and the carried end of the prompt.
+- memstack rows answer a prompt longer than one segment with ``generate(..., close_prompt=True)``:
+  the prompt's end closes a segment, so the question's own last queries search the store, and
+  the answer opens a fresh segment whose prefix holds the retrieved chunks' tokens and the
+  carried end of the prompt. A prompt that fits in one segment is read whole, as the bare model
+  reads it (the first segment is exactly the unwrapped model), whatever the memory.
 
 Rows (:data:`ROWS`): ``bare`` (the model alone, full attention over the whole prompt), ``off``
 (memstack with the store switched off: segments that see the previous segment's last 256 tokens,
@@ -109,5 +111,6 @@ def answer(row: str, model: Any, stack: MemoryStack | None, ids: list[int]) -> l
         ids = off_suffix(ids, stack.config.segment_len)
     x = torch.tensor([ids], device=stack.device)
     off = stack.memory_off("store") if row == "off" else contextlib.nullcontext()
+    close = x.shape[1] > stack.config.segment_len  # a prompt inside one segment is read whole
     with off:
-        return stack.generate(x, max_new_tokens=ANSWER_TOKENS, close_prompt=True)[0, x.shape[1] :].tolist()
+        return stack.generate(x, max_new_tokens=ANSWER_TOKENS, close_prompt=close)[0, x.shape[1] :].tolist()
