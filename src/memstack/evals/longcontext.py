@@ -9,8 +9,9 @@ The protocol (``scripts/eval_smollm2.py`` and ``scripts/quickstart.py`` use it):
 - memstack rows answer a prompt longer than one segment with ``generate(..., close_prompt=True)``:
   the prompt's end closes a segment, so the question's own last queries search the store, and
   the answer opens a fresh segment whose prefix holds the retrieved chunks' tokens and the
-  carried end of the prompt. A prompt that fits in one segment is read whole, as the bare model
-  reads it (the first segment is exactly the unwrapped model), whatever the memory.
+  carried end of the prompt. A prompt that fits in one segment with its answer is read whole,
+  as the bare model reads it (the first segment is exactly the unwrapped model), whatever the
+  memory; at exactly one segment (2,048 tokens) the answer would cross a boundary, so it closes.
 
 Rows (:data:`ROWS`): ``bare`` (the model alone, full attention over the whole prompt), ``off``
 (memstack with the store switched off: segments that see the previous segment's last 256 tokens,
@@ -111,6 +112,7 @@ def answer(row: str, model: Any, stack: MemoryStack | None, ids: list[int]) -> l
         ids = off_suffix(ids, stack.config.segment_len)
     x = torch.tensor([ids], device=stack.device)
     off = stack.memory_off("store") if row == "off" else contextlib.nullcontext()
-    close = x.shape[1] > stack.config.segment_len  # a prompt inside one segment is read whole
+    # a prompt that fits in one segment with its answer is read whole
+    close = x.shape[1] + ANSWER_TOKENS > stack.config.segment_len
     with off:
         return stack.generate(x, max_new_tokens=ANSWER_TOKENS, close_prompt=close)[0, x.shape[1] :].tolist()
