@@ -359,3 +359,19 @@ def test_readme_quickstart_line_matches_the_shipped_cells():
     on = " / ".join(f"{r['mean']:.0%}" for r in run[:2])
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert f"pass key found at 960, 4032 bytes: memory on {on}, memory off 0% / 0%" in readme
+
+
+def test_readme_first_command_line_matches_the_shipped_quickstart_run():
+    """The README quotes what scripts/quickstart.py printed (results/smollm2/quickstart.json)."""
+    run = _load("results/smollm2/quickstart.json")
+    r, n = run["rows"], run["rows"]["bare"]["n"]
+    line = (
+        f"pass key found: bare model at {run['window_length']:,} tokens {r['bare']['hits']}/{n}; at "
+        f"{run['length']:,} tokens memory on {r['store']['hits']}/{n}, memory off {r['off']['hits']}/{n}"
+    )
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert line in readme
+    # and the 20-prompt tables of docs/results.md are those the evaluation wrote
+    table = (ROOT / "results" / "smollm2" / "passkey.md").read_text().strip().splitlines()
+    results = (ROOT / "docs" / "results.md").read_text()
+    assert all(row in results for row in table if row)
