@@ -296,7 +296,8 @@ def test_bench_retrieval_on_the_shipped_weights(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
     tables = run("scripts/bench_retrieval.py", "--replot", "--markdown", "--out", str(out)).stdout
     rows = [line for line in tables.splitlines() if line.startswith("| tiny_passkey: ")]
-    assert len(rows) == len(strategies) == 7 and all(line.count("/") == 3 for line in rows)  # held-out / best, per task
+    # one row per strategy, held-out / best per task
+    assert len(rows) == len(strategies) == 7 and all(line.count("/") == 3 for line in rows)
     bad = run("scripts/bench_retrieval.py", "--systems", "nope", check=False)
     assert bad.returncode != 0 and "accepted: tiny_text tiny_passkey" in bad.stderr
 
