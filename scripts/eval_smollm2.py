@@ -2,6 +2,8 @@
 
     python scripts/eval_smollm2.py --lengths 4096 16384 --samples 20 --rows bare off store
     python scripts/eval_smollm2.py --calibrate          # choose the retrieval heads (about 30 s)
+    python scripts/eval_smollm2.py --run runs/smollm2_passkey --rows tuned tuned_off --lengths 32768
+    python scripts/eval_smollm2.py --run runs/smollm2_passkey --heldout   # text loss before/after
 
 Every prompt is the papers' pass-key format (memstack.data.tasks.passkey_sample) in SmolLM2's
 own tokens: instruction, filler (``--filler synthetic``: the repeated sentences of Landmark /
@@ -22,7 +24,14 @@ that follow. Rows:
   are put back before the carried tokens (the ``tokens`` readout), fused over the heads' layers;
 - ``compressive``: Infini-attention's compressive memory on every layer, gates untrained, no store;
 - ``store_all``: the store as configured before calibration existed (every layer, all heads,
-  InfLLM's representative tokens), same readout and protocol.
+  InfLLM's representative tokens), same readout and protocol;
+- ``tuned`` / ``tuned_off``: the stack ``configs/smollm2_passkey.py`` fine-tuned (``--run``), with
+  every memory on, and with all but the carried tokens off.
+
+``--chat`` puts every prompt through SmolLM2's chat template (the text and question as the user's
+message, "The pass key is" opening the assistant's reply); its cells are filed under the filler
+``synthetic+chat`` or ``text+chat``. ``--heldout`` measures the ``--run`` stack's loss on held-out
+text before and after training (``heldout.json``).
 
 Results append to ``<out>/passkey.jsonl`` one prompt per line (a rerun skips what is there, so a
 long run can be stopped and resumed) and the table with Wilson 95% intervals goes to
@@ -43,9 +52,19 @@ import torch
 from memstack import MemoryStack
 from memstack.data.tasks import passkey_sample
 from memstack.data.tokenizer import HFTokenizer
-from memstack.evals.longcontext import ROWS, answer, compressive_config, stack_config
+from memstack.evals.longcontext import (
+    ROWS,
+    answer,
+    chat_prompt,
+    compressive_config,
+    heldout_passages,
+    mean_interval,
+    passage_losses,
+    stack_config,
+)
 from memstack.io import write_json
-from memstack.train.evaluate import sample_seed, wilson_interval
+from memstack.train.evaluate import load_run, sample_seed, wilson_interval
+from memstack.train.loop import build_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "smollm2"
@@ -60,14 +79,29 @@ def load_heads(out: Path) -> str:
     return json.loads(path.read_text())["heads"]
 
 
-class Rows:
-    """One stack wrapped at a time around the model (the ``bare`` row needs it unwrapped)."""
+def load_tuned_run(run: Path) -> tuple[Any, MemoryStack]:
+    """(config, fine-tuned stack) of a ``configs/smollm2_passkey.py`` run (its latest checkpoint)."""
+    try:
+        config, stack, _ = load_run(run)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return config, stack
 
-    def __init__(self, model: Any, heads: str, segment_len: int):
-        self.model, self.heads, self.segment_len = model, heads, segment_len
+
+class Rows:
+    """One stack wrapped at a time around the model (the ``bare`` row needs it unwrapped); the
+    tuned rows' stack, from ``--run``, wraps a model of its own."""
+
+    def __init__(self, model: Any, heads: str, segment_len: int, run: Path | None = None):
+        self.model, self.heads, self.segment_len, self.run = model, heads, segment_len, run
         self.current: tuple[str, MemoryStack] | None = None
+        self.tuned: MemoryStack | None = None
 
     def stack(self, row: str) -> MemoryStack | None:
+        if row in ("tuned", "tuned_off"):
+            if self.tuned is None:
+                self.tuned = load_tuned_run(self.run)[1]
+            return self.tuned
         want = None if row == "bare" else (row if row in ("store_all", "compressive") else "store")
         if self.current is not None and self.current[0] == want:
             return self.current[1]
@@ -130,6 +164,40 @@ def summarise(path: Path) -> dict[str, Any]:
     return {"cells": table}
 
 
+def heldout(args: argparse.Namespace, tok: HFTokenizer, argv: list[str] | None) -> dict:
+    """Loss on held-out text of the ``--run`` stack before training (the same config, adapters
+    and gates as initialised) and after, on the same passages: the KJV's test split and Python's
+    language reference, neither of which the recipe trains on."""
+    from pydoc_data.topics import topics
+
+    from memstack.data.tasks import filler_text
+
+    config, tuned = load_tuned_run(args.run)
+    length = 2 * config.stack.segment_len  # two segments: the second reads the first through memory
+    texts = {"kjv_test": filler_text("test"), "python_reference": " ".join(topics[k] for k in sorted(topics))}
+    before = build_stack(config).eval()
+    result: dict[str, Any] = {"run": str(args.run), "passage_tokens": length, "texts": {}}
+    for name, text in texts.items():
+        passages = heldout_passages(tok, text, args.passages, length)
+        t0 = time.perf_counter()
+        b, a = passage_losses(before, passages), passage_losses(tuned, passages)
+        result["texts"][name] = {
+            "before": {"losses": b, **mean_interval(b)},
+            "after": {"losses": a, **mean_interval(a)},
+            "after_minus_before": mean_interval([y - x for x, y in zip(b, a, strict=True)]),
+            "seconds": time.perf_counter() - t0,
+        }
+        r = result["texts"][name]
+        print(
+            f"{name:17s} before {r['before']['mean']:.4f}  after {r['after']['mean']:.4f}  "
+            f"change {r['after_minus_before']['mean']:+.4f} [{r['after_minus_before']['ci95'][0]:+.4f}, "
+            f"{r['after_minus_before']['ci95'][1]:+.4f}]  ({len(passages)} passages of {length} tokens)"
+        )
+    result["command"] = "python scripts/eval_smollm2.py " + " ".join(argv or [])
+    write_json(args.out / "heldout.json", result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="+", choices=ROWS, default=["bare", "off", "store"])
@@ -141,9 +209,29 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--past-window", action="store_true", help="run `bare` past 8,192 tokens too")
     p.add_argument("--calibrate", action="store_true", help="find the retrieval heads, write heads.json")
     p.add_argument("--top-heads", type=int, default=8)
+    p.add_argument("--run", type=Path, help="a configs/smollm2_passkey.py run: the tuned rows' weights")
+    p.add_argument(
+        "--chat", action="store_true", help="put each prompt through the chat template (filler `NAME+chat`)"
+    )
+    p.add_argument(
+        "--heldout",
+        action="store_true",
+        help="held-out text loss of --run's stack before and after training, write heldout.json",
+    )
+    p.add_argument("--passages", type=int, default=8, help="--heldout: passages per text")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
+    tuned = [r for r in args.rows if r.startswith("tuned")]
+    if (tuned or args.heldout) and args.run is None:
+        p.error(
+            f"{'--heldout' if args.heldout else ' and '.join(tuned)} needs --run DIR (a scripts/train.py run)"
+        )
+    if args.run is not None and not (args.run / "config.json").is_file():
+        raise SystemExit(
+            f"error: {args.run} is not a training run (no config.json); train first: "
+            f"python scripts/train.py configs/smollm2_passkey.py run.out_dir={args.run}"
+        )
     torch.set_num_threads(args.threads)
     from memstack.pretrained import smollm2
 
@@ -165,21 +253,24 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(args.out / "heads.json", result)
         print(f"retrieval heads: {result['heads']} ({result['seconds']:.0f} s)")
         return result
-    rows = Rows(model, load_heads(args.out), args.segment)
+    if args.heldout:
+        return heldout(args, tok, argv)
+    rows = Rows(model, load_heads(args.out), args.segment, args.run)
+    filler = args.filler + ("+chat" if args.chat else "")
     log = args.out / "passkey.jsonl"
     done = set()
     if log.is_file():
         for line in log.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["filler"], r["row"], r["length"], r["sample"]))
+            done.add((r["filler"], r["row"], r["length"], r["sample"], round(r["depth"], 6)))
     for length in args.lengths:
         for row in args.rows:
             if row == "bare" and length > WINDOW and not args.past_window:
                 continue
             for i in range(args.samples):
-                if (args.filler, row, length, i) in done:
-                    continue
                 depth = (i + 0.5) / args.samples
+                if (filler, row, length, i, round(depth, 6)) in done:
+                    continue
                 s = passkey_sample(
                     tok,
                     length,
@@ -188,11 +279,12 @@ def main(argv: list[str] | None = None) -> dict:
                     filler=args.filler,
                     split="test",
                 )
+                ids = chat_prompt(hf_tok, s.prompt_ids) if args.chat else s.prompt_ids
                 t0 = time.perf_counter()
-                out = answer(row, model, rows.stack(row), s.prompt_ids)
+                out = answer(row, model, rows.stack(row), ids)
                 text = tok.decode(out)
                 rec = {
-                    "filler": args.filler,
+                    "filler": filler,
                     "row": row,
                     "length": length,
                     "sample": i,

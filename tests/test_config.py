@@ -235,7 +235,10 @@ def test_overrides_parse_to_the_field_type():
         ),
         # nothing close: the section's keys, and no other section's
         ("optim.learning_rate=1", r"'optim.learning_rate'; valid optim keys: optim.lr, .*optim.grad_accum$"),
-        ("trainer.lr=1", r"unknown config key 'trainer.lr'; keys start with a section: data, eval, model,"),
+        (
+            "trainer.lr=1",
+            r"unknown config key 'trainer.lr'; keys start with a section: data, eval, lora, model,",
+        ),
         ("stack.segment_len=abc", "expected int"),
         ("run.resume=maybe", "expected a bool"),
         ("optim.lr", "must look like key.sub=value"),

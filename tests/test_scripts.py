@@ -365,3 +365,18 @@ def test_eval_smollm2_tables_count_hits_with_wilson_intervals(tmp_path):
         )
     table = eval_smollm2.markdown(list(cells.values()))
     assert "store | 4/5 = 80%" in table and "off | 0/3 = 0%" in table
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rows", "tuned"], "tuned needs --run DIR"),
+        (["--heldout"], "--heldout needs --run DIR"),
+        (["--rows", "tuned_off", "--run", "{tmp}/nothing"], "is not a training run (no config.json)"),
+    ],
+)
+def test_eval_smollm2_tuned_rows_need_a_run_and_say_so_before_loading_the_model(tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = run("scripts/eval_smollm2.py", *args, check=False)
+    assert result.returncode != 0 and message in result.stderr
+    assert "Traceback" not in result.stderr

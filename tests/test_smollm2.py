@@ -215,3 +215,24 @@ def test_the_calibrated_heads_find_a_pass_key_past_the_window_of_a_segment(smol)
         prefix = stack._prefix(state, 1)[0][0].tolist()
         found += s.passkey in tok.decode(prefix)
     assert found >= 2
+
+
+def test_chat_prompt_is_the_template_around_the_question_and_smollm2_names_its_tokenizer(smol):
+    """``--chat``: the pass-key prompt becomes the user's message and "The pass key is" opens the
+    assistant's reply; ``data.tokenizer=smollm2`` is the same tokenizer the loader returns."""
+    from memstack.data.tasks import passkey_sample
+    from memstack.data.tokenizer import HFTokenizer, load_tokenizer
+    from memstack.evals.longcontext import ANSWER_PREFIX, chat_prompt
+
+    tokenizer = smol[1]
+    sample = passkey_sample(HFTokenizer(tokenizer), 300, 0.5, seed=3)
+    ids = chat_prompt(tokenizer, sample.prompt_ids)
+    text = tokenizer.decode(ids)
+    body = tokenizer.decode(sample.prompt_ids)[: -len(ANSWER_PREFIX)].strip()
+    want = tokenizer.apply_chat_template(
+        [{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == want + ANSWER_PREFIX
+    assert text.count(f"The pass key is {sample.passkey}.") == 1 and "<|im_start|>assistant\n" in text
+    assert 0 < len(ids) - len(sample.prompt_ids) < 60  # the template's own tokens
+    assert load_tokenizer("smollm2").encode(PROSE) == tokenizer.encode(PROSE, add_special_tokens=False)

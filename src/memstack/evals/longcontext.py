@@ -18,12 +18,19 @@ Rows (:data:`ROWS`): ``bare`` (the model alone, full attention over the whole pr
 so the answer sees the question and nothing older), ``store`` (the store searched by the
 calibrated retrieval heads alone), ``store_all`` (the store on every layer and head with
 InfLLM's representative tokens: the configuration before calibration), ``compressive``
-(Infini-attention's compressive memory with its gates untrained, no store).
+(Infini-attention's compressive memory with its gates untrained, no store), ``tuned`` (a
+fine-tuned stack, ``configs/smollm2_passkey.py``: LoRA adapters and gates trained, every memory
+on) and ``tuned_off`` (the same weights with every memory but the carried tokens off).
+
+With ``chat=True`` (:func:`chat_prompt`) a prompt goes through the tokenizer's chat template:
+the instruction, text and question as the user's message, "The pass key is" opening the
+assistant's reply.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import torch
@@ -33,7 +40,11 @@ from memstack.memory.carry import CarryConfig
 from memstack.memory.store.kind import StoreConfig
 from memstack.stack import MemoryStack
 
-ROWS = ("bare", "off", "compressive", "store", "store_all")
+ROWS = ("bare", "off", "compressive", "store", "store_all", "tuned", "tuned_off")
+OFF_ROWS = ("off", "tuned_off")
+"""Rows that switch every memory kind off but the carried tokens."""
+ANSWER_PREFIX = "The pass key is"
+"""The end of the question that opens the answer (the assistant's reply with a chat template)."""
 ANSWER_TOKENS = 8
 RECENT = 256
 """Tokens of the previous segment every segment sees (the carry kind)."""
@@ -97,7 +108,8 @@ def answer(row: str, model: Any, stack: MemoryStack | None, ids: list[int]) -> l
     """The :data:`ANSWER_TOKENS` greedy tokens a row generates after the prompt ``ids``.
 
     ``model`` is the unwrapped model for ``bare`` (``stack`` must then be None or unwrapped);
-    ``stack`` the row's stack otherwise (``off`` uses the ``store`` stack with the store off).
+    ``stack`` the row's stack otherwise: ``off`` and ``tuned_off`` switch every memory kind of
+    it off but the carried tokens (``off`` is the ``store`` stack with the store off).
     """
     if row == "bare":
         x = torch.tensor([ids], device=next(model.parameters()).device)
@@ -108,11 +120,77 @@ def answer(row: str, model: Any, stack: MemoryStack | None, ids: list[int]) -> l
     if stack is None:
         raise ValueError(f"row {row!r} needs a stack")
     carry = stack.config.kinds.get("carry")
-    if row == "off" and carry is not None and carry.initial == 0 and carry.recent <= stack.config.segment_len:
+    if (
+        row in OFF_ROWS
+        and carry is not None
+        and carry.initial == 0
+        and carry.recent <= stack.config.segment_len
+    ):
         ids = off_suffix(ids, stack.config.segment_len)
     x = torch.tensor([ids], device=stack.device)
-    off = stack.memory_off("store") if row == "off" else contextlib.nullcontext()
+    others = [k for k in stack.kinds if k != "carry"]
+    off = stack.memory_off(*others) if row in OFF_ROWS and others else contextlib.nullcontext()
     # a prompt that fits in one segment with its answer is read whole
     close = x.shape[1] + ANSWER_TOKENS > stack.config.segment_len
     with off:
         return stack.generate(x, max_new_tokens=ANSWER_TOKENS, close_prompt=close)[0, x.shape[1] :].tolist()
+
+
+def chat_prompt(tokenizer: Any, prompt_ids: list[int]) -> list[int]:
+    """A pass-key prompt put through the tokenizer's chat template: everything before
+    :data:`ANSWER_PREFIX` is the user's message, and the assistant's reply opens with it.
+
+    The template adds its own tokens (for SmolLM2 about 30: the default system prompt and the
+    role markers), so the result is that much longer than ``prompt_ids``.
+
+    Raises:
+        ValueError: if the tokenizer has no chat template, or the prompt does not end with
+            :data:`ANSWER_PREFIX`.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{type(tokenizer).__name__} has no chat template; evaluate without chat")
+    text = tokenizer.decode(prompt_ids)
+    if not text.endswith(ANSWER_PREFIX):
+        raise ValueError(f"a pass-key prompt ends with {ANSWER_PREFIX!r}; this one ends {text[-40:]!r}")
+    body = text[: -len(ANSWER_PREFIX)].strip()
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer.encode(chat + ANSWER_PREFIX, add_special_tokens=False)
+
+
+def heldout_passages(tokenizer: Any, text: str, n: int, length: int) -> list[list[int]]:
+    """``n`` consecutive, non-overlapping passages of ``length`` tokens from the start of ``text``
+    (``tokenizer``: memstack's interface, :class:`~memstack.data.tokenizer.HFTokenizer` for a
+    Hugging Face one).
+
+    Raises:
+        ValueError: if the text holds fewer than ``n * length`` tokens.
+    """
+    ids: list[int] = []
+    words = text.split()
+    step = 20_000  # words per piece: tokenizing a whole book at once is slow and not needed
+    for start in range(0, len(words), step):
+        ids += tokenizer.encode(" " + " ".join(words[start : start + step]))
+        if len(ids) >= n * length:
+            return [ids[i * length : (i + 1) * length] for i in range(n)]
+    raise ValueError(f"the text holds {len(ids)} tokens, fewer than {n} passages of {length}")
+
+
+@torch.no_grad()
+def passage_losses(stack: MemoryStack, passages: list[list[int]]) -> list[float]:
+    """Mean next-token loss (nats) of each passage, read by ``stack`` from a fresh state."""
+    losses = []
+    for ids in passages:
+        x = torch.tensor([ids], device=stack.device)
+        losses.append(float(stack(x, labels=x).loss))
+    return losses
+
+
+def mean_interval(values: list[float]) -> dict[str, Any]:
+    """Mean and a normal 95% interval over ``values`` (the passages are the samples)."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    half = 1.96 * sd / math.sqrt(n)
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": n}

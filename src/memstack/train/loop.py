@@ -27,6 +27,8 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from memstack.io import remove_stale_temporaries, write_json, write_text
+from memstack.memory.adapters import default_targets, lora_config
+from memstack.pretrained import SMOLLM2, smollm2
 from memstack.sleep import Day, sleep
 from memstack.stack import MemoryStack
 from memstack.train.checkpoint import (
@@ -36,7 +38,7 @@ from memstack.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from memstack.train.config import Config, ModelConfig
+from memstack.train.config import Config, LoraConfig, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,6 +65,9 @@ def build_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
     """
     if cfg.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.path == SMOLLM2:
+        model, _ = smollm2(dtype=DTYPES[cfg.dtype])
+        return model.train()
     if cfg.path is not None:
         return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=DTYPES[cfg.dtype])
     hf = AutoConfig.for_model(
@@ -130,7 +135,32 @@ def build_stack(config: Config, device: torch.device | str = "cpu") -> MemorySta
         A fresh MemoryStack (its base model in training mode).
     """
     model = build_model(config.model, config.run.seed).to(device)
-    return MemoryStack(model, config.stack)
+    stack = MemoryStack(model, config.stack)
+    if config.lora is not None:
+        add_finetune_adapter(stack, config.lora)
+    return stack
+
+
+FINETUNE = "finetune"
+"""The name of the adapter ``Config.lora`` trains (sleep's adapters are ``sleep-NNNN``)."""
+
+
+def add_finetune_adapter(stack: MemoryStack, cfg: LoraConfig) -> list[torch.nn.Parameter]:
+    """Freeze the base model and add the trainable LoRA adapter :data:`FINETUNE` (peft, on
+    ``cfg.targets`` or the architecture's default); the memory gates stay trainable. Its B
+    matrices start at zero, so the stack's outputs do not change until it trains.
+
+    Returns:
+        The adapter's parameters.
+    """
+    gates = {id(p) for p in stack.gate_parameters()}
+    for p in stack.model.parameters():
+        p.requires_grad_(id(p) in gates)
+    targets = cfg.targets or default_targets(stack.model, stack.arch.lora_targets)
+    params = stack.adapters.add(FINETUNE, lora_config(targets, cfg.rank, cfg.alpha, cfg.dropout))
+    for p in params:
+        p.requires_grad_(True)
+    return params
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
