@@ -54,7 +54,7 @@ config = Config(
     lora=LoraConfig(rank=16, alpha=32.0, targets=["v_proj", "o_proj"]),
     optim=OptimConfig(lr=5e-4, weight_decay=0.0, gate_lr_mult=20.0),
     schedule=ScheduleConfig(max_steps=100, warmup_steps=5),
-    run=RunConfig(out_dir="runs/smollm2_passkey", device="cpu", batch_size=1, log_every=5, ckpt_every=25),
+    run=RunConfig(out_dir="runs/smollm2_passkey", device="cpu", batch_size=1, log_every=5, ckpt_every=50),
     eval=EvalConfig(
         passkey_lengths=[4096], passkey_depths=[0.25, 0.75], samples_per_cell=2, memory_off=False
     ),

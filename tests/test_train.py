@@ -399,3 +399,29 @@ def test_a_killed_checkpoint_save_leaves_the_previous_one_and_the_next_save_tidi
     ]
     assert stat.S_IMODE((tmp_path / "step-000006").stat().st_mode) == 0o755  # not mkdtemp's 0700
     assert stat.S_IMODE((tmp_path / "step-000006" / "meta.json").stat().st_mode) == 0o644
+
+
+def test_checkpoint_of_a_model_with_tied_embeddings_reloads_exactly(tmp_path):
+    """SmolLM2 ties its output head to the input embedding: safetensors refuses shared memory, so
+    the checkpoint keeps one copy and names the alias; loading fills it back in."""
+    from safetensors.torch import load_file
+
+    from memstack.train.checkpoint import load_weights, tied_aliases
+
+    cfg = Config(model=ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2))
+    stack = build_stack(cfg)
+    stack.model.config.tie_word_embeddings = True
+    stack.model.tie_weights()
+    head, embed = stack.model.lm_head.weight, stack.model.model.embed_tokens.weight
+    assert head is embed
+    with torch.no_grad():
+        embed.normal_(generator=torch.Generator().manual_seed(3))
+    assert tied_aliases(stack.state_dict()) == {"model.lm_head.weight": "model.model.embed_tokens.weight"}
+    optimizer = torch.optim.AdamW(stack.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    path = save_checkpoint(tmp_path, 1, stack, optimizer, scheduler, cfg.to_dict())
+    assert "model.lm_head.weight" not in load_file(str(path / "model.safetensors"))
+    fresh = build_stack(cfg)
+    load_weights(path, fresh)
+    torch.testing.assert_close(fresh.model.lm_head.weight, embed.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(fresh.model.model.embed_tokens.weight, embed.detach(), rtol=0, atol=0)

@@ -81,9 +81,10 @@ def save_checkpoint(
     path = run_dir / f"step-{step:06d}"
     if state is None:
         state = module.state_dict(), optimizer.state_dict()
-    weights = {k: v.detach().contiguous().cpu() for k, v in state[0].items()}
+    aliases = tied_aliases(state[0])
+    weights = {k: v.detach().contiguous().cpu() for k, v in state[0].items() if k not in aliases}
     with atomic_directory(path) as tmp:
-        save_file(weights, str(tmp / "model.safetensors"))
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"aliases": json.dumps(aliases)})
         adapters = getattr(module, "adapters", None)
         if adapters is not None and adapters.names():  # sleep's LoRA: restored before the weights
             adapters.save(tmp / "adapters")
@@ -97,6 +98,36 @@ def save_checkpoint(
             )
         )
     return path
+
+
+def tied_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{name: first name}`` for every entry of ``state`` that is the same tensor as an earlier
+    one (tied weights, such as an output head sharing the input embedding): safetensors refuses
+    to write shared memory twice, so a checkpoint keeps the first name and records the others."""
+    first: dict[tuple, str] = {}
+    aliases = {}
+    for name, t in state.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+    return aliases
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's ``model.safetensors``, tied names (:func:`tied_aliases`) filled back in."""
+    from safetensors import safe_open
+
+    file = path / "model.safetensors"
+    with safe_open(str(file), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    weights = load_file(str(file))
+    for alias, name in aliases.items():
+        if name not in weights:
+            raise ValueError(f"{file}: tied weight {alias!r} names {name!r}, which the file lacks")
+        weights[alias] = weights[name]
+    return weights
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -129,7 +160,7 @@ def load_weights(path: str | Path, module: torch.nn.Module) -> dict[str, Any]:
     """
     path = Path(path)
     meta = read_manifest(path / "meta.json", FORMAT, VERSION)
-    weights = load_file(str(path / "model.safetensors"))
+    weights = read_weights(path)
     adapters = getattr(module, "adapters", None)
     if (path / "adapters").is_dir() and adapters is not None and not adapters.names():
         adapters.load(path / "adapters")  # the weights' names include the LoRA layers
@@ -207,7 +238,7 @@ def load_checkpoint(
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         weights, optim, error = {}, {}, [None]
         if dist.get_rank() == 0:
-            weights = load_file(str(path / "model.safetensors"))
+            weights = read_weights(path)
             expected = set(module.state_dict())  # local shards: no communication
             missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
             if missing or unexpected:
