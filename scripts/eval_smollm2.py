@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -193,7 +194,7 @@ def heldout(args: argparse.Namespace, tok: HFTokenizer, argv: list[str] | None) 
             f"change {r['after_minus_before']['mean']:+.4f} [{r['after_minus_before']['ci95'][0]:+.4f}, "
             f"{r['after_minus_before']['ci95'][1]:+.4f}]  ({len(passages)} passages of {length} tokens)"
         )
-    result["command"] = "python scripts/eval_smollm2.py " + " ".join(argv or [])
+    result["command"] = "python scripts/eval_smollm2.py " + " ".join(argv)
     write_json(args.out / "heldout.json", result)
     return result
 
@@ -221,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--passages", type=int, default=8, help="--heldout: passages per text")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=OUT)
+    argv = sys.argv[1:] if argv is None else argv  # recorded with the results
     args = p.parse_args(argv)
     tuned = [r for r in args.rows if r.startswith("tuned")]
     if (tuned or args.heldout) and args.run is None:
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(json.dumps(rec), flush=True)
     summary = summarise(log)
     summary["heads"] = rows.heads
-    summary["command"] = "python scripts/eval_smollm2.py " + " ".join(argv or [])
+    summary["command"] = "python scripts/eval_smollm2.py " + " ".join(argv)
     write_json(args.out / "passkey.json", summary)
     (args.out / "passkey.md").write_text(markdown(summary["cells"]))
     for c in summary["cells"]:

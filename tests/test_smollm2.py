@@ -236,3 +236,37 @@ def test_chat_prompt_is_the_template_around_the_question_and_smollm2_names_its_t
     assert text.count(f"The pass key is {sample.passkey}.") == 1 and "<|im_start|>assistant\n" in text
     assert 0 < len(ids) - len(sample.prompt_ids) < 60  # the template's own tokens
     assert load_tokenizer("smollm2").encode(PROSE) == tokenizer.encode(PROSE, add_special_tokens=False)
+
+
+def test_diagnose_script_records_ranks_without_changing_the_answer(tmp_path, smol):
+    """scripts/diagnose_smollm2.py wraps the readout's search to record deeper lists: the answer
+    it records is the evaluation's own answer on the same prompt, and the search is restored."""
+    import json
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from memstack.data.tasks import passkey_sample
+    from memstack.data.tokenizer import HFTokenizer
+    from memstack.evals.longcontext import answer, stack_config
+    from memstack.memory.store import readouts
+    from memstack.train.evaluate import sample_seed
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "scripts"))
+    import diagnose_smollm2
+
+    shutil.copy(root / "results" / "smollm2" / "heads.json", tmp_path / "heads.json")
+    search = readouts._search_skipping_recent
+    rec = diagnose_smollm2.main(
+        ["--length", "2600", "--samples", "1", "--threads", "1", "--out", str(tmp_path)]
+    )[0]
+    assert readouts._search_skipping_recent is search
+    assert json.loads((tmp_path / "diagnose.jsonl").read_text()) == rec
+    heads = json.loads((tmp_path / "heads.json").read_text())["heads"]
+    tok = HFTokenizer(smol[1])
+    s = passkey_sample(tok, 2600, 0.5, sample_seed("smollm2", 20_000, 2600, 0), split="test")
+    plain = tok.decode(answer("store", None, wrap(smol, stack_config(heads)), s.prompt_ids))
+    assert rec["answer"] == plain and rec["found"] == (s.passkey in plain)
+    assert len(rec["layer_ranks"]) == 5  # the 5 store layers of the calibrated heads
+    assert rec["fused_rank"] is None or rec["fused_rank"] >= 0
