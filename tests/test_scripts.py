@@ -380,3 +380,54 @@ def test_eval_smollm2_tuned_rows_need_a_run_and_say_so_before_loading_the_model(
     result = run("scripts/eval_smollm2.py", *args, check=False)
     assert result.returncode != 0 and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "steps=3"], "--set takes sleep.KEY=VALUE"),
+        (["--set", "sleep.adapter=fresh"], "sleep.adapter"),
+        (["--variants", "dream"], "invalid choice: 'dream'"),
+    ],
+)
+def test_eval_sleep_smollm2_rejects_bad_arguments_before_loading_the_model(args, message):
+    result = run("scripts/eval_sleep_smollm2.py", *args, check=False)
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_eval_sleep_smollm2_pools_seeds_with_wilson_intervals_and_per_seed_ranges():
+    """The sleep table: hits pooled over seeds, the Wilson interval from the formula, the range
+    of the per-seed rates, and the held-out change as mean loss over the base's, minus one."""
+    import math
+
+    sleep_eval = runpy.run_path(str(ROOT / "scripts" / "eval_sleep_smollm2.py"))
+    records = []
+    for seed, stored in enumerate([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]]):
+        records.append(
+            {
+                "variant": "lm",
+                "seed": seed,
+                "night": 1,
+                "stored": [bool(x) for x in stored],
+                "unseen": [False] * 8,
+                "night1": [bool(x) for x in stored],
+                "general": [True, seed != 1],
+                "python_loss": 3.0 + seed,
+                "kjv_loss": 2.0,
+                "sleep_seconds": 10.0 * (seed + 1),
+            }
+        )
+    table = sleep_eval["summarise"](records, {"python": 2.0, "kjv": 2.0})
+    cell = table["lm"]["1"]
+    k, n, z = 6, 12, 1.96
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert (cell["stored"]["hits"], cell["stored"]["n"]) == (k, n)
+    assert cell["stored"]["ci95"] == pytest.approx([centre - half, centre + half], abs=1e-9)
+    assert (cell["stored"]["seed_min"], cell["stored"]["seed_max"]) == (0.25, 0.75)
+    assert cell["python_change"] == pytest.approx(4.0 / 2.0 - 1) and cell["kjv_change"] == 0.0
+    assert (cell["general"]["hits"], cell["general"]["n"]) == (5, 6) and cell["night_seconds"] == 20.0
+    assert "night1_alone" not in cell
+    assert "lm | 50% [" in sleep_eval["markdown"](table)

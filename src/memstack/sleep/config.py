@@ -40,6 +40,10 @@ class SleepConfig:
     """Fraction of earlier, already consolidated records trained on again with the night's."""
     distill_top_k: int = 64
     """``distill``: teacher log-probs kept per token (plus one bucket for the rest)."""
+    adapter: str = "new"
+    """``new``: each sleep trains a fresh adapter (earlier ones active and frozen); ``continue``:
+    each sleep trains the latest active sleep adapter further (one adapter that keeps learning;
+    the first sleep makes it)."""
     merge: str = "none"
     """After the sleep: ``none`` (adapters stay separate, active together), ``cat`` (the active
     sleep adapters become one, their exact sum) or ``base`` (merged into the base weights)."""
@@ -68,6 +72,7 @@ class SleepConfig:
             check_int("sleep.seq_len", self.seq_len, minimum=2, optional=True)
         check_int("sleep.distill_top_k", self.distill_top_k, minimum=1)
         check_choice("sleep.merge", self.merge, ("none", "cat", "base"))
+        check_choice("sleep.adapter", self.adapter, ("new", "continue"))
         if not isinstance(self.evict_consolidated, bool):
             raise ValueError(
                 f"sleep.evict_consolidated must be true or false, got {self.evict_consolidated!r}"

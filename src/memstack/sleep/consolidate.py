@@ -21,6 +21,10 @@ The objective, per training step, with ``r = replay_ratio`` and ``lam = kl_weigh
   over the vocabulary (or buckets) and averaged over tokens.
 - ``r = 0`` (the default) skips replay; ``r > 0`` needs ``replay`` windows.
 
+What trains: a fresh adapter per night (``adapter="new"``; the earlier ones stay active and
+frozen, so the new one learns on top of them), or the latest sleep adapter again
+(``adapter="continue"``: one adapter that keeps learning, a fresh optimiser each night).
+
 Data: the night's records, joined in stream order where they were adjacent in the stream (a gap
 left by eviction starts a new document), plus what ``augment`` makes of them and, with
 ``rehearsal``, earlier records. Each step trains on random crops of ``seq_len`` tokens (the
@@ -148,7 +152,7 @@ def sleep(
     directory: str | Path | None = None,
     progress: bool = True,
 ) -> SleepReport:
-    """Consolidate the store's new records into a fresh LoRA adapter (see the module docstring).
+    """Consolidate the store's new records into a LoRA adapter (see the module docstring).
 
     Args:
         stack: the stack; its model gets the adapter (peft, in place).
@@ -212,8 +216,13 @@ def sleep(
         else default_targets(stack.model, stack.arch.lora_targets)
     )
     previously_active = adapters.active()
-    params = adapters.add(name, lora_config(targets, cfg.rank, cfg.alpha, cfg.dropout))
-    adapters.activate([*previously_active, name])
+    earlier = [n for n in previously_active if n.startswith(PREFIX)]
+    if cfg.adapter == "continue" and earlier:
+        name = earlier[-1]
+        params = adapters.parameters(name)
+    else:
+        params = adapters.add(name, lora_config(targets, cfg.rank, cfg.alpha, cfg.dropout))
+        adapters.activate([*previously_active, name])
     n_tokens = sum(len(d) for d in train_docs)
     steps = cfg.steps if cfg.epochs is None else math.ceil(cfg.epochs * n_tokens / (cfg.batch_size * seq_len))
     _train(stack, cfg, params, train_docs, teachers, seq_len, replay, steps, gen, progress)
