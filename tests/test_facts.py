@@ -132,3 +132,27 @@ def test_continue_trains_one_adapter_and_new_adds_one_per_night():
     assert second.night_loss_after < second.night_loss_before
     with pytest.raises(ValueError, match="sleep.adapter"):
         SleepConfig(adapter="fresh")
+
+
+def test_a_later_night_overrides_earlier_nights_and_rehearsal_keeps_them():
+    """Why nights erase each other (docs/results.md, sleep on SmolLM2): night 1's adapter is left
+    exactly as it was, yet with night 2's adapter active night 1's text is predicted worse; the
+    new adapter, trained on night 2 alone, overrides it. Rehearsal of the earlier records is the
+    library's remedy: the same night 2 with them keeps night 1's loss lower."""
+    from memstack.sleep import mean_nll, windows
+
+    after = {}
+    for rehearsal in (0.0, 1.0):
+        stack, _ = make_stack()
+        first_ids = read_stream(stack, 48)
+        recipe = dict(steps=60, lr=3e-2, batch_size=4)
+        sleep(stack, SleepConfig(**recipe), progress=False)
+        night1 = windows([first_ids[0]], 16)
+        loss_1 = mean_nll(stack, *night1, batch_size=4)
+        read_stream(stack, 48, seed=1)
+        sleep(stack, SleepConfig(**recipe, rehearsal=rehearsal), progress=False)
+        after[rehearsal] = mean_nll(stack, *night1, batch_size=4)
+        stack.adapters.activate(["sleep-0001"])
+        assert mean_nll(stack, *night1, batch_size=4) == pytest.approx(loss_1, rel=1e-6)
+    assert after[0.0] > loss_1 + 0.2  # overridden by night 2's adapter (4.95 -> 5.38 nats)
+    assert after[1.0] < after[0.0] - 0.2  # kept with rehearsal (4.94)
