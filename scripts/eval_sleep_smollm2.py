@@ -75,6 +75,7 @@ RECIPE = SleepConfig(
     steps=40,
     batch_size=8,
     seq_len=128,
+    rehearsal=0.0,  # the variants add it (the library's default is 1.0)
     target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
 )
 """Every sleeping variant's recipe before its own changes (``--set sleep.KEY=VALUE`` edits it)."""

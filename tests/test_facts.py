@@ -156,3 +156,20 @@ def test_a_later_night_overrides_earlier_nights_and_rehearsal_keeps_them():
         assert mean_nll(stack, *night1, batch_size=4) == pytest.approx(loss_1, rel=1e-6)
     assert after[0.0] > loss_1 + 0.2  # overridden by night 2's adapter (4.95 -> 5.38 nats)
     assert after[1.0] < after[0.0] - 0.2  # kept with rehearsal (4.94)
+
+
+def test_a_nights_adapter_is_the_same_whatever_the_global_generator_did_before():
+    weights = []
+    for noise in (0, 5):
+        stack, _ = make_stack()
+        read_stream(stack, 32)
+        torch.manual_seed(noise)  # what other code did with the global generator in between
+        torch.rand(noise)
+        sleep(stack, SleepConfig(steps=2, lr=1e-2, seed=3), progress=False)
+        weights.append({n: p.detach().clone() for n, p in stack.named_parameters() if "lora_" in n})
+        state = torch.random.get_rng_state()
+        torch.manual_seed(noise)
+        torch.rand(noise)
+        assert torch.equal(state, torch.random.get_rng_state())  # and the global one is left alone
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])

@@ -36,8 +36,12 @@ class SleepConfig:
     """Weight r of general-text replay: loss = (1 - r) * night + r * replay (needs replay data)."""
     kl_weight: float = 0.0
     """Weight of KL(base || adapted) on the replay batches, against forgetting."""
-    rehearsal: float = 0.0
-    """Fraction of earlier, already consolidated records trained on again with the night's."""
+    rehearsal: float = 1.0
+    """Fraction of earlier, already consolidated records trained on again with the night's.
+    Default all of them: a night's adapter trained on its own records alone overrides what the
+    earlier nights' adapters hold (on SmolLM2-135M night 1's facts went from 6/30 to 0/30 the
+    next night while night 1's adapter alone still recalled 6/30; with rehearsal they stayed;
+    docs/results.md, sleep on SmolLM2). 0 trains on the night alone (cheaper, forgets)."""
     distill_top_k: int = 64
     """``distill``: teacher log-probs kept per token (plus one bucket for the rest)."""
     adapter: str = "new"

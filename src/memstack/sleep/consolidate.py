@@ -36,6 +36,7 @@ on the fixed grid of windows.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -221,7 +222,13 @@ def sleep(
         name = earlier[-1]
         params = adapters.parameters(name)
     else:
-        params = adapters.add(name, lora_config(targets, cfg.rank, cfg.alpha, cfg.dropout))
+        # the adapter's random init (peft's kaiming A) from the recipe's seed and the adapter's
+        # name, not the global generator: the same night gives the same adapter whatever ran before
+        device = stack.device
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            digest = hashlib.sha256(f"{cfg.seed}|{name}".encode()).digest()
+            torch.manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+            params = adapters.add(name, lora_config(targets, cfg.rank, cfg.alpha, cfg.dropout))
         adapters.activate([*previously_active, name])
     n_tokens = sum(len(d) for d in train_docs)
     steps = cfg.steps if cfg.epochs is None else math.ceil(cfg.epochs * n_tokens / (cfg.batch_size * seq_len))
