@@ -242,13 +242,12 @@ def run_one(
         first = ask["stored"][: args.facts]
         if variant == "open book":
             stored, unseen = open_book(stack, ask["stored"]), open_book(stack, ask["unseen"])
-            first_hits = stored[: args.facts]
         else:
             run = logits_off(stack)
             pad = tokenizer.pad_token_id or 0
             stored = greedy_hits(run, ask["stored"], pad_id=pad)
             unseen = greedy_hits(run, ask["unseen"], pad_id=pad)
-            first_hits = stored[: args.facts]
+        first_hits = stored[: args.facts]  # night 1's facts come first
         row = {
             "variant": variant,
             "seed": seed,
