@@ -6,7 +6,8 @@
 
 Overrides ``a.b=value`` are parsed to the field's type; an unknown key is an error that names the
 closest valid ones, a bad value one that says what is accepted. The resolved config is saved as
-``config.json`` in the run directory, metrics as ``metrics.jsonl``, checkpoints as
+``config.json`` in the run directory, metrics as ``metrics.jsonl`` (and to TensorBoard with
+``run.tensorboard=true``, to W&B with ``run.wandb=online|offline``), checkpoints as
 ``step-NNNNNN/``. A passkey run ends with the evaluation table (memory on and off) in
 ``passkey.json``.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 from memstack.io import write_json
 from memstack.train.batches import make_batches
 from memstack.train.config import load_config
+from memstack.train.dashboards import check_dashboards
 from memstack.train.evaluate import format_passkey_table, passkey_accuracy
 from memstack.train.loop import train
 
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
+        check_dashboards(config.run)  # a missing extra fails now, not after the model loads
         # the data too, before anything is trained: a missing data.path is a one-line error
         tokenizer, batches = make_batches(config)
     except (ValueError, FileNotFoundError) as e:

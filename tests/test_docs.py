@@ -104,6 +104,10 @@ def check_training(ns: dict, out: str) -> None:
     assert len(sample.prompt_ids) == 960 and len(sample.passkey) == 5 and sample.passkey.isdigit()
     assert f"The pass key is {sample.passkey}" in out
     assert "55% [34-74]" in out
+    assert "['decay', 'no_decay', 'gates'] 10.0" in out  # the gates' own learning rate under Trainer
+    losses = [r["loss"] for r in ns["trainer"].state.log_history if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert "True" in out.split("10.0", 1)[1]  # the checkpoint's gates, loaded back
 
 
 def check_guarantees(ns: dict, out: str) -> None:

@@ -41,7 +41,12 @@ def test_train_then_eval_passkey_end_to_end(tmp_path):
     assert "2. compressive memory: delta rule, layers [0, 1, 2, 3]" in stdout and summary in stdout
     assert saved["stack"]["segment_len"] == 64 and saved["eval"]["passkey_lengths"] == [160, 320]
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2] and set(metrics[0]["gates"]) == {"0", "1", "2", "3"}
+    assert [m["step"] for m in metrics] == [1, 2] and set(metrics[0]["gates"]["compressive"]) == {
+        "0",
+        "1",
+        "2",
+        "3",
+    }
     assert (out / "step-000002" / "model.safetensors").is_file()
     trained = json.loads((out / "passkey.json").read_text())
     for key in ("memory_on", "memory_off"):

@@ -416,7 +416,10 @@ def test_checkpoint_of_a_model_with_tied_embeddings_reloads_exactly(tmp_path):
     assert head is embed
     with torch.no_grad():
         embed.normal_(generator=torch.Generator().manual_seed(3))
-    assert tied_aliases(stack.state_dict()) == {"model.lm_head.weight": "model.model.embed_tokens.weight"}
+    tied = {"model.lm_head.weight": "model.model.embed_tokens.weight"}
+    assert stack.tied_names() == tied
+    assert "model.lm_head.weight" not in stack.state_dict()  # each tensor once (Trainer saves it)
+    assert tied_aliases(stack.model.state_dict(prefix="model.")) == tied
     optimizer = torch.optim.AdamW(stack.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     path = save_checkpoint(tmp_path, 1, stack, optimizer, scheduler, cfg.to_dict())

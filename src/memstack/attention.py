@@ -168,7 +168,8 @@ def memstack_attention(
         mass = None
         if joint:  # the same attention with ones for their values and zeros for the local ones
             ones = joint[0]._replace(value=torch.ones_like(joint[0].value[..., :1]))
-            mass = local(ones, torch.zeros_like(value[..., :1]))[..., 0].float()  # (B, Tq, H)
+            with torch.no_grad():  # a diagnostic: a traced training step backpropagates as usual
+                mass = local(ones, torch.zeros_like(value[..., :1]))[..., 0].float()  # (B, Tq, H)
         read = {k: r.empty for k, r in readouts.items() if r.output is not None}
         event = (query.shape[0], q_len, mass, read)
         inputs.trace.setdefault(("shares", layer, inputs.segment), []).append(event)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from memstack.fields import check_int, from_dict
 from memstack.memory.base import KINDS
@@ -35,6 +35,11 @@ class StackConfig:
     Defaults follow the Infini-attention paper (Munkhdalai et al., 2024,
     https://arxiv.org/abs/2404.07143) where it fixes a choice.
     """
+
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["state", "num_tokens", "segment_loss"]
+    """Not a field: the :class:`~memstack.stack.StackOutput` entries that are not predictions.
+    ``transformers.Trainer`` reads ``model.config.keys_to_ignore_at_inference`` and leaves them
+    out of the logits it gathers in evaluation."""
 
     segment_len: int = 512
     """Tokens per segment. Local attention never looks outside the current segment; positions

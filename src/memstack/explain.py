@@ -17,6 +17,8 @@ block_len)`` and searched with the queries of the block before it (memory/store/
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,12 +126,31 @@ def explain(stack, input_ids: torch.Tensor, tokenizer: Any = None, max_new_token
     ids = input_ids[None] if input_ids.dim() == 1 else input_ids
     if ids.dim() != 2 or ids.shape[0] != 1:
         raise ValueError(f"explain takes one stream, (T,) or (1, T); got shape {tuple(input_ids.shape)}")
+    with tracing(stack) as trace:
+        output = stack.generate(ids, max_new_tokens=max_new_tokens) if max_new_tokens else stack(ids)
+    return _report(stack, trace, tokenizer, output)
+
+
+@contextlib.contextmanager
+def tracing(stack) -> Iterator[dict]:
+    """Record what the stack's memory layers read while the block runs, into the dict it yields
+    (for :func:`read_shares`, or :func:`explain`'s report). The trace adds no gradient path: a
+    forward traced inside training backpropagates exactly as an untraced one."""
     stack._trace = trace = {}
     try:
-        output = stack.generate(ids, max_new_tokens=max_new_tokens) if max_new_tokens else stack(ids)
+        yield trace
     finally:
         stack._trace = None
-    return _report(stack, trace, tokenizer, output)
+
+
+def read_shares(stack, trace: dict) -> dict[str, float]:
+    """``{kind: share}``: the share of the memory layers' attention output that came from each
+    memory kind (not ``local``), averaged over memory layers, query heads and queries of a traced
+    run (see the module docstring for how a share is measured)."""
+    shares = _shares(stack, trace)
+    kinds = {kind for layer in shares.values() for kind in layer if kind != "local"}
+    per_layer = [{kind: sum(h) / len(h) for kind, h in layer.items()} for layer in shares.values()]
+    return {kind: sum(layer.get(kind, 0.0) for layer in per_layer) / len(per_layer) for kind in sorted(kinds)}
 
 
 def _report(stack, trace: dict, tokenizer, output) -> Explanation:

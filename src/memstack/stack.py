@@ -28,6 +28,7 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.utils import ModelOutput
 
 from memstack.attention import ATTENTION_NAME, SegmentContext, SegmentInputs
 from memstack.config import StackConfig
@@ -56,17 +57,24 @@ def build_kinds(config: StackConfig, arch: Architecture) -> dict[str, MemoryKind
 
 
 @dataclass
-class StackOutput:
-    """What :meth:`MemoryStack.forward` returns."""
+class StackOutput(ModelOutput):
+    """What :meth:`MemoryStack.forward` returns: a transformers ``ModelOutput``, so attribute, key
+    and index access all work (``out.loss``, ``out["loss"]``, ``out[0]``; None fields are left
+    out of the index and key views, as in transformers) and ``transformers.Trainer`` trains a
+    :class:`MemoryStack` as it is."""
 
-    loss: torch.Tensor | None
+    loss: torch.Tensor | None = None
     """Mean next-token loss over every predicted token of every segment (None without labels)."""
-    logits: torch.Tensor | None
+    logits: torch.Tensor | None = None
     """``(B, L, V)``, or None with ``return_logits=False``."""
-    state: StackState
+    state: StackState | None = None
     """Memory after the last segment."""
-    num_tokens: int
-    """How many tokens the loss averages over."""
+    num_tokens: int | None = None
+    """How many tokens the loss averages over (0 without labels)."""
+    segment_loss: torch.Tensor | None = None
+    """``(S,)`` float32, detached: the mean loss of each segment's predicted tokens, in segment
+    order (NaN for a segment with none); how loss falls with the memory behind it. None without
+    labels."""
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -386,7 +394,7 @@ class MemoryStack(nn.Module):
 
         seg = self.config.segment_len
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        all_logits = []
+        all_logits, seg_sums = [], []
         for start in range(0, input_ids.shape[1], seg):
             end = start + seg
             state = self._maybe_cut(state)
@@ -398,14 +406,18 @@ class MemoryStack(nn.Module):
                 keep_logits=return_logits,
             )
             loss_sum = loss_sum + seg_loss
+            seg_sums.append(seg_loss.detach())
             if return_logits:
                 all_logits.append(logits)
-        loss, count = None, 0
+        loss, count, by_segment = None, 0, None
         if targets is not None:
             count = int((targets != -100).sum())
             loss = loss_sum / max(count, 1)
+            counted = targets != -100
+            counts = torch.stack([counted[:, a : a + seg].sum() for a in range(0, targets.shape[1], seg)])
+            by_segment = torch.stack(seg_sums).float() / counts  # 0/0 is NaN: a segment with no target
         logits = torch.cat(all_logits, dim=1) if return_logits else None
-        return StackOutput(loss, logits, state, count)
+        return StackOutput(loss=loss, logits=logits, state=state, num_tokens=count, segment_loss=by_segment)
 
     @torch.no_grad()
     def position_free_qk(self, segment_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -821,6 +833,41 @@ class MemoryStack(nn.Module):
         return [g for g in groups if g["params"]]
 
     # ------------------------------------------------------------------ files
+
+    def tied_names(self) -> dict[str, str]:
+        """``{name: first name}`` for every parameter that is the same tensor as an earlier one
+        (tied weights: SmolLM2's output head is its input embedding)."""
+        first: dict[int, str] = {}
+        tied = {}
+        for name, p in self.named_parameters(remove_duplicate=False):
+            if id(p) in first:
+                tied[name] = first[id(p)]
+            else:
+                first[id(p)] = name
+        return tied
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``nn.Module.state_dict`` with each tied tensor once, under its first name.
+
+        Why: ``transformers.Trainer`` saves a model that is not a ``PreTrainedModel`` as its
+        ``state_dict`` through safetensors, which refuses two names for one tensor; the model's own
+        ``save_pretrained`` drops tied names the same way. :meth:`load_state_dict` fills them back
+        in, so ``stack.load_state_dict(stack.state_dict())`` holds, strict.
+        """
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        for name in self.tied_names():
+            state.pop(prefix + name, None)
+        return state
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, a missing tied name taken from its twin (see
+        :meth:`state_dict`); a tied name that is given is loaded as given."""
+        state = dict(state_dict)
+        for name, twin in self.tied_names().items():
+            if name not in state and twin in state:
+                state[name] = state[twin]
+        return super().load_state_dict(state, strict=strict, assign=assign)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Save the stack's config, gates and sleep adapters (not the base model) into directory

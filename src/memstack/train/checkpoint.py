@@ -81,7 +81,10 @@ def save_checkpoint(
     path = run_dir / f"step-{step:06d}"
     if state is None:
         state = module.state_dict(), optimizer.state_dict()
-    aliases = tied_aliases(state[0])
+    # from the module too: MemoryStack.state_dict already leaves tied names out, and a load that
+    # is not MemoryStack's own (FSDP2's) needs them written down
+    tied = module.tied_names() if hasattr(module, "tied_names") else {}
+    aliases = {**tied_aliases(state[0]), **tied}
     weights = {k: v.detach().contiguous().cpu() for k, v in state[0].items() if k not in aliases}
     with atomic_directory(path) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"aliases": json.dumps(aliases)})

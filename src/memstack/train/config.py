@@ -203,9 +203,21 @@ class RunConfig:
     GPU. Checkpoints are gathered into the usual unsharded format, so a run resumes with or
     without it, at any number of ranks. In a single process it changes nothing (plain training).
     Not with a sleep schedule, nor on a stack that already carries sleep adapters."""
+    tensorboard: bool = False
+    """Also log every metrics record to TensorBoard, in ``<out_dir>/tensorboard`` (needs the
+    ``tensorboard`` extra: ``pip install 'memstack[tensorboard]'``)."""
+    wandb: str = "off"
+    """Also log to Weights & Biases: ``off``, ``online`` or ``offline`` (files in
+    ``<out_dir>/wandb``, no network; ``wandb sync`` uploads them later). Needs the ``wandb`` extra:
+    ``pip install 'memstack[wandb]'``."""
+    wandb_project: str = "memstack"
+    """The W&B project (the run is named after ``out_dir``)."""
 
     def __post_init__(self) -> None:
         reject_bool_ints(self, "run")
+        check_choice("run.wandb", self.wandb, ("off", "online", "offline"))
+        if not isinstance(self.tensorboard, bool):
+            raise ValueError(f"run.tensorboard must be true or false, got {self.tensorboard!r}")
         check_int("run.batch_size", self.batch_size, minimum=1)
         check_int("run.log_every", self.log_every, minimum=1)
         check_int("run.ckpt_every", self.ckpt_every, minimum=0)

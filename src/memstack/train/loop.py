@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from memstack.explain import read_shares, tracing
 from memstack.io import remove_stale_temporaries, write_json, write_text
 from memstack.memory.adapters import default_targets, lora_config
 from memstack.pretrained import SMOLLM2, smollm2
@@ -39,6 +40,7 @@ from memstack.train.checkpoint import (
     save_checkpoint,
 )
 from memstack.train.config import Config, LoraConfig, ModelConfig
+from memstack.train.dashboards import Dashboards
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -223,6 +225,14 @@ def _shard(stack: MemoryStack, config: Config, world: int, device: torch.device)
     fully_shard(stack, mesh=mesh)
 
 
+def _segment_losses(total: torch.Tensor | None) -> list[float | None]:
+    """A step's loss by segment index for the metrics (rank 0's micro-batches; None where a
+    segment had no predicted token)."""
+    if total is None:
+        return []
+    return [None if math.isnan(x) else round(x, 5) for x in total.tolist()]
+
+
 def _day(config: Config, stack: MemoryStack, world: int) -> Day | None:
     """The day a sleep schedule needs (None without one); refuses what it cannot do."""
     cfg = config.sleep
@@ -348,9 +358,15 @@ def fit(
     )
     t_last, tokens, done = time.perf_counter(), 0, start
     stack.train()
+    dashboards = Dashboards(config.run, out_dir, config.to_dict(), start) if rank == 0 else None
+    # the read shares come from tracing one micro-batch per logged step; under FSDP2 the gates
+    # they weigh are shards, so it is left out there
+    trace_reads = rank == 0 and not fsdp and bool(stack.kinds)
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
-        lm_total, answer_total = 0.0, 0.0
+        lm_total, answer_total, segment_total = 0.0, 0.0, None
+        log = (step + 1) % config.run.log_every == 0 or step + 1 == sched.max_steps
+        shares = {}
         for micro in range(opt_cfg.grad_accum):
             # gradients are averaged over ranks once per optimiser step, on the last micro-batch
             last = micro == opt_cfg.grad_accum - 1
@@ -359,8 +375,9 @@ def fit(
                 stack.set_requires_gradient_sync(last)
             batch = batches.batch(step, micro, rank, world)
             ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+            traced = tracing(stack) if trace_reads and log and last else contextlib.nullcontext()
             with sync:
-                with autocast:
+                with autocast, traced as trace:
                     out = engine(ids, labels=labels, return_logits="answer_mask" in batch)
                     loss, answer = (
                         weighted_loss(out.logits, batch, out.loss, config.data.answer_weight)
@@ -368,6 +385,11 @@ def fit(
                         else (out.loss, None)
                     )
                 (loss / opt_cfg.grad_accum).backward()
+            if trace is not None:
+                shares = read_shares(stack, trace)
+            if out.segment_loss is not None:
+                part = out.segment_loss / opt_cfg.grad_accum
+                segment_total = part if segment_total is None else segment_total + part
             if day is not None:
                 day.add(out.state)
             lm_total += out.loss.item() / opt_cfg.grad_accum
@@ -380,9 +402,11 @@ def fit(
         lm_total, answer_total = _mean_over_ranks([lm_total, answer_total], world, device)
         loss_value = lm_total
         done = step + 1
-        log = done % config.run.log_every == 0 or done == sched.max_steps
         if log and (fsdp or rank == 0):  # under FSDP2 gathering the gates is a collective
-            gates = {str(k): [round(x, 4) for x in v.tolist()] for k, v in stack.gate_values().items()}
+            gates = {
+                kind: {str(k): [round(x, 4) for x in v.tolist()] for k, v in stack.gate_values(kind).items()}
+                for kind in sorted({kind for _, kind in stack.named_gates()})
+            }
         if rank == 0 and log:
             now = time.perf_counter()
             record = {
@@ -392,9 +416,13 @@ def fit(
                 "lr": scheduler.get_last_lr()[0],
                 "tokens_per_s": tokens / max(now - t_last, 1e-9),
                 "gates": gates,
+                "segment_loss": _segment_losses(segment_total),
+                "read_share": shares,
             }
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if dashboards is not None:
+                dashboards.log(record)
             bar.set_postfix(loss=f"{lm_total:.3f}", ans=f"{answer_total:.3f}")
             t_last, tokens = now, 0
         if day is not None and day.due(done):
@@ -408,6 +436,8 @@ def fit(
                 )
         if stop_after is not None and done >= stop_after:
             break
+    if dashboards is not None:
+        dashboards.close()
     if world > 1:
         dist.barrier()
     return {

@@ -97,16 +97,26 @@ def training_curves(metrics_path: str | Path, path: str | Path) -> Path:
     a.set_xlabel("step")
     a.set_ylabel("loss")
     a.legend()
-    for layer in records[-1].get("gates", {}):
-        b.plot(
-            steps, [sum(r["gates"][layer]) / len(r["gates"][layer]) for r in records], label=f"layer {layer}"
-        )
+    by_kind = [_gates_by_kind(r.get("gates", {})) for r in records]
+    gates = by_kind[-1]
+    for kind, layers in gates.items():
+        for layer in layers:
+            mean = [sum(g[kind][layer]) / len(g[kind][layer]) for g in by_kind]
+            b.plot(steps, mean, label=f"{kind}, layer {layer}")
     b.set_xlabel("step")
     b.set_ylabel("mean sigmoid(beta)")
     b.set_ylim(0, 1)
-    if records[-1].get("gates"):
+    if gates:
         b.legend()
     path = Path(path)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _gates_by_kind(gates: dict) -> dict[str, dict[str, list[float]]]:
+    """A record's gates as ``{kind: {layer: [per head]}}``; runs before gates of every kind were
+    logged hold only compressive memory's, as ``{layer: [per head]}``."""
+    if gates and all(isinstance(v, list) for v in gates.values()):
+        return {"compressive": gates}
+    return gates
