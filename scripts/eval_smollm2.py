@@ -50,18 +50,17 @@ from typing import Any
 
 import torch
 
-from memstack import MemoryStack
 from memstack.data.tasks import passkey_sample
 from memstack.data.tokenizer import HFTokenizer
 from memstack.evals.longcontext import (
     ROWS,
+    Rows,
     answer,
     chat_prompt,
-    compressive_config,
     heldout_passages,
+    load_heads,
     mean_interval,
     passage_losses,
-    stack_config,
 )
 from memstack.io import write_json
 from memstack.train.evaluate import load_run, sample_seed, wilson_interval
@@ -70,53 +69,6 @@ from memstack.train.loop import build_stack
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "smollm2"
 WINDOW = 8192  # SmolLM2's trained context
-
-
-def load_heads(out: Path) -> str:
-    """The calibrated retrieval heads (``--calibrate`` wrote them)."""
-    path = out / "heads.json"
-    if not path.is_file():
-        raise SystemExit(f"error: {path} is missing; run with --calibrate first")
-    return json.loads(path.read_text())["heads"]
-
-
-def load_tuned_run(run: Path) -> tuple[Any, MemoryStack]:
-    """(config, fine-tuned stack) of a ``configs/smollm2_passkey.py`` run (its latest checkpoint)."""
-    try:
-        config, stack, _ = load_run(run)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    return config, stack
-
-
-class Rows:
-    """One stack wrapped at a time around the model (the ``bare`` row needs it unwrapped); the
-    tuned rows' stack, from ``--run``, wraps a model of its own."""
-
-    def __init__(self, model: Any, heads: str, segment_len: int, run: Path | None = None):
-        self.model, self.heads, self.segment_len, self.run = model, heads, segment_len, run
-        self.current: tuple[str, MemoryStack] | None = None
-        self.tuned: MemoryStack | None = None
-
-    def stack(self, row: str) -> MemoryStack | None:
-        if row in ("tuned", "tuned_off"):
-            if self.tuned is None:
-                self.tuned = load_tuned_run(self.run)[1]
-            return self.tuned
-        want = None if row == "bare" else (row if row in ("store_all", "compressive") else "store")
-        if self.current is not None and self.current[0] == want:
-            return self.current[1]
-        if self.current is not None:
-            self.current[1].unwrap()
-            self.current = None
-        if want is None:
-            return None
-        if want == "compressive":
-            config = compressive_config(self.segment_len)
-        else:
-            config = stack_config(None if want == "store_all" else self.heads, self.segment_len)
-        self.current = (want, MemoryStack(self.model, config))
-        return self.current[1]
 
 
 def markdown(cells: list[dict[str, Any]]) -> str:
@@ -173,7 +125,10 @@ def heldout(args: argparse.Namespace, tok: HFTokenizer, argv: list[str] | None) 
 
     from memstack.data.tasks import filler_text
 
-    config, tuned = load_tuned_run(args.run)
+    try:
+        config, tuned, _ = load_run(args.run)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     length = 2 * config.stack.segment_len  # two segments: the second reads the first through memory
     texts = {"kjv_test": filler_text("test"), "python_reference": " ".join(topics[k] for k in sorted(topics))}
     before = build_stack(config).eval()
@@ -257,7 +212,10 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     if args.heldout:
         return heldout(args, tok, argv)
-    rows = Rows(model, load_heads(args.out), args.segment, args.run)
+    try:
+        rows = Rows(model, load_heads(args.out), args.segment, args.run)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
     filler = args.filler + ("+chat" if args.chat else "")
     log = args.out / "passkey.jsonl"
     done = set()

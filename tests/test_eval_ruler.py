@@ -1,0 +1,89 @@
+"""scripts/eval_ruler.py without the real model: the RAG rows' prompts, the summary's means and
+intervals against their formulas, and argument errors before anything loads."""
+
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from memstack.data.tokenizer import load_tokenizer
+from memstack.evals.ruler import make_sample
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import eval_ruler  # noqa: E402
+
+
+def overlap(query: str, chunks: list[str]) -> list[float]:
+    """A scorer written here: how many of the query's words of 4+ letters each chunk holds."""
+    words = set(re.findall(r"[a-z]{4,}", query.lower()))
+    return [len(words & set(re.findall(r"[a-z]{4,}", c.lower()))) for c in chunks]
+
+
+def test_rag_prompt_keeps_the_best_chunks_in_text_order_between_instruction_and_question():
+    tok = load_tokenizer("bytes")
+    s = make_sample("niah_single_2", tok, 3000, seed=4)
+    instruction, context, question = eval_ruler.split_prompt(s.text)
+    assert s.text == instruction + "\n" + context + "\n" + question and question.endswith(s.answer_prefix)
+    prompt = tok.decode(eval_ruler.rag_prompt(tok, s.text, overlap, chunk_len=32, top_k=4))
+    assert prompt.startswith(instruction + "\n") and prompt.endswith("\n" + question)
+    ids = tok.encode(context)
+    chunks = [tok.decode(ids[a : a + 32]) for a in range(0, len(ids), 32)]
+    scores = overlap(question, chunks)
+    # brute force: the 4 best (earlier first on ties), in text order
+    best = sorted(sorted(range(len(chunks)), key=lambda i: (-scores[i], i))[:4])
+    assert prompt == instruction + "\n" + " ".join(chunks[i] for i in best) + "\n" + question
+    key = re.search(r"for ([a-z]+-[a-z]+) mentioned", question).group(1)
+    assert any(key in chunks[i] for i in best)  # the needle's key words are found
+
+
+def test_bm25_scorer_ranks_the_chunk_with_the_query_words_first():
+    pytest.importorskip(
+        "bm25s", reason="the RAG rows need the retrieval extra: pip install -e '.[retrieval]'"
+    )
+    chunks = ["the sky is blue today", "one of the special magic numbers for brave-otter is 1234567", "grass"]
+    scores = eval_ruler.bm25_scorer()("What is the special magic number for brave-otter?", chunks)
+    assert max(range(3), key=lambda i: scores[i]) == 1
+
+
+def test_summary_means_and_intervals_follow_their_formulas():
+    scores = {"niah_single_1": [1.0, 0.0, 1.0, 1.0], "common_words": [0.3, 0.5, 0.2, 0.4]}
+    records = [
+        {"row": "store", "task": t, "length": 4096, "sample": i, "score": v}
+        for t, vs in scores.items()
+        for i, v in enumerate(vs)
+    ]
+    records.append({"row": "bare", "task": "niah_single_1", "length": 4096, "sample": 0, "score": 1.0})
+    cells = {(c["row"], c["length"]): c for c in eval_ruler.summarise(records)["cells"]}
+    assert [c["row"] for c in eval_ruler.summarise(records)["cells"]] == ["bare", "store"]  # the ROWS order
+    store = cells[("store", 4096)]
+
+    def normal(v):
+        m = sum(v) / len(v)
+        half = 1.96 * math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) / math.sqrt(len(v))
+        return m, m - half, m + half
+
+    for task, v in scores.items():
+        m, lo, hi = normal(v)
+        assert store["tasks"][task]["mean"] == pytest.approx(m)
+        assert store["tasks"][task]["ci95"] == pytest.approx([lo, hi])
+    m, lo, hi = normal([(a + b) / 2 for a, b in zip(*scores.values(), strict=True)])
+    assert store["average"]["mean"] == pytest.approx(m) and store["average"]["ci95"] == pytest.approx(
+        [lo, hi]
+    )
+    table = eval_ruler.markdown(eval_ruler.summarise(records))
+    assert "store | 75 [" in table and "| 35 [" in table
+
+
+def test_argument_errors_come_before_the_model_loads(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        eval_ruler.main(["--rows", "tuned", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "tuned needs --run DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        eval_ruler.main(["--rows", "store", "--heads", str(tmp_path), "--out", str(tmp_path)])
+    assert "heads.json is missing" in str(e.value) and "--calibrate" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        eval_ruler.main(["--tasks", "niah_single_9"])
+    assert e.value.code == 2
