@@ -123,6 +123,17 @@ def test_trainer_steps_equal_fit_steps(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
         moved += "memstack_memory" in name and not torch.equal(a, start[name])
     assert moved == 2  # both layers' gates trained, at the gates' learning rate, in both
+    # evaluation gathers the logits only (StackConfig.keys_to_ignore_at_inference) and its loss
+    # is the stack's own on the same batch
+    batch = batches.batch(STEPS, 0, 0, 1)
+    rows = [{"input_ids": batch["input_ids"][i], "labels": batch["labels"][i]} for i in range(4)]
+    metrics = trainer.evaluate(eval_dataset=rows)
+    theirs.eval()
+    with torch.no_grad():
+        expected = theirs(batch["input_ids"], labels=batch["labels"]).loss
+    assert metrics["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
+    prediction = trainer.predict(rows)
+    assert prediction.predictions.shape == (4, 48, 256)  # the logits, nothing else
 
 
 def test_trainer_checkpoint_keeps_the_gates_and_loads_back(tmp_path):
