@@ -89,6 +89,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
     "one adapter": ({"adapter": "continue"}, None),
     "rehearsal": ({"rehearsal": 1.0}, None),
     "rehearsal + replay + KL": ({"rehearsal": 1.0, "replay_ratio": 0.2, "kl_weight": 1.0}, None),
+    "rehearsal + paraphrases + replay + KL": (
+        {"rehearsal": 1.0, "replay_ratio": 0.2, "kl_weight": 1.0},
+        "paraphrases",
+    ),
 }
 """Sleeping variants: (changes to the recipe, augmentation: None, ``paraphrases`` (each fact
 found in a night's records restated in :data:`~memstack.evals.facts.PARAPHRASES`) or ``self``
