@@ -268,6 +268,20 @@ def test_results_sleep_tables_match_their_json():
             assert row[1:] == [_sleep_cell(n) for n in variants[name]], row
 
 
+def test_results_smollm2_sleep_tables_are_the_scripts_own():
+    """Every table row of the SmolLM2 sleep runs' sleep.md (written by eval_sleep_smollm2.py from
+    its jsonl) stands in results.md as written, and the levers table matches its jsonl."""
+    text = (DOCS / "results.md").read_text()
+    for run in ("smollm2_sleep", "smollm2_sleep_120"):
+        rows = [r for r in (ROOT / "results" / run / "sleep.md").read_text().splitlines() if " | " in r]
+        assert rows and all(r in text for r in rows), run
+    levers = [json.loads(x) for x in (ROOT / "results/smollm2_sleep_120/levers_night1.jsonl").open()]
+    labels = ["40 steps (the recipe above)", "120 steps", "120 steps + paraphrases"]
+    for lever, label in zip(levers, labels, strict=True):
+        line = f"| {label} | {lever['nolead']}/30 | {lever['unseen']}/60 | {lever['kjv']:.2f} |"
+        assert line in text, line
+
+
 def test_results_loss_by_segment_matches_its_json():
     run = _load("results/tiny_text/ppl_by_segment.json")
     on, off = run["memory_on"], run["memory_off"]
