@@ -81,20 +81,35 @@ def eval_attention(
     newline), as it would end a prompt; 0 reads it alone."""
     per_segment = segment_len // keyer.chunk_len
     rows: dict[str, list[dict]] = {}
-    built: tuple[int, list] | None = None
-    for sample in samples:
-        texts = segment_texts(sample.text, segment_len)
+    for group in _same_text(samples):
+        texts = segment_texts(group[0].text, segment_len)
         missing = list(dict.fromkeys(t for t in texts if t not in cache))
         for t, keys in zip(missing, keyer.segments(missing), strict=True):
             cache[t] = keys
-        if built is None or built[0] != id(sample.text):  # one set of indexes per distinct text
-            built = (id(sample.text), _indexes(texts, cache, per_segment, keyer.reader.head_dim))
-        context = sample.text[-question_context:] + "\n" if question_context else ""
-        for layer, asked in enumerate(keyer.question(sample.question, context)):
-            for variant, (index, query) in built[1][layer].items():
-                ranking, seconds = index.rank(query(*asked), DEPTH)
-                rows.setdefault(f"{layer}/{variant}", []).append(_row(ranking, sample, seconds, index.nbytes))
+        context = group[0].text[-question_context:] + "\n" if question_context else ""
+        asked = [keyer.question(sample.question, context) for sample in group]
+        # one layer's indexes at a time: all of a real LM's layers at 1M characters do not fit in memory
+        for layer in range(len(cache[texts[0]])):
+            for variant, (index, query) in _indexes(
+                texts, cache, per_segment, keyer.reader.head_dim, layer
+            ).items():
+                for sample, question in zip(group, asked, strict=True):
+                    ranking, seconds = index.rank(query(*question[layer]), DEPTH)
+                    rows.setdefault(f"{layer}/{variant}", []).append(
+                        _row(ranking, sample, seconds, index.nbytes)
+                    )
     return rows
+
+
+def _same_text(samples: list[Sample]) -> list[list[Sample]]:
+    """Runs of consecutive samples over one text (one set of indexes each)."""
+    groups: list[list[Sample]] = []
+    for sample in samples:
+        if groups and groups[-1][0].text is sample.text:
+            groups[-1].append(sample)
+        else:
+            groups.append([sample])
+    return groups
 
 
 def attention_system(
@@ -109,8 +124,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def _indexes(texts: list[str], cache: dict, per_segment: int, head_dim: int) -> list[dict]:
-    """Per layer, ``{variant: (index, query from (pooled, per-token queries))}`` of a whole text.
+def _indexes(texts: list[str], cache: dict, per_segment: int, head_dim: int, layer: int) -> dict:
+    """At one layer, ``{variant: (index, query from (pooled, per-token queries))}`` of a whole text.
 
     Variants: ``ip/S`` and ``cos/S`` over all heads, ``cos/hH/S`` over KV head H alone (QRHead's
     retrieval heads), for every strategy S; ``ip/token_keys``, the raw per-token search.
@@ -120,22 +135,19 @@ def _indexes(texts: list[str], cache: dict, per_segment: int, head_dim: int) -> 
         chunks = [c + s * per_segment for s, (_, c) in enumerate(parts)]  # local -> text chunk ids
         return np.concatenate([v for v, _ in parts]), np.concatenate(chunks)
 
-    out = []
-    for layer in range(len(cache[texts[0]])):
-        variants: dict[str, tuple] = {}
-        for ks in key_strategies():
-            v, c = joined([cache[t][layer].vectors[ks.name] for t in texts])
-            variants[f"ip/{ks.name}"] = (ChunkIndex(v, c), lambda pooled, _: pooled)
-            variants[f"cos/{ks.name}"] = (ChunkIndex(_unit(v), c), lambda pooled, _: _unit(pooled))
-            for h in range(v.shape[1] // head_dim):
-                head = slice(h * head_dim, (h + 1) * head_dim)
-                query = lambda pooled, _, head=head: _unit(pooled[head])  # noqa: E731
-                variants[f"cos/h{h}/{ks.name}"] = (ChunkIndex(_unit(v[:, head]), c), query)
-        keys, token_chunk = joined([cache[t][layer].tokens for t in texts])
-        token_index = TokenIndex(keys, token_chunk, 32, 1.0 / np.sqrt(head_dim))
-        variants[f"ip/{TOKENS}"] = (token_index, lambda _, per_token: per_token)
-        out.append(variants)
-    return out
+    variants: dict[str, tuple] = {}
+    for ks in key_strategies():
+        v, c = joined([cache[t][layer].vectors[ks.name] for t in texts])
+        variants[f"ip/{ks.name}"] = (ChunkIndex(v, c), lambda pooled, _: pooled)
+        variants[f"cos/{ks.name}"] = (ChunkIndex(_unit(v), c), lambda pooled, _: _unit(pooled))
+        for h in range(v.shape[1] // head_dim):
+            head = slice(h * head_dim, (h + 1) * head_dim)
+            query = lambda pooled, _, head=head: _unit(pooled[head])  # noqa: E731
+            variants[f"cos/h{h}/{ks.name}"] = (ChunkIndex(_unit(v[:, head]), c), query)
+    keys, token_chunk = joined([cache[t][layer].tokens for t in texts])
+    token_index = TokenIndex(keys, token_chunk, 32, 1.0 / np.sqrt(head_dim))
+    variants[f"ip/{TOKENS}"] = (token_index, lambda _, per_token: per_token)
+    return variants
 
 
 def _row(ranking: list[int], sample: Sample, seconds: float, size: int) -> dict:
