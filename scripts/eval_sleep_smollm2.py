@@ -61,7 +61,7 @@ from memstack.evals.facts import (
     stored_prompt,
 )
 from memstack.evals.longcontext import stack_config
-from memstack.io import write_json
+from memstack.io import write_json, write_text
 from memstack.sleep import SleepConfig, mean_nll, night_documents, sleep, text_windows
 from memstack.train.config import Config, apply_overrides
 from memstack.train.evaluate import sample_seed, wilson_interval
@@ -207,8 +207,10 @@ def run_one(
     recipe: SleepConfig,
     data: dict[str, Any],
     base_general: list[bool],
+    emit: Any = None,
 ) -> list[dict[str, Any]]:
-    """One variant and seed: every night's read, sleep and measurements."""
+    """One variant and seed: every night's read, sleep and measurements; ``emit(row)`` is called
+    as each night's row is ready (so an interrupted run keeps the nights it finished)."""
     facts = invent_facts(args.nights * args.facts, sample_seed("sleep-facts", seed))
     nights = [facts[n * args.facts : (n + 1) * args.facts] for n in range(args.nights)]
     rng = random.Random(sample_seed("sleep-day", seed))
@@ -276,6 +278,8 @@ def run_one(
             adapters.activate(active)
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
+        if emit is not None:
+            emit(row)
         print(
             f"{variant:22s} seed {seed} night {night + 1}: stored {sum(stored)}/{len(stored)}  "
             f"unseen {sum(unseen)}/{len(unseen)}  night 1 {sum(first_hits)}/{len(first_hits)}"
@@ -433,18 +437,27 @@ def main(argv: list[str] | None = None) -> dict:
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     records = [r for r in records if all(r.get(k) == v for k, v in same.items())]  # this recipe's only
     done = {(r["variant"], r["seed"]) for r in records if r["night"] == args.nights}
+
+    def emit(row: dict[str, Any]) -> None:
+        row = {**row, **same, "argv": argv}
+        with log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        records.append(row)
+
     for variant in args.variants:
         for seed in args.seeds:
             if (variant, seed) in done:
                 continue
-            rows = [
-                {**r, **same, "argv": argv}
-                for r in run_one(base, tokenizer, variant, seed, args, recipe, data, base_general)
-            ]
-            with log.open("a") as f:
-                for r in rows:
-                    f.write(json.dumps(r) + "\n")
-            records += rows
+
+            # an interrupted variant-seed runs again from its first night: drop its partial rows
+            def partial(r: dict[str, Any], key: tuple[str, int] = (variant, seed)) -> bool:
+                return (r["variant"], r["seed"]) == key and all(r.get(k) == v for k, v in same.items())
+
+            if log.is_file():
+                lines = [line for line in log.read_text().splitlines() if line]
+                write_text(log, "".join(line + "\n" for line in lines if not partial(json.loads(line))))
+            records[:] = [r for r in records if not partial(r)]
+            run_one(base, tokenizer, variant, seed, args, recipe, data, base_general, emit)
     table = summarise(records, base_loss)
     result = {
         "command": "python scripts/eval_sleep_smollm2.py " + " ".join(argv),
