@@ -282,6 +282,13 @@ def test_results_smollm2_sleep_tables_are_the_scripts_own():
         assert line in text, line
 
 
+def test_results_ruler_tables_are_the_scripts_own():
+    """Every row of eval_ruler.py's ruler.md (written from its jsonl) stands in results.md as written."""
+    text = (DOCS / "results.md").read_text()
+    rows = [r for r in (ROOT / "results/smollm2_ruler/ruler.md").read_text().splitlines() if " | " in r]
+    assert len(rows) >= 3 and all(r in text for r in rows), [r for r in rows if r not in text]
+
+
 def test_results_loss_by_segment_matches_its_json():
     run = _load("results/tiny_text/ppl_by_segment.json")
     on, off = run["memory_on"], run["memory_off"]
