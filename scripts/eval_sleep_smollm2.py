@@ -291,6 +291,13 @@ def run_one(
     return rows
 
 
+def same_run(row: dict[str, Any], same: dict[str, Any]) -> bool:
+    """Whether a logged row has this run's recipe, nights and facts per night (``same``); a recipe
+    field the row predates had its default then, so old rows still count."""
+    recipe = {**dataclasses.asdict(SleepConfig()), **row.get("recipe", {})}
+    return recipe == same["recipe"] and all(row.get(k) == same[k] for k in ("nights", "per_night"))
+
+
 def rate(lists: list[list[bool]]) -> dict[str, Any]:
     """Pooled hits over seeds, Wilson 95% interval, and the per-seed range of the rate."""
     hits, n = sum(sum(x) for x in lists), sum(len(x) for x in lists)
@@ -435,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
     log = args.out / "sleep.jsonl"
     same = {"recipe": dataclasses.asdict(recipe), "nights": args.nights, "per_night": args.facts}
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-    records = [r for r in records if all(r.get(k) == v for k, v in same.items())]  # this recipe's only
+    records = [r for r in records if same_run(r, same)]  # this recipe's only
     done = {(r["variant"], r["seed"]) for r in records if r["night"] == args.nights}
 
     def emit(row: dict[str, Any]) -> None:
@@ -451,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
 
             # an interrupted variant-seed runs again from its first night: drop its partial rows
             def partial(r: dict[str, Any], key: tuple[str, int] = (variant, seed)) -> bool:
-                return (r["variant"], r["seed"]) == key and all(r.get(k) == v for k, v in same.items())
+                return (r["variant"], r["seed"]) == key and same_run(r, same)
 
             if log.is_file():
                 lines = [line for line in log.read_text().splitlines() if line]

@@ -359,7 +359,9 @@ def test_bench_retrieval_hf_model_names_smollm2(monkeypatch, tmp_path):
 
 def test_bench_retrieval_refuses_a_negative_question_context():
     bad = run("scripts/bench_retrieval.py", "--question-context", "-1", check=False)
-    assert bad.returncode != 0 and "--question-context takes a number of characters >= 0, got -1" in bad.stderr
+    assert (
+        bad.returncode != 0 and "--question-context takes a number of characters >= 0, got -1" in bad.stderr
+    )
 
 
 def test_eval_smollm2_tables_count_hits_with_wilson_intervals(tmp_path):
@@ -460,3 +462,24 @@ def test_eval_sleep_smollm2_pools_seeds_with_wilson_intervals_and_per_seed_range
     assert (cell["general"]["hits"], cell["general"]["n"]) == (5, 6) and cell["night_seconds"] == 20.0
     assert "night1_alone" not in cell
     assert "lm | 50% [" in sleep_eval["markdown"](table)
+
+
+def test_eval_sleep_smollm2_keeps_rows_that_predate_a_recipe_field_at_its_default():
+    """A logged row whose recipe lacks a field added since counts as the field's default, and
+    only as that: other values, nights or facts per night are another run's rows."""
+    import dataclasses
+
+    from memstack.sleep import SleepConfig
+
+    sleep_eval = runpy.run_path(str(ROOT / "scripts" / "eval_sleep_smollm2.py"))
+    recipe = dataclasses.asdict(SleepConfig(steps=120))
+    old = {
+        "recipe": {k: v for k, v in recipe.items() if k != "replay_batch_size"},
+        "nights": 3,
+        "per_night": 30,
+    }
+    same = {"recipe": recipe, "nights": 3, "per_night": 30}
+    assert sleep_eval["same_run"](old, same)
+    assert not sleep_eval["same_run"](old, {**same, "recipe": {**recipe, "replay_batch_size": 2}})
+    assert not sleep_eval["same_run"](old, {**same, "recipe": dataclasses.asdict(SleepConfig(steps=40))})
+    assert not sleep_eval["same_run"]({**old, "nights": 1}, same)

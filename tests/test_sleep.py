@@ -196,6 +196,32 @@ def test_replay_ratio_and_kl_weight_weigh_the_objective_as_documented(replay_rat
         assert float(kl) > 1e-3  # the term is really there
 
 
+@pytest.mark.parametrize("replay_batch_size,want", [(None, 3), (1, 1), (5, 5)])
+def test_replay_batch_size_sets_the_replay_windows_per_step(monkeypatch, replay_batch_size, want):
+    """Each step's replay batch holds ``replay_batch_size`` windows of the replay data (default
+    ``batch_size``), and the night batch keeps ``batch_size``."""
+    import memstack.sleep.consolidate as consolidate
+
+    seen = []
+    real = consolidate.sleep_loss
+
+    def spy(stack, cfg, ids, mask, teacher, replay):
+        seen.append((ids.shape[0], replay.shape[0], {tuple(r.tolist()) for r in replay}))
+        return real(stack, cfg, ids, mask, teacher, replay)
+
+    monkeypatch.setattr(consolidate, "sleep_loss", spy)
+    stack, _ = make_stack()
+    read_stream(stack, 32)
+    replay = torch.randint(0, 256, (7, SEG), generator=torch.Generator().manual_seed(3))
+    cfg = SleepConfig(
+        steps=4, batch_size=3, replay_ratio=0.5, kl_weight=1.0, replay_batch_size=replay_batch_size
+    )
+    sleep(stack, cfg, replay=replay, progress=False)
+    windows = {tuple(r.tolist()) for r in replay}
+    assert [(n, r) for n, r, _ in seen] == [(3, want)] * 4
+    assert all(rows <= windows for _, _, rows in seen)  # drawn from the replay data
+
+
 def test_distill_kl_is_zero_for_identical_models_and_exact_with_the_whole_vocabulary():
     g = torch.Generator().manual_seed(0)
     t_logits, s_logits = torch.randn(2, 5, 30, generator=g), torch.randn(2, 5, 30, generator=g)
@@ -238,6 +264,8 @@ def test_bad_sleep_configs_name_the_field():
         SleepConfig(replay_ratio=1.5)
     with pytest.raises(ValueError, match="sleep.merge"):
         SleepConfig(merge="svd")
+    with pytest.raises(ValueError, match="sleep.replay_batch_size"):
+        SleepConfig(replay_batch_size=0)
     stack, _ = make_stack()
     read_stream(stack, 32)
     with pytest.raises(ValueError, match="needs replay windows"):

@@ -36,6 +36,10 @@ class SleepConfig:
     """Weight r of general-text replay: loss = (1 - r) * night + r * replay (needs replay data)."""
     kl_weight: float = 0.0
     """Weight of KL(base || adapted) on the replay batches, against forgetting."""
+    replay_batch_size: int | None = None
+    """Replay windows per step; None: ``batch_size``. Fewer make a step cheaper (the replay and
+    its KL's base forward cost more than the night's own batch) at the price of a noisier replay
+    term; its weight is still ``replay_ratio``."""
     rehearsal: float = 1.0
     """Fraction of earlier, already consolidated records trained on again with the night's.
     Default all of them: a night's adapter trained on its own records alone overrides what the
@@ -72,6 +76,8 @@ class SleepConfig:
         if self.epochs is not None:
             check_number("sleep.epochs", self.epochs, "a number > 0 or None", lambda v: v > 0)
         check_int("sleep.batch_size", self.batch_size, minimum=1)
+        if self.replay_batch_size is not None:
+            check_int("sleep.replay_batch_size", self.replay_batch_size, minimum=1, optional=True)
         if self.seq_len is not None:
             check_int("sleep.seq_len", self.seq_len, minimum=2, optional=True)
         check_int("sleep.distill_top_k", self.distill_top_k, minimum=1)

@@ -305,7 +305,8 @@ def _train(
             ids, mask, teacher = crops(docs, teachers, seq_len, cfg.batch_size, gen)
             replay_batch = None
             if cfg.replay_ratio > 0:
-                replay_batch = replay[torch.randint(len(replay), (cfg.batch_size,), generator=gen)].to(device)
+                n_replay = cfg.replay_batch_size or cfg.batch_size
+                replay_batch = replay[torch.randint(len(replay), (n_replay,), generator=gen)].to(device)
             if teacher is not None:
                 teacher = (teacher[0].to(device), teacher[1].to(device))
             loss = sleep_loss(stack, cfg, ids.to(device), mask.to(device), teacher, replay_batch)
