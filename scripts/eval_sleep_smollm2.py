@@ -332,11 +332,14 @@ def summarise(records: list[dict[str, Any]], base_loss: dict[str, float]) -> dic
 
 
 def markdown(table: dict[str, Any]) -> str:
-    """One table per measure: a row per variant, a column per night."""
+    """One table per measure: a row per variant, a column per night. A rate is pooled over seeds
+    with its Wilson interval, and with more than one seed the range of the per-seed rates beside
+    it (the interval treats facts as independent; the range shows what the seed alone moves)."""
 
     def pct(c: dict[str, Any]) -> str:
         lo, hi = c["ci95"]
-        return f"{c['mean']:.0%} [{lo:.0%}, {hi:.0%}]"
+        spread = f" (seeds {c['seed_min']:.0%}-{c['seed_max']:.0%})" if c["seeds"] > 1 else ""
+        return f"{c['mean']:.0%} [{lo:.0%}, {hi:.0%}]{spread}"
 
     nights = sorted({int(n) for cells in table.values() for n in cells})
     out = []

@@ -460,6 +460,8 @@ def test_eval_sleep_smollm2_pools_seeds_with_wilson_intervals_and_per_seed_range
     assert (cell["stored"]["seed_min"], cell["stored"]["seed_max"]) == (0.25, 0.75)
     assert cell["python_change"] == pytest.approx(4.0 / 2.0 - 1) and cell["kjv_change"] == 0.0
     assert (cell["general"]["hits"], cell["general"]["n"]) == (5, 6) and cell["night_seconds"] == 20.0
+    stored_row = sleep_eval["markdown"](table).split("**unseen")[0].splitlines()[-2]
+    assert stored_row == f"lm | 50% [{centre - half:.0%}, {centre + half:.0%}] (seeds 25%-75%)"
     assert "night1_alone" not in cell
     assert "lm | 50% [" in sleep_eval["markdown"](table)
 
