@@ -41,6 +41,7 @@ import random
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +208,7 @@ def run_one(
     recipe: SleepConfig,
     data: dict[str, Any],
     base_general: list[bool],
-    emit: Any = None,
+    emit: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """One variant and seed: every night's read, sleep and measurements; ``emit(row)`` is called
     as each night's row is ready (so an interrupted run keeps the nights it finished)."""
@@ -454,20 +455,18 @@ def main(argv: list[str] | None = None) -> dict:
             f.write(json.dumps(row) + "\n")
         records.append(row)
 
-    for variant in args.variants:
-        for seed in args.seeds:
-            if (variant, seed) in done:
-                continue
+    todo = [(v, s) for v in args.variants for s in args.seeds if (v, s) not in done]
 
-            # an interrupted variant-seed runs again from its first night: drop its partial rows
-            def partial(r: dict[str, Any], key: tuple[str, int] = (variant, seed)) -> bool:
-                return (r["variant"], r["seed"]) == key and same_run(r, same)
+    def stale(r: dict[str, Any]) -> bool:
+        """A partial row of a variant-seed about to run again from its first night."""
+        return (r["variant"], r["seed"]) in todo and same_run(r, same)
 
-            if log.is_file():
-                lines = [line for line in log.read_text().splitlines() if line]
-                write_text(log, "".join(line + "\n" for line in lines if not partial(json.loads(line))))
-            records[:] = [r for r in records if not partial(r)]
-            run_one(base, tokenizer, variant, seed, args, recipe, data, base_general, emit)
+    if todo and log.is_file():
+        lines = [line for line in log.read_text().splitlines() if line]
+        write_text(log, "".join(line + "\n" for line in lines if not stale(json.loads(line))))
+    records[:] = [r for r in records if not stale(r)]
+    for variant, seed in todo:
+        run_one(base, tokenizer, variant, seed, args, recipe, data, base_general, emit)
     table = summarise(records, base_loss)
     result = {
         "command": "python scripts/eval_sleep_smollm2.py " + " ".join(argv),
