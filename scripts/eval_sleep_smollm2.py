@@ -27,6 +27,12 @@ facts per seed. A seed draws new facts and new filler. Recall is exact greedy ma
 value's tokens (:func:`memstack.evals.facts.greedy_hits`). Cells pool the seeds' facts (Wilson
 95% interval) and give the per-seed range.
 
+Replay (``--replay``, for the variants with replay and KL): ``kjv``, 256 windows of the Bible's
+training split; or ``kjv+self``, 128 of them and 128 windows the base model writes itself
+(:func:`memstack.sleep.generated_windows`, 8 samples from each of :data:`REPLAY_PROMPTS`, chat
+requests of many kinds, none of them a general question), so the KL holds the model to the base
+on chat and code as well as on the Bible.
+
 Results: one line per (variant, seed, night) in ``<out>/sleep.jsonl`` (a rerun skips what is
 there), the table in ``<out>/sleep.md`` and ``sleep.json``, the plot ``sleep.png``.
 """
@@ -63,7 +69,7 @@ from memstack.evals.facts import (
 )
 from memstack.evals.longcontext import stack_config
 from memstack.io import write_json, write_text
-from memstack.sleep import SleepConfig, mean_nll, night_documents, sleep, text_windows
+from memstack.sleep import SleepConfig, generated_windows, mean_nll, night_documents, sleep, text_windows
 from memstack.train.config import Config, apply_overrides
 from memstack.train.evaluate import sample_seed, wilson_interval
 
@@ -100,6 +106,26 @@ found in a night's records restated in :data:`~memstack.evals.facts.PARAPHRASES`
 (the model's own questions and restatements of each sentence of the records, by its ``generate``
 before the night's adapter exists))."""
 ROWS = ("no sleep", "open book", *VARIANTS)
+REPLAY_PROMPTS = (
+    "Write a short poem about autumn leaves.",
+    "Write a Python function that returns the largest item of a list.",
+    "Give me three tips for studying for an exam.",
+    "Tell me a short story about a lost dog who finds his way home.",
+    "Explain what a for loop does in programming.",
+    "Write a polite email asking a colleague to move our meeting to Friday.",
+    "How do I make a good cup of tea?",
+    "List some healthy breakfast ideas.",
+    "Explain the difference between a list and a tuple in Python.",
+    "What should I pack for a weekend camping trip?",
+    "Write a haiku about the sea.",
+    "Explain recursion to a beginner.",
+    "Write a SQL query that counts the rows of a table named orders.",
+    "Describe a busy market in the morning.",
+    "Why is regular exercise good for health?",
+    "Summarize the benefits of reading books.",
+)
+"""Chat requests the base model answers for the ``kjv+self`` replay: writing, code, advice and
+explanation, disjoint from :data:`~memstack.evals.facts.GENERAL` (the forgetting probe)."""
 SELF_PROMPT = (
     "Here is a sentence: {sentence}\n"
     "Restate it in other words, then write one question about it and its answer."
@@ -296,7 +322,11 @@ def same_run(row: dict[str, Any], same: dict[str, Any]) -> bool:
     """Whether a logged row has this run's recipe, nights and facts per night (``same``); a recipe
     field the row predates had its default then, so old rows still count."""
     recipe = {**dataclasses.asdict(SleepConfig()), **row.get("recipe", {})}
-    return recipe == same["recipe"] and all(row.get(k) == same[k] for k in ("nights", "per_night"))
+    return (
+        recipe == same["recipe"]
+        and row.get("replay", "kjv") == same.get("replay", "kjv")
+        and all(row.get(k) == same[k] for k in ("nights", "per_night"))
+    )
 
 
 def rate(lists: list[list[bool]]) -> dict[str, Any]:
@@ -404,6 +434,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--facts", type=int, default=30, help="new facts per night")
     p.add_argument("--segment", type=int, default=512, help="the stack's segment length (tokens)")
     p.add_argument("--set", nargs="*", default=[], metavar="sleep.KEY=VALUE", help="edit the recipe")
+    p.add_argument("--replay", choices=("kjv", "kjv+self"), default="kjv", help="replay text (see above)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=OUT)
     argv = sys.argv[1:] if argv is None else argv
@@ -433,6 +464,16 @@ def main(argv: list[str] | None = None) -> dict:
         "kjv": text_windows(filler_text("test"), tokenizer, 256, 16),
         "replay": text_windows(filler_text("train")[-400_000:], tokenizer, 128, 256),
     }
+    if args.replay == "kjv+self":
+        chats = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            )
+            for q in REPLAY_PROMPTS
+        ]
+        prompts = [tokenizer.encode(c, add_special_tokens=False) for c in chats]
+        own = generated_windows(base, prompts, per_prompt=8, seq_len=128)
+        data["replay"] = torch.cat([data["replay"][:128], own])
     base_loss = {
         "python": mean_nll(base, data["python"], None, 8),
         "kjv": mean_nll(base, data["kjv"], None, 8),
@@ -444,7 +485,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "sleep.jsonl"
-    same = {"recipe": dataclasses.asdict(recipe), "nights": args.nights, "per_night": args.facts}
+    same = {
+        "recipe": dataclasses.asdict(recipe),
+        "nights": args.nights,
+        "per_night": args.facts,
+        "replay": args.replay,
+    }
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     records = [r for r in records if same_run(r, same)]  # this recipe's only
     done = {(r["variant"], r["seed"]) for r in records if r["night"] == args.nights}
@@ -473,6 +519,7 @@ def main(argv: list[str] | None = None) -> dict:
         "base": {**base_loss, "general": base_general},
         "questions": {k: [q for q, _ in v] for k, v in QUESTIONS.items()},
         "recipe": dataclasses.asdict(recipe),
+        "replay": args.replay,
         "table": table,
     }
     write_json(args.out / "sleep.json", result)

@@ -485,3 +485,5 @@ def test_eval_sleep_smollm2_keeps_rows_that_predate_a_recipe_field_at_its_defaul
     assert not sleep_eval["same_run"](old, {**same, "recipe": {**recipe, "replay_batch_size": 2}})
     assert not sleep_eval["same_run"](old, {**same, "recipe": dataclasses.asdict(SleepConfig(steps=40))})
     assert not sleep_eval["same_run"]({**old, "nights": 1}, same)
+    assert sleep_eval["same_run"](old, {**same, "replay": "kjv"})  # rows before --replay had the Bible's
+    assert not sleep_eval["same_run"](old, {**same, "replay": "kjv+self"})

@@ -14,7 +14,7 @@ from memstack.config import StoreConfig
 from memstack.memory.adapters import lora_config
 from memstack.sleep import SleepConfig
 from memstack.sleep.consolidate import _teacher, sleep, sleep_loss
-from memstack.sleep.data import crops
+from memstack.sleep.data import crops, generated_windows
 from memstack.sleep.losses import kl_bucketed, teacher_targets
 
 SEG = 16
@@ -332,3 +332,43 @@ def test_merge_base_sleeps_fold_each_night_into_the_weights():
     assert report.night_loss_after < report.night_loss_before
     read_stream(stack, 32, seed=1)
     assert sleep(stack, SleepConfig(steps=1, merge="base"), progress=False).adapter == "sleep-0002"
+
+
+def test_generated_windows_are_the_frozen_base_s_own_continuations():
+    """Replay the base writes: with near-zero temperature each window is the prompt and the greedy
+    continuation of the unwrapped model (no adapter, no memory), found here by an argmax loop;
+    the same seed gives the same sampled windows, another seed others."""
+    stack, reference = make_stack()
+    stack.adapters.add("sleep-0001", lora_config(["q_proj", "v_proj"], 4, 8, 0.0))
+    stack.adapters.activate(["sleep-0001"])
+    _perturb(stack, "sleep-0001", 5)  # an adapter that changes the model: the replay must ignore it
+    read_stream(stack)  # and a full store: the replay must not read it
+    prompts = [[5, 17, 99], [200, 3]]
+    got = generated_windows(stack, prompts, per_prompt=2, seq_len=12, temperature=1e-6)
+    assert got.shape == (4, 12)
+
+    def greedy(model, prompt):
+        ids = torch.tensor([prompt])
+        while ids.shape[1] < 12:
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        return ids[0]
+
+    with torch.no_grad():
+        want = [greedy(reference, p) for p in prompts for _ in range(2)]
+        adapted = [greedy(lambda x: stack(x, state=None), p) for p in prompts]
+    assert torch.equal(got, torch.stack(want))
+    assert any(not torch.equal(a, w) for a, w in zip(adapted, want[::2], strict=True))  # the adapter mattered
+    one = generated_windows(stack, prompts, per_prompt=3, seq_len=24, seed=1)
+    assert torch.equal(one, generated_windows(stack, prompts, per_prompt=3, seq_len=24, seed=1))
+    assert not torch.equal(one, generated_windows(stack, prompts, per_prompt=3, seq_len=24, seed=2))
+    assert all(r[:3].tolist() == prompts[0] for r in one[:3])
+
+
+@pytest.mark.parametrize(
+    "prompts,per_prompt,match",
+    [([[1, 2]], 0, "per_prompt"), ([], 2, "prompts is empty"), ([[1] * 12], 1, "outside")],
+)
+def test_generated_windows_reject_bad_input(prompts, per_prompt, match):
+    stack, _ = make_stack()
+    with pytest.raises(ValueError, match=match):
+        generated_windows(stack, prompts, per_prompt=per_prompt, seq_len=12)

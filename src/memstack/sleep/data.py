@@ -3,7 +3,8 @@ windows that measure a night's loss, the random training crops, and the training
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,9 @@ import torch.nn.functional as F
 from memstack.memory.store.kind import StoreState
 from memstack.sleep.config import SleepConfig
 from memstack.state import StackState
+
+if TYPE_CHECKING:  # annotations only: the stack never imports sleep
+    from memstack.stack import MemoryStack
 
 
 def night_documents(state: StackState, consolidated: bool = False) -> tuple[list[list[torch.Tensor]], dict]:
@@ -53,6 +57,54 @@ def text_windows(text: str, tokenizer: Any, seq_len: int, n: int | None = None) 
     ids = torch.tensor(tokenizer.encode(text if n is None else text[: 2 * seq_len * n]))
     ids = ids[: (len(ids) // seq_len) * seq_len].view(-1, seq_len)
     return ids if n is None else ids[:n]
+
+
+@torch.no_grad()
+def generated_windows(
+    stack: MemoryStack,
+    prompts: Sequence[Sequence[int]],
+    per_prompt: int,
+    seq_len: int,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Replay written by the frozen base model itself: ``(len(prompts) * per_prompt, seq_len)``
+    windows, each a prompt and the base's sampled continuation (every adapter off, every memory
+    off), prompt by prompt.
+
+    Why: replay with the KL to the base holds the adapted model to the base only on the replay's
+    distribution. Text the base writes from varied prompts (chat turns, code requests) covers what
+    the base does, where one corpus (the Bible) covers one kind of text; this is generative replay
+    (self-synthesised rehearsal) when no pretraining data is at hand. The continuation runs to the
+    full window past any end-of-turn token (the base's own next turn is its distribution too), so
+    every window is whole and needs no mask.
+
+    Args:
+        prompts: token ids, each shorter than ``seq_len`` (e.g. chat-templated requests).
+        per_prompt: sampled windows per prompt.
+        temperature, top_p: the sampling of :meth:`MemoryStack.generate`.
+        seed: the sampling generator's seed (the same seed gives the same windows).
+    """
+    if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
+        raise ValueError(f"per_prompt must be an int >= 1, got {per_prompt!r}")
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt (a list of token ids)")
+    bad = [i for i, p in enumerate(prompts) if not 1 <= len(p) < seq_len]
+    if bad:
+        raise ValueError(
+            f"prompts {bad} have lengths outside [1, seq_len={seq_len}): each needs room to continue"
+        )
+    gen = torch.Generator(stack.device).manual_seed(seed)
+    out = []
+    with stack.memory_off(), stack.adapters.disabled():
+        for p in prompts:
+            ids = torch.tensor([list(p)] * per_prompt, device=stack.device)
+            new = seq_len - len(p)
+            out.append(
+                stack.generate(ids, new, do_sample=True, temperature=temperature, top_p=top_p, generator=gen)
+            )
+    return torch.cat(out).cpu()
 
 
 def windows(docs: list[torch.Tensor], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
