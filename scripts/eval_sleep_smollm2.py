@@ -132,6 +132,14 @@ SELF_PROMPT = (
 )
 
 
+def user_turn(tokenizer: Any, content: str) -> list[int]:
+    """``content`` as the user's turn through the chat template, the assistant's reply opened."""
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer.encode(chat, add_special_tokens=False)
+
+
 def paraphrase_augment(tokenizer: Any):
     """Each fact stated in a night document, restated in every training paraphrase."""
 
@@ -157,12 +165,8 @@ def self_augment(stack: MemoryStack, tokenizer: Any, max_new_tokens: int = 48):
         for sentence in re.split(r"(?<=[.!?])\s+", text):
             if len(sentence.split()) < 4:
                 continue
-            chat = tokenizer.apply_chat_template(
-                [{"role": "user", "content": SELF_PROMPT.format(sentence=sentence.strip())}],
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-            ids = torch.tensor([tokenizer.encode(chat, add_special_tokens=False)], device=stack.device)
+            ids = torch.tensor([user_turn(tokenizer, SELF_PROMPT.format(sentence=sentence.strip()))])
+            ids = ids.to(stack.device)
             with stack.memory_off():
                 new = stack.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
             reply = tokenizer.decode(new[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
@@ -206,10 +210,7 @@ def general(stack: MemoryStack, tokenizer: Any) -> list[bool]:
     """Whether each general question's greedy answer (memories off) contains its word."""
     hits = []
     for question, word in GENERAL:
-        chat = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-        )
-        ids = torch.tensor([tokenizer.encode(chat, add_special_tokens=False)], device=stack.device)
+        ids = torch.tensor([user_turn(tokenizer, question)], device=stack.device)
         with stack.memory_off():
             out = stack.generate(ids, max_new_tokens=16)
         hits.append(word.lower() in tokenizer.decode(out[0, ids.shape[1] :].tolist()).lower())
@@ -465,13 +466,7 @@ def main(argv: list[str] | None = None) -> dict:
         "replay": text_windows(filler_text("train")[-400_000:], tokenizer, 128, 256),
     }
     if args.replay == "kjv+self":
-        chats = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
-            )
-            for q in REPLAY_PROMPTS
-        ]
-        prompts = [tokenizer.encode(c, add_special_tokens=False) for c in chats]
+        prompts = [user_turn(tokenizer, q) for q in REPLAY_PROMPTS]
         own = generated_windows(base, prompts, per_prompt=8, seq_len=128)
         data["replay"] = torch.cat([data["replay"][:128], own])
     base_loss = {
