@@ -466,6 +466,43 @@ def test_eval_sleep_smollm2_pools_seeds_with_wilson_intervals_and_per_seed_range
     assert "lm | 50% [" in sleep_eval["markdown"](table)
 
 
+@pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc (VmHWM, clear_refs)"
+)
+def test_eval_sleep_smollm2_night_memory_sees_a_freed_peak_and_restarts_it():
+    """The per-night memory figures: a 400 MB buffer allocated and freed shows in the peak and
+    not in the trimmed RSS; after the reset the peak is the current RSS again; the table keeps
+    the largest figure over seeds and leaves rows from before the measure blank."""
+    import numpy as np
+
+    sleep_eval = runpy.run_path(str(ROOT / "scripts" / "eval_sleep_smollm2.py"))
+    sleep_eval["reset_peak_memory"]()
+    before = sleep_eval["process_memory_gb"]()
+    buffer = np.ones(400 * 2**20 // 8)  # touched pages: resident
+    del buffer
+    mem = sleep_eval["night_memory"]()
+    assert mem["peak"] - before["rss"] > 0.35
+    assert mem["rss_trimmed"] - before["rss"] < 0.1
+    sleep_eval["reset_peak_memory"]()
+    after = sleep_eval["process_memory_gb"]()
+    assert after["peak"] - after["rss"] < 0.05
+
+    def row(seed, memory):
+        r = {"variant": "lm", "seed": seed, "night": 1, "stored": [True], "unseen": [True], "night1": [True]}
+        r.update(general=[True], python_loss=2.0, kjv_loss=2.0, sleep_seconds=1.0)
+        return r | ({"memory_gb": memory} if memory else {})
+
+    rows = [
+        row(0, {"peak": 7.5, "rss": 5.0, "rss_trimmed": 3.0}),
+        row(1, {"peak": 9.0, "rss": 4, "rss_trimmed": 2.5}),
+    ]
+    table = sleep_eval["summarise"](rows, {"python": 2.0, "kjv": 2.0})
+    assert (table["lm"]["1"]["peak_gb"], table["lm"]["1"]["rss_trimmed_gb"]) == (9.0, 3.0)
+    assert "lm | 9.0 / 3.0" in sleep_eval["markdown"](table)
+    old = sleep_eval["summarise"]([row(0, None), rows[1]], {"python": 2.0, "kjv": 2.0})
+    assert "peak_gb" not in old["lm"]["1"]
+
+
 def test_eval_sleep_smollm2_keeps_rows_that_predate_a_recipe_field_at_its_default():
     """A logged row whose recipe lacks a field added since counts as the field's default, and
     only as that: other values, nights or facts per night are another run's rows."""
