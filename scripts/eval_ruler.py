@@ -109,16 +109,28 @@ def minilm_scorer() -> Callable[[str, list[str]], Sequence[float]]:
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Per (length, row): each task's mean score with a normal 95% interval over its samples,
     and the average over the tasks (its interval over the samples' averages across tasks: sample
-    ``i`` of every task forms one point)."""
+    ``i`` of every task forms one point).
+
+    A row still running (a task of its length missing, or fewer samples in a task than the
+    length's fullest) gets its task cells and ``average: None``: an average over the tasks done
+    so far would not be comparable with the others."""
     cells: dict[tuple[int, str], dict[str, list[float]]] = {}
     for r in records:
         cells.setdefault((r["length"], r["row"]), {}).setdefault(r["task"], []).append(r["score"])
+    union: dict[int, set[str]] = {}
+    fullest: dict[int, int] = {}
+    for (length, _), tasks in cells.items():
+        union.setdefault(length, set()).update(tasks)
+        fullest[length] = max(fullest.get(length, 0), *(len(v) for v in tasks.values()))
     table = []
     for (length, row), tasks in sorted(cells.items(), key=lambda kv: (kv[0][0], ALL_ROWS.index(kv[0][1]))):
         by_task = {t: mean_interval(v) for t, v in tasks.items()}
-        n = min(len(v) for v in tasks.values())
-        per_sample = [sum(tasks[t][i] for t in tasks) / len(tasks) for i in range(n)]
-        table.append({"length": length, "row": row, "tasks": by_task, "average": mean_interval(per_sample)})
+        complete = set(tasks) == union[length] and all(len(v) == fullest[length] for v in tasks.values())
+        average = None
+        if complete:
+            n = fullest[length]
+            average = mean_interval([sum(tasks[t][i] for t in tasks) / len(tasks) for i in range(n)])
+        table.append({"length": length, "row": row, "tasks": by_task, "average": average})
     return {"cells": table}
 
 
@@ -139,7 +151,7 @@ def markdown(summary: dict[str, Any]) -> str:
             for t in [*tasks, None]:
                 m = c["average"] if t is None else c["tasks"].get(t)
                 if m is None:
-                    parts.append("")
+                    parts.append("running" if t is None else "")
                     continue
                 lo, hi = max(0.0, m["ci95"][0]), min(1.0, m["ci95"][1])  # a score lies in [0, 1]
                 parts.append(f"{100 * m['mean']:.0f} [{100 * lo:.0f}, {100 * hi:.0f}]")

@@ -75,6 +75,20 @@ def test_summary_means_and_intervals_follow_their_formulas():
     )
     table = eval_ruler.markdown(eval_ruler.summarise(records))
     assert "store | 75 [" in table and "| 35 [" in table
+    # bare has one task of two, one sample of four: still running, no average to compare
+    assert cells[("bare", 4096)]["average"] is None
+    assert table.splitlines()[-2] == "bare | 100 [100, 100] |  | running"
+
+
+def test_a_row_with_a_task_short_of_samples_has_no_average():
+    records = [
+        {"row": row, "task": t, "length": 4096, "sample": i, "score": 1.0}
+        for row, n_last in (("bare", 3), ("store", 2))
+        for t in ("niah_single_1", "common_words")
+        for i in range(3 if t == "niah_single_1" else n_last)
+    ]
+    cells = {c["row"]: c for c in eval_ruler.summarise(records)["cells"]}
+    assert cells["bare"]["average"]["mean"] == 1.0 and cells["store"]["average"] is None
 
 
 def test_argument_errors_come_before_the_model_loads(tmp_path, capsys):
