@@ -135,11 +135,13 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    """One table per length: rows x tasks (mean score %, 95% interval) and the average."""
+    """One table per length: rows x tasks (mean score %, 95% interval) and the average; a task
+    cell with fewer samples than the length's fullest says how many (``(n=2)``)."""
     out = []
     for length in sorted({c["length"] for c in summary["cells"]}):
         cells = [c for c in summary["cells"] if c["length"] == length]
         tasks = [t for t in TASK_NAMES if any(t in c["tasks"] for c in cells)]
+        fullest = max(m["n"] for c in cells for m in c["tasks"].values())
         out += [
             f"**{length:,} tokens**",
             "",
@@ -154,7 +156,8 @@ def markdown(summary: dict[str, Any]) -> str:
                     parts.append("running" if t is None else "")
                     continue
                 lo, hi = max(0.0, m["ci95"][0]), min(1.0, m["ci95"][1])  # a score lies in [0, 1]
-                parts.append(f"{100 * m['mean']:.0f} [{100 * lo:.0f}, {100 * hi:.0f}]")
+                short = f" (n={m['n']})" if t is not None and m["n"] < fullest else ""  # a task still running
+                parts.append(f"{100 * m['mean']:.0f} [{100 * lo:.0f}, {100 * hi:.0f}]{short}")
             out.append(f"{c['row']} | " + " | ".join(parts))
         out.append("")
     return "\n".join(out)

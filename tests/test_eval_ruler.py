@@ -77,7 +77,7 @@ def test_summary_means_and_intervals_follow_their_formulas():
     assert "store | 75 [" in table and "| 35 [" in table
     # bare has one task of two, one sample of four: still running, no average to compare
     assert cells[("bare", 4096)]["average"] is None
-    assert table.splitlines()[-2] == "bare | 100 [100, 100] |  | running"
+    assert table.splitlines()[-2] == "bare | 100 [100, 100] (n=1) |  | running"
 
 
 def test_a_row_with_a_task_short_of_samples_has_no_average():
