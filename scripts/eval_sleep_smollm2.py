@@ -66,6 +66,7 @@ from memstack.evals.facts import (
     invent_facts,
     question_prompt,
     stored_prompt,
+    training_chat,
 )
 from memstack.evals.longcontext import stack_config
 from memstack.io import write_json, write_text
@@ -100,9 +101,15 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
         {"rehearsal": 1.0, "replay_ratio": 0.2, "kl_weight": 1.0},
         "paraphrases",
     ),
+    "rehearsal + paraphrases + questions + replay + KL": (
+        {"rehearsal": 1.0, "replay_ratio": 0.2, "kl_weight": 1.0},
+        "paraphrases + questions",
+    ),
 }
 """Sleeping variants: (changes to the recipe, augmentation: None, ``paraphrases`` (each fact
-found in a night's records restated in :data:`~memstack.evals.facts.PARAPHRASES`) or ``self``
+found in a night's records restated in :data:`~memstack.evals.facts.PARAPHRASES`),
+``paraphrases + questions`` (those, and each fact asked and answered in a two-turn chat of
+:data:`~memstack.evals.facts.TRAINING_QUESTIONS`, other questions than the unseen ones) or ``self``
 (the model's own questions and restatements of each sentence of the records, by its ``generate``
 before the night's adapter exists))."""
 ROWS = ("no sleep", "open book", *VARIANTS)
@@ -140,16 +147,16 @@ def user_turn(tokenizer: Any, content: str) -> list[int]:
     return tokenizer.encode(chat, add_special_tokens=False)
 
 
-def paraphrase_augment(tokenizer: Any):
-    """Each fact stated in a night document, restated in every training paraphrase."""
+def paraphrase_augment(tokenizer: Any, questions: bool = False):
+    """Each fact stated in a night document, restated in every training paraphrase; with
+    ``questions`` also asked and answered in a two-turn chat (:func:`training_chat`)."""
 
     def augment(doc: torch.Tensor) -> list[torch.Tensor]:
         facts = find_facts(tokenizer.decode(doc.tolist()))
-        return [
-            torch.tensor(tokenizer.encode(" " + f.sentence(t)))
-            for f in facts
-            for t in PARAPHRASES[f.relation]
-        ]
+        texts = [" " + f.sentence(t) for f in facts for t in PARAPHRASES[f.relation]]
+        if questions:
+            texts += [training_chat(tokenizer, f) for f in facts]
+        return [torch.tensor(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
 
     return augment
 
@@ -301,6 +308,7 @@ def run_one(
             augment = {
                 None: None,
                 "paraphrases": paraphrase_augment(tokenizer),
+                "paraphrases + questions": paraphrase_augment(tokenizer, questions=True),
                 "self": self_augment(stack, tokenizer),
             }[aug]
             report = sleep(

@@ -14,6 +14,7 @@ from memstack.evals.facts import (
     PARAPHRASES,
     QUESTIONS,
     STORED,
+    TRAINING_QUESTIONS,
     Fact,
     day_text,
     find_facts,
@@ -22,6 +23,7 @@ from memstack.evals.facts import (
     question_prompt,
     split_answer,
     stored_prompt,
+    training_chat,
 )
 from memstack.sleep import SleepConfig, sleep
 
@@ -39,8 +41,9 @@ class ChatBytes:
         return bytes(ids).decode()
 
     def apply_chat_template(self, messages, tokenize: bool, add_generation_prompt: bool) -> str:
-        assert not tokenize and add_generation_prompt
-        return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages) + "<assistant>"
+        assert not tokenize
+        chat = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
+        return chat + ("<assistant>" if add_generation_prompt else "")
 
 
 def test_invented_facts_are_distinct_reproducible_and_alternate_relations():
@@ -66,6 +69,26 @@ def test_day_text_states_every_fact_once_and_find_facts_reads_them_back():
     assert find_facts(" ".join(f.sentence(t) for f in facts for t in PARAPHRASES[f.relation])) == []
     with pytest.raises(ValueError, match="need more than gap"):
         day_text(facts, WORDS[:5], random.Random(0), gap=7)
+
+
+def test_training_questions_teach_the_fact_without_the_unseen_questions_or_stored_phrasing():
+    tok = ChatBytes()
+    for fact in invent_facts(6, seed=1):
+        chat = training_chat(tok, fact)
+        pairs = TRAINING_QUESTIONS[fact.relation]
+        expected = "".join(
+            f"<user>{q.format(name=fact.name)}</user>"
+            f"<assistant>{a.format(name=fact.name, value=fact.value)}</assistant>"
+            for q, a in pairs
+        )
+        assert chat == expected and chat.count(fact.value) == 2
+        # the unseen test stays unseen: neither its questions nor its answers' openings are trained
+        for question, opening in QUESTIONS[fact.relation]:
+            assert question.format(name=fact.name) not in chat
+            assert opening.format(name=fact.name) not in chat
+        # nor is the stored phrasing, so augmentation never finds a fact in its own output
+        assert find_facts(chat) == []
+        assert fact.sentence() not in chat
 
 
 def test_prompts_split_where_the_value_starts():

@@ -1,12 +1,14 @@
 """End-to-end runs of the scripts on a tiny config, as a user would type them."""
 
 import json
+import random
 import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -464,6 +466,25 @@ def test_eval_sleep_smollm2_pools_seeds_with_wilson_intervals_and_per_seed_range
     assert stored_row == f"lm | 50% [{centre - half:.0%}, {centre + half:.0%}] (seeds 25%-75%)"
     assert "night1_alone" not in cell
     assert "lm | 50% [" in sleep_eval["markdown"](table)
+
+
+def test_eval_sleep_smollm2_question_augmentation_adds_one_chat_per_fact_to_the_paraphrases():
+    from test_facts import ChatBytes
+
+    from memstack.evals.facts import PARAPHRASES, day_text, invent_facts, training_chat
+
+    sleep_eval = runpy.run_path(str(ROOT / "scripts" / "eval_sleep_smollm2.py"))
+    tok = ChatBytes()
+    facts = invent_facts(3, seed=2)
+    words = ("in the beginning was the word " * 10).split()
+    doc = torch.tensor(tok.encode(day_text(facts, words, random.Random(0), gap=5)))
+    plain = [tok.decode(t.tolist()) for t in sleep_eval["paraphrase_augment"](tok)(doc)]
+    both = [tok.decode(t.tolist()) for t in sleep_eval["paraphrase_augment"](tok, questions=True)(doc)]
+    paraphrases = [" " + f.sentence(t) for f in facts for t in PARAPHRASES[f.relation]]
+    assert plain == paraphrases
+    assert both == paraphrases + [training_chat(tok, f) for f in facts]
+    variant = sleep_eval["VARIANTS"]["rehearsal + paraphrases + questions + replay + KL"]
+    assert variant[1] == "paraphrases + questions"
 
 
 @pytest.mark.skipif(

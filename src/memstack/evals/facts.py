@@ -8,10 +8,11 @@ relations, each with a value no model has seen:
 - ``town``: "Talvo Quenning was born in Brimholt." (an invented town).
 
 Each relation has its stored phrasing (what the day's text says), paraphrases for training
-(:data:`PARAPHRASES`, what template augmentation adds) and two questions never trained on
-(:data:`QUESTIONS`), asked through the model's chat template with the answer's opening words as
-the start of the assistant's reply. Names, towns and numbers are drawn from a seeded generator,
-distinct within a call.
+(:data:`PARAPHRASES`, what template augmentation adds), two questions with answers for training
+through the chat template (:data:`TRAINING_QUESTIONS`, what question augmentation adds) and two
+other questions never trained on (:data:`QUESTIONS`), asked through the model's chat template
+with the answer's opening words as the start of the assistant's reply. Names, towns and numbers
+are drawn from a seeded generator, distinct within a call.
 
 Recall is scored by teacher forcing (:func:`greedy_hits`): a fact counts when the model's argmax
 at every position of the value equals the value's token given the correct tokens before it,
@@ -58,6 +59,23 @@ QUESTIONS = {
     ),
 }
 """Per relation, two (user question, opening of the assistant's answer) pairs, never trained on."""
+
+TRAINING_QUESTIONS = {
+    "locker": (
+        ("Tell me {name}'s locker number.", "Sure: {name}'s locker is number {value}."),
+        ("Do you know which locker {name} uses?", "Yes, {name} uses locker {value}."),
+    ),
+    "town": (
+        ("Where was {name} born?", "{name}'s birthplace is {value}."),
+        ("Tell me where {name} comes from.", "{name} is a native of {value}."),
+    ),
+}
+"""Per relation, two (user question, assistant answer) pairs for question augmentation in
+training (:func:`training_chat`): other words than :data:`QUESTIONS`, whose questions and answer
+openings stay never trained on (tested), so the unseen-question test still asks what was not
+trained. Why chat questions at all: facts trained only as plain text are recalled in that text
+far more often than to a question (the knowledge-extraction gap of Allen-Zhu and Li's "Physics of
+language models 3.1"), and the unseen questions are asked in chat."""
 
 GENERAL = (
     ("What is the capital of France?", "Paris"),
@@ -155,6 +173,17 @@ def find_facts(text: str) -> list[Fact]:
         (m.start(), Fact(m.group(1), r, m.group(2))) for r, p in _PATTERNS.items() for m in p.finditer(text)
     ]
     return [f for _, f in sorted(found, key=lambda x: x[0])]
+
+
+def training_chat(tokenizer: Any, fact: Fact) -> str:
+    """The two :data:`TRAINING_QUESTIONS` about ``fact`` and their answers as one two-turn
+    conversation through the model's chat template (system prompt included where the template
+    adds one, as it is when the unseen questions are asked)."""
+    messages = []
+    for question, answer in TRAINING_QUESTIONS[fact.relation]:
+        messages.append({"role": "user", "content": question.format(name=fact.name)})
+        messages.append({"role": "assistant", "content": fact.sentence(answer)})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
 
 
 def split_answer(tokenizer: Any, prompt: str, value: str) -> tuple[list[int], list[int]]:
