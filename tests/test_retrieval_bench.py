@@ -179,6 +179,10 @@ def test_keyer_indexes_each_chunk_with_the_library_strategies():
         np.testing.assert_array_equal(got[1], expected.chunk_index.numpy())
     tokens, token_chunk = segs[1][0].tokens
     assert tokens.shape == (15, 2 * 8) and token_chunk.tolist() == [0] * 8 + [1] * 7
+    raw = keyer.reader(*byte_tokenize(texts[1:])[:2])[0].key[0]  # (H_kv, T, D)
+    np.testing.assert_allclose(tokens, raw.permute(1, 0, 2).reshape(15, 16).numpy(), rtol=1e-4, atol=1e-5)
+    # every_token holds the same keys; the keyer keeps one copy of them, not two
+    assert np.shares_memory(tokens, segs[1][0].vectors["every_token"][0])
     pooled, per_token = keyer.question("what is it?")[0]
     assert pooled.shape == (16,) and per_token.shape == (11, 16)
     np.testing.assert_allclose(per_token.mean(0), pooled, rtol=1e-4, atol=1e-5)

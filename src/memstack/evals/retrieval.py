@@ -403,7 +403,14 @@ class AttentionKeyer:
         token_ids = np.concatenate([np.arange(a, b) for a, b in chunks]) if chunks else np.zeros(0, np.int64)
         token_chunk = np.concatenate([np.full(b - a, c) for c, (a, b) in present]) if chunks else token_ids
         tokens = rearrange(key[:, token_ids], "hkv t d -> t (hkv d)").numpy()
-        return SegmentKeys(vectors, (tokens, token_chunk.astype(np.int64)))
+        token_chunk = token_chunk.astype(np.int64)
+        for v, c in vectors.values():
+            # ``every_token`` keys are these same keys: keep one copy, since a 1M-character text's
+            # keys at every layer of a 135M LM are about 10 GB, and twice that does not fit in 24 GB
+            if v.shape == tokens.shape and np.array_equal(v, tokens) and np.array_equal(c, token_chunk):
+                tokens, token_chunk = v, c
+                break
+        return SegmentKeys(vectors, (tokens, token_chunk))
 
     def question(self, text: str, context: str = "") -> list[tuple[np.ndarray, np.ndarray]]:
         """Per layer: the pooled query (``segment_query`` over the question's tokens) and the
