@@ -1,5 +1,9 @@
 """MemoryStack end to end against the unwrapped model, brute force and the formulas."""
 
+import copy
+import inspect
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -242,6 +246,34 @@ def test_generate_equals_greedy_decoding_with_forward(family, rule, prompt_len):
             nxt = stack(ids).logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], dim=1)
     assert torch.equal(out, ids)
+
+
+def test_generate_reads_the_kv_cache_under_either_name_transformers_gives_it():
+    """transformers up to 5.17 calls the KV cache ``past_key_values``, later ones ``cache`` (in the
+    forward's arguments and in its output): a model with the other name generates the same."""
+    model = make_model("llama", seed=2)
+    current = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    other = {"cache": "past_key_values", "past_key_values": "cache"}[current]
+    base = type(model)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None, **kw):
+        kw[current] = kw.pop(other, None)
+        out = base.forward(self, input_ids, attention_mask, position_ids, use_cache=use_cache, **kw)
+        return SimpleNamespace(logits=out.logits, loss=out.loss, **{other: getattr(out, current)})
+
+    # the forward's signature is what the stack reads; a SimpleNamespace has no field under the
+    # current name, so reading it there would fail
+    params = [*inspect.signature(base.forward).parameters.values()]
+    params = [p.replace(name=other) if p.name == current else p for p in params]
+    forward.__signature__ = inspect.Signature(params)
+    renamed = copy.deepcopy(model)
+    renamed.__class__ = type("Renamed", (base,), {"forward": forward})
+    config = StackConfig(segment_len=SEG, compressive=CompressiveConfig(gate_init=1.0))
+    prompt = torch.randint(0, 256, (1, SEG + 3))
+    want = MemoryStack(model, config).generate(prompt, max_new_tokens=2 * SEG)
+    got_stack = MemoryStack(renamed, config)
+    assert got_stack._cache_arg == other
+    assert torch.equal(got_stack.generate(prompt, max_new_tokens=2 * SEG), want)
 
 
 def test_generate_sampling_is_reproducible_and_respects_top_k():

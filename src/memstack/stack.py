@@ -12,6 +12,7 @@ once outside it. Files are :mod:`memstack.saving`'s; sleep (layer 4) runs above 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -121,6 +122,11 @@ class MemoryStack(nn.Module):
         self.arch: Architecture = discover(model)
         """The model's attention layers, shapes and rotary layout, found by probing it."""
         self.model = model
+        self._cache_arg = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
+        """transformers renamed the KV cache's argument and output field ``past_key_values`` to
+        ``cache`` after 5.17: decoding passes and reads whichever this model's forward takes."""
         sites = self.arch.sites
         if any(hasattr(s.module, "memstack_memory") for s in sites.values()):
             raise ValueError("this model is already wrapped by a MemoryStack; load a fresh copy")
@@ -599,16 +605,15 @@ class MemoryStack(nn.Module):
             open_.offset, open_.mask = prefix_ids.shape[1], prefix_valid.long()
             pos = self._positions(0, open_.offset)
             ctx = SegmentContext(self._inputs(state, 0, 0, None, {}, open_.unread))  # not the segment's
-            out = self.model(
+            out, open_.cache = self._cached_forward(
+                None,
                 input_ids=prefix_ids,
                 attention_mask=open_.mask,
                 position_ids=pos,
-                cache=None,
-                use_cache=True,
                 memstack=ctx,
                 logits_to_keep=1,
             )
-            open_.cache, open_.last_logits = out.cache, out.logits[:, -1]
+            open_.last_logits = out.logits[:, -1]
         return open_
 
     def _decode(
@@ -624,16 +629,15 @@ class MemoryStack(nn.Module):
         if seg_open.mask is not None:
             seg_open.mask = torch.cat([seg_open.mask, torch.ones_like(ids, dtype=torch.long)], dim=1)
             mask = seg_open.mask
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            cache=seg_open.cache,
-            use_cache=True,
-            memstack=ctx,
+        out, seg_open.cache = self._cached_forward(
+            seg_open.cache, input_ids=ids, attention_mask=mask, position_ids=pos, memstack=ctx
         )
-        seg_open.cache = out.cache
         return out.logits
+
+    def _cached_forward(self, cache: Cache | None, **kwargs: Any) -> tuple[Any, Cache]:
+        """The model's forward through a KV cache: ``(output, the updated cache)``."""
+        out = self.model(**{self._cache_arg: cache}, use_cache=True, **kwargs)
+        return out, getattr(out, self._cache_arg)
 
     # ------------------------------------------------------------------ switches
 
