@@ -455,16 +455,19 @@ def markdown(table: dict[str, Any]) -> str:
         ),
     ]
     for title, cell in measures:
+        rows = {
+            variant: [cell(cells[str(n)]) if str(n) in cells else "" for n in nights]
+            for variant, cells in table.items()
+        }
+        if not any(any(row) for row in rows.values()):
+            continue  # a measure no row has (memory, in runs from before it was taken)
         out += [
             f"**{title}**",
             "",
             "variant | " + " | ".join(f"night {n}" for n in nights),
             "---|" + "---|" * len(nights),
         ]
-        for variant, cells in table.items():
-            out.append(
-                f"{variant} | " + " | ".join(cell(cells[str(n)]) if str(n) in cells else "" for n in nights)
-            )
+        out += [f"{variant} | " + " | ".join(row) for variant, row in rows.items()]
         out.append("")
     return "\n".join(out)
 

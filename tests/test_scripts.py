@@ -466,6 +466,15 @@ def test_eval_sleep_smollm2_pools_seeds_with_wilson_intervals_and_per_seed_range
     assert stored_row == f"lm | 50% [{centre - half:.0%}, {centre + half:.0%}] (seeds 25%-75%)"
     assert "night1_alone" not in cell
     assert "lm | 50% [" in sleep_eval["markdown"](table)
+    # measures no row has are left out, not printed as empty tables
+    assert "night 1's facts with only the first adapter" not in sleep_eval["markdown"](table)
+    assert "resident memory" not in sleep_eval["markdown"](table)
+    records[0]["memory_gb"] = {"peak": 5.0, "rss_trimmed": 1.5}
+    for r in records[1:]:
+        r["memory_gb"] = {"peak": 4.0, "rss_trimmed": 2.5}
+    assert "lm | 5.0 / 2.5" in sleep_eval["markdown"](
+        sleep_eval["summarise"](records, {"python": 2.0, "kjv": 2.0})
+    )
 
 
 def test_eval_sleep_smollm2_question_augmentation_adds_one_chat_per_fact_to_the_paraphrases():
