@@ -15,6 +15,7 @@ import json
 import pytest
 import torch
 from conftest import make_model
+from test_longterm import greedy_by_forward
 from test_train import TEXT, SplitBatches, tiny_config
 
 from memstack import CompressiveConfig, MemoryStack, StackConfig
@@ -89,10 +90,7 @@ def test_generate_on_gpu_is_greedy_decoding_by_full_forwards():
     prompt = torch.randint(0, 256, (1, 2 * SEG + 5), generator=torch.Generator().manual_seed(1)).to(GPU)
     with torch.no_grad():
         out = stack.generate(prompt, max_new_tokens=6)
-        ids = prompt
-        for _ in range(6):  # the reference: one full forward per new token
-            ids = torch.cat([ids, stack(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, ids)
+        assert torch.equal(out, greedy_by_forward(stack, prompt, 6))
 
 
 @pytest.mark.parametrize("rule", ["linear", "delta"])
