@@ -266,6 +266,12 @@ def test_bad_sleep_configs_name_the_field():
         SleepConfig(merge="svd")
     with pytest.raises(ValueError, match="sleep.replay_batch_size"):
         SleepConfig(replay_batch_size=0)
+    with pytest.raises(ValueError, match="sleep.record_share"):
+        SleepConfig(record_share=1.5)
+    with pytest.raises(ValueError, match="sleep.pack"):
+        SleepConfig(pack=1)
+    with pytest.raises(ValueError, match="sleep.pack=True works with objective='lm' only"):
+        SleepConfig(pack=True, objective="distill")
     stack, _ = make_stack()
     read_stream(stack, 32)
     with pytest.raises(ValueError, match="needs replay windows"):
@@ -309,6 +315,112 @@ def test_training_crops_cover_every_offset_and_carry_their_teacher():
     assert torch.equal(t_idx[..., 0][mask], ids[mask]) and torch.equal(
         t_logp[..., 2][mask], ids[mask].float()
     )
+
+
+def _runs(row: torch.Tensor, separator: int) -> list[list[int]]:
+    """A packed row cut at its separators."""
+    runs, run = [], []
+    for t in row.tolist():
+        if t == separator:
+            runs.append(run)
+            run = []
+        else:
+            run.append(t)
+    return [*runs, run]
+
+
+def test_pooled_packed_crops_give_each_pool_its_rows_and_fill_them_with_whole_texts():
+    """Pools: a row's pool by its share, a text of the pool by length. Packing: every row full,
+    each stretch between separators a contiguous piece of one text, every stretch that a
+    separator ends the whole rest of its text (a text is never cut before its end but by the
+    row's end), and the next text drawn from the row's pool."""
+    record = torch.arange(100)
+    short = [torch.arange(1000, 1010), torch.arange(2000, 2030)]
+    docs, sep, n = [record, *short], -1, 4000
+    ids, mask, teacher = crops(
+        docs,
+        None,
+        16,
+        n,
+        torch.Generator().manual_seed(0),
+        pools=[(0.7, [0]), (0.3, [1, 2])],
+        pack=True,
+        separator=sep,
+    )
+    assert teacher is None and bool(mask.all())
+    from_record = ids[:, 0] < 100
+    assert abs(float(from_record.float().mean()) - 0.7) < 0.03
+    assert not bool((ids[from_record] >= 1000).any())  # a row stays in its pool
+    other = ids[~from_record]
+    assert not bool(((other >= 0) & (other < 100)).any())
+    first = ids[~from_record, 0]
+    assert abs(float((first >= 2000).float().mean()) - 30 / 40) < 0.05  # by length: 30 of 40 tokens
+    texts = {int(d[0]) // 1000: d.tolist() for d in short}
+    seen_whole = 0
+    for row in other:
+        runs = _runs(row, sep)
+        for i, run in enumerate(runs):
+            text = texts[run[0] // 1000]
+            at = text.index(run[0])
+            assert run == text[at : at + len(run)]  # contiguous, one text
+            if i < len(runs) - 1:
+                assert run[-1] == text[-1]  # a separator follows only a text's end
+                seen_whole += at == 0
+    assert seen_whole > 0
+    # without packing a short text's row is padded, not filled
+    ids, mask, _ = crops(
+        docs, None, 16, 200, torch.Generator().manual_seed(1), pools=[(0.0, [0]), (1.0, [1])]
+    )
+    assert torch.equal(mask.sum(1), torch.full((200,), 10)) and bool((ids[:, :10] == short[0]).all())
+
+
+def test_pooled_crops_reject_what_they_cannot_draw():
+    docs = [torch.arange(20), torch.arange(5)]
+    teachers = [(d[:, None], d[:, None].float().repeat(1, 2)) for d in docs]
+    with pytest.raises(ValueError, match="pack=True cannot carry teacher"):
+        crops(docs, teachers, 8, 2, torch.Generator(), pack=True)
+    with pytest.raises(ValueError, match="no pool has both a share > 0 and documents"):
+        crops(docs, None, 8, 2, torch.Generator(), pools=[(1.0, []), (0.0, [0, 1])])
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_record_share_draws_rows_from_the_records_or_the_augmented_texts(monkeypatch, share):
+    """``record_share`` 1: no augmented token is trained on; 0: nothing else (rehearsed records
+    count as records); packed rows are full."""
+    import memstack.sleep.consolidate as consolidate
+
+    rows = []
+    real = consolidate.sleep_loss
+
+    def spy(stack, cfg, ids, mask, teacher, replay):
+        rows.append((ids.clone(), mask.clone()))
+        return real(stack, cfg, ids, mask, teacher, replay)
+
+    monkeypatch.setattr(consolidate, "sleep_loss", spy)
+    stack, _ = make_stack()
+    first = read_stream(stack, 32)
+    sleep(stack, SleepConfig(steps=1), progress=False)
+    second = read_stream(stack, 32, seed=1)
+    eos = stack.model.config.eos_token_id
+    unused = set(range(stack.model.config.vocab_size)) - set(
+        first.flatten().tolist() + second.flatten().tolist()
+    )
+    marker = min(unused - {eos})  # a token neither night's records hold
+
+    def augment(doc: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.full((5,), marker)]
+
+    cfg = SleepConfig(steps=12, batch_size=4, record_share=share, pack=True, rehearsal=1.0)
+    sleep(stack, cfg, augment=augment, progress=False)
+    ids = torch.cat([i for i, _ in rows[-12:]])
+    assert bool(torch.cat([m for _, m in rows[-12:]]).all())
+    body = ids[ids != eos] if eos is not None else ids.flatten()
+    if share == 1.0:
+        assert not bool((body == marker).any())
+        only_first = set(first.flatten().tolist()) - set(second.flatten().tolist()) - {eos}
+        assert only_first & set(body.tolist())  # the rehearsed night is a record too
+    else:
+        assert bool((body == marker).all())
 
 
 def test_rehearsal_trains_on_earlier_records_again():

@@ -46,6 +46,20 @@ class SleepConfig:
     earlier nights' adapters hold (on SmolLM2-135M night 1's facts went from 6/30 to 0/30 the
     next night while night 1's adapter alone still recalled 6/30; with rehearsal they stayed;
     docs/results.md, sleep on SmolLM2). 0 trains on the night alone (cheaper, forgets)."""
+    record_share: float | None = None
+    """Share of the training rows drawn from the records (the night's and the rehearsed ones), the
+    rest from the augmented texts; None: every text drawn in proportion to its length. Augmented
+    texts can outnumber the records several times over (paraphrases and chats: 4,000 tokens
+    beside a day's 1,300 on SmolLM2), and then a night's steps pass over the records themselves
+    less often; a share keeps their passes whatever the augmentation adds. A pool with no texts
+    (no augmentation) gives its rows to the other."""
+    pack: bool = False
+    """Fill every training row with text: a text that ends before its row is followed by the
+    model's end-of-text token (``config.eos_token_id``; nothing where it has none) and a crop of
+    another, as in packed pretraining, instead of padding. Short augmented texts (40-token chats
+    in 128-token rows) then stop costing a whole row each, so a step holds two to three times
+    the text at the same cost. Off by default: the recorded runs trained on padded crops. Not
+    with ``objective="distill"`` (the teacher's targets are per text)."""
     distill_top_k: int = 64
     """``distill``: teacher log-probs kept per token (plus one bucket for the rest)."""
     adapter: str = "new"
@@ -71,6 +85,17 @@ class SleepConfig:
             check_number(f"sleep.{name}", getattr(self, name), "a number > 0", lambda v: v > 0)
         for name in ("dropout", "replay_ratio", "rehearsal"):
             check_number(f"sleep.{name}", getattr(self, name), "a number in [0, 1]", lambda v: 0 <= v <= 1)
+        if self.record_share is not None:
+            check_number(
+                "sleep.record_share", self.record_share, "None or a number in [0, 1]", lambda v: 0 <= v <= 1
+            )
+        if not isinstance(self.pack, bool):
+            raise ValueError(f"sleep.pack must be true or false, got {self.pack!r}")
+        if self.pack and self.objective == "distill":
+            raise ValueError(
+                "sleep.pack=True works with objective='lm' only: distill's teacher targets belong to "
+                "one text each; set pack=False for distill"
+            )
         check_number("sleep.kl_weight", self.kl_weight, "a number >= 0", lambda v: v >= 0)
         check_int("sleep.steps", self.steps, minimum=0)
         if self.epochs is not None:

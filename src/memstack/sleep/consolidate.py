@@ -30,7 +30,9 @@ left by eviction starts a new document), plus what ``augment`` makes of them and
 ``rehearsal``, earlier records. Each step trains on random crops of ``seq_len`` tokens (the
 segment length by default: the student sees one segment, as the stack's first segment sees it),
 so a fact is seen after every amount of preceding text; the night loss of the report is measured
-on the fixed grid of windows.
+on the fixed grid of windows. ``record_share`` fixes the share of rows the records get against
+the augmented texts (default: by length), and ``pack`` fills each row with several texts, end of
+text between them, where the default pads a short text's row.
 """
 
 from __future__ import annotations
@@ -232,7 +234,14 @@ def sleep(
         adapters.activate([*previously_active, name])
     n_tokens = sum(len(d) for d in train_docs)
     steps = cfg.steps if cfg.epochs is None else math.ceil(cfg.epochs * n_tokens / (cfg.batch_size * seq_len))
-    _train(stack, cfg, params, train_docs, teachers, seq_len, replay, steps, gen, progress)
+    pools = None
+    if cfg.record_share is not None:
+        n_night, n_aug = len(night_docs), len(augmented)
+        records = [*range(n_night), *range(n_night + n_aug, len(train_docs))]
+        pools = [(cfg.record_share, records), (1 - cfg.record_share, range(n_night, n_night + n_aug))]
+        if not augmented:  # nothing to share the rows with
+            pools = [(1.0, records)]
+    _train(stack, cfg, params, train_docs, teachers, seq_len, replay, steps, gen, progress, pools)
 
     night_after = mean_nll(stack, night_ids, night_mask, cfg.batch_size)
     held_after = mean_nll(stack, held_out, None, cfg.batch_size)
@@ -289,8 +298,12 @@ def _train(
     steps: int,
     gen: torch.Generator,
     progress: bool,
+    pools: list[tuple[float, Any]] | None = None,
 ) -> None:
-    """Train ``params`` (the new adapter) for ``steps`` steps; every other parameter frozen."""
+    """Train ``params`` (the new adapter) for ``steps`` steps; every other parameter frozen.
+    ``pools``: :func:`~memstack.sleep.data.crops`'s, from ``record_share``."""
+    eos = getattr(stack.model.config, "eos_token_id", None)
+    separator = eos[0] if isinstance(eos, (list, tuple)) and eos else eos if isinstance(eos, int) else None
     flags = {p: p.requires_grad for p in stack.parameters()}
     for p in stack.parameters():
         p.requires_grad_(False)
@@ -302,7 +315,9 @@ def _train(
     device = stack.device
     try:
         for _ in tqdm(range(steps), desc="sleep", disable=not progress, leave=False):
-            ids, mask, teacher = crops(docs, teachers, seq_len, cfg.batch_size, gen)
+            ids, mask, teacher = crops(
+                docs, teachers, seq_len, cfg.batch_size, gen, pools=pools, pack=cfg.pack, separator=separator
+            )
             replay_batch = None
             if cfg.replay_ratio > 0:
                 n_replay = cfg.replay_batch_size or cfg.batch_size

@@ -126,13 +126,68 @@ def crops(
     seq_len: int,
     batch_size: int,
     gen: torch.Generator,
+    *,
+    pools: Sequence[tuple[float, Sequence[int]]] | None = None,
+    pack: bool = False,
+    separator: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """A batch of random ``seq_len`` crops: a document drawn with probability proportional to its
     length, a start uniform over the crops that fit (0 for a short document), right-padded.
 
     Why crops and not a fixed grid: a fact then appears after every amount of preceding text,
     from none to a whole window, so it is not learned as the continuation of one fixed context.
+
+    Args:
+        pools: ``[(share, doc indices), ...]``: each row first picks a pool with probability
+            ``share`` (the shares are normalised), then a document of that pool by length. None:
+            one pool of every document (and the exact draws of the plain version).
+        pack: fill each row instead of padding it: a document that ends before the row does is
+            followed by ``separator`` (when not None) and another crop drawn from the same pool,
+            cut to the room left, until the row is full. Short texts (a paraphrase, a chat) then
+            cost a fraction of a row each instead of a whole padded one. Texts in one row attend
+            to the earlier ones, as in packed pretraining. Not with ``teachers``.
+        separator: the token between packed texts (the model's end of text), or None for none.
     """
+    if pack and teachers is not None:
+        raise ValueError("crops: pack=True cannot carry teacher targets (distill); use pack=False")
+    if pools is None and not pack:
+        return _plain_crops(docs, teachers, seq_len, batch_size, gen)
+    lengths = torch.tensor([len(d) for d in docs], dtype=torch.float)
+    pools = [(1.0, range(len(docs)))] if pools is None else pools
+    members = [torch.as_tensor(list(idx), dtype=torch.long) for _, idx in pools]
+    shares = torch.tensor([float(s) if len(m) else 0.0 for (s, _), m in zip(pools, members, strict=True)])
+    if not bool((shares > 0).any()):
+        given = [(float(s), len(m)) for (s, _), m in zip(pools, members, strict=True)]
+        raise ValueError(f"crops: no pool has both a share > 0 and documents; (share, documents): {given}")
+    ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
+    mask = torch.zeros(batch_size, seq_len, dtype=torch.bool)
+    for row in range(batch_size):
+        pool = members[int(torch.multinomial(shares, 1, generator=gen))]
+        pos = 0
+        while pos < seq_len:
+            d = int(pool[torch.multinomial(lengths[pool], 1, generator=gen)])
+            room = seq_len - pos
+            start = int(torch.randint(max(len(docs[d]) - room, 0) + 1, (1,), generator=gen))
+            piece = docs[d][start : start + room]
+            ids[row, pos : pos + len(piece)], mask[row, pos : pos + len(piece)] = piece, True
+            pos += len(piece)
+            if not pack or pos >= seq_len:
+                break
+            if separator is not None:
+                ids[row, pos], mask[row, pos] = separator, True
+                pos += 1
+    return ids, mask, None
+
+
+def _plain_crops(
+    docs: list[torch.Tensor],
+    teachers: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    seq_len: int,
+    batch_size: int,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """:func:`crops` with one pool and no packing, drawn as before pools existed (a batch's
+    documents in one draw), so that recorded runs reproduce; the only path that carries teachers."""
     lengths = torch.tensor([len(d) for d in docs], dtype=torch.float)
     picks = torch.multinomial(lengths, batch_size, replacement=True, generator=gen).tolist()
     ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
