@@ -272,7 +272,7 @@ def test_results_smollm2_sleep_tables_are_the_scripts_own():
     """Every table row of the SmolLM2 sleep runs' sleep.md (written by eval_sleep_smollm2.py from
     its jsonl) stands in results.md as written, and the levers table matches its jsonl."""
     text = (DOCS / "results.md").read_text()
-    for run in ("smollm2_sleep", "smollm2_sleep_120", "smollm2_sleep_self_90_rb2"):
+    for run in ("smollm2_sleep", "smollm2_sleep_120", "smollm2_sleep_self_90_rb2", "smollm2_sleep_packed"):
         rows = [r for r in (ROOT / "results" / run / "sleep.md").read_text().splitlines() if " | " in r]
         assert rows and all(r in text for r in rows), run
     levers = [json.loads(x) for x in (ROOT / "results/smollm2_sleep_120/levers_night1.jsonl").open()]
