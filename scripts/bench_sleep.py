@@ -55,13 +55,10 @@ ROWS = {
 
 def step_contents(docs, n_records, recipe, seq_len, eos, draws=500) -> dict[str, float]:
     """Mean text tokens, record tokens and padding a training step holds, drawn as sleep draws."""
-    from memstack.sleep.data import crops
+    from memstack.sleep.data import crops, record_pools
 
     gen = torch.Generator().manual_seed(0)
-    pools = None
-    if recipe.record_share is not None:
-        share = recipe.record_share
-        pools = [(share, range(n_records)), (1 - share, range(n_records, len(docs)))]
+    pools = record_pools(recipe.record_share, range(n_records), range(n_records, len(docs)))
     # the records' tokens are told apart by an offset on their ids
     offset = 10**9
     marked = [d + offset if i < n_records else d for i, d in enumerate(docs)]
@@ -97,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     from memstack.io import write_json
     from memstack.pretrained import smollm2
     from memstack.sleep import night_documents, sleep, text_windows
+    from memstack.sleep.data import end_of_text
     from memstack.train.evaluate import sample_seed
 
     heads_file = ROOT / "results" / "smollm2" / "heads.json"
@@ -118,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         name: dataclasses.replace(RECIPE, **changes, **{k: v for k, v in row.items() if k != "steps"})
         for name, row in ROWS.items()
     }
-    eos = model.config.eos_token_id
+    eos = end_of_text(model.config)
     contents = {name: step_contents(docs, len(records), r, 128, eos) for name, r in recipes.items()}
 
     def timed(recipe, steps: int) -> float:

@@ -54,7 +54,7 @@ from memstack.io import atomic_file
 from memstack.losses import lm_loss, prediction_mask
 from memstack.memory.adapters import PREFIX, default_targets, lora_config
 from memstack.sleep.config import SleepConfig
-from memstack.sleep.data import crops, night_documents, windows
+from memstack.sleep.data import crops, end_of_text, night_documents, record_pools, windows
 from memstack.sleep.losses import kl_bucketed, kl_full, teacher_targets
 
 if TYPE_CHECKING:  # annotations only: sleep runs above the stack, which never imports it
@@ -234,13 +234,9 @@ def sleep(
         adapters.activate([*previously_active, name])
     n_tokens = sum(len(d) for d in train_docs)
     steps = cfg.steps if cfg.epochs is None else math.ceil(cfg.epochs * n_tokens / (cfg.batch_size * seq_len))
-    pools = None
-    if cfg.record_share is not None:
-        n_night, n_aug = len(night_docs), len(augmented)
-        records = [*range(n_night), *range(n_night + n_aug, len(train_docs))]
-        pools = [(cfg.record_share, records), (1 - cfg.record_share, range(n_night, n_night + n_aug))]
-        if not augmented:  # nothing to share the rows with
-            pools = [(1.0, records)]
+    n_night, n_aug = len(night_docs), len(augmented)
+    records = [*range(n_night), *range(n_night + n_aug, len(train_docs))]  # the rehearsed ones too
+    pools = record_pools(cfg.record_share, records, range(n_night, n_night + n_aug))
     _train(stack, cfg, params, train_docs, teachers, seq_len, replay, steps, gen, progress, pools)
 
     night_after = mean_nll(stack, night_ids, night_mask, cfg.batch_size)
@@ -302,8 +298,7 @@ def _train(
 ) -> None:
     """Train ``params`` (the new adapter) for ``steps`` steps; every other parameter frozen.
     ``pools``: :func:`~memstack.sleep.data.crops`'s, from ``record_share``."""
-    eos = getattr(stack.model.config, "eos_token_id", None)
-    separator = eos[0] if isinstance(eos, (list, tuple)) and eos else eos if isinstance(eos, int) else None
+    separator = end_of_text(stack.model.config)
     flags = {p: p.requires_grad for p in stack.parameters()}
     for p in stack.parameters():
         p.requires_grad_(False)

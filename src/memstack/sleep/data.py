@@ -179,6 +179,28 @@ def crops(
     return ids, mask, None
 
 
+def record_pools(
+    share: float | None, records: Sequence[int], augmented: Sequence[int]
+) -> list[tuple[float, Sequence[int]]] | None:
+    """:func:`crops`'s pools for ``SleepConfig.record_share``: ``share`` of the rows to the
+    records, the rest to the augmented texts (None: no pools, every text by length). With no
+    augmented text every row goes to the records."""
+    if share is None:
+        return None
+    if not augmented:
+        return [(1.0, records)]
+    return [(share, records), (1 - share, augmented)]
+
+
+def end_of_text(model_config: Any) -> int | None:
+    """The token :func:`crops` puts between packed texts: the model's ``eos_token_id`` (the first
+    where it lists several), or None where it has none."""
+    eos = getattr(model_config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        return eos[0] if eos else None
+    return eos if isinstance(eos, int) else None
+
+
 def _plain_crops(
     docs: list[torch.Tensor],
     teachers: list[tuple[torch.Tensor, torch.Tensor]] | None,
