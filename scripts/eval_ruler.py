@@ -17,7 +17,10 @@ greedy continuation (:func:`memstack.evals.ruler.max_new_tokens` tokens). Rows:
   pick instead of memory. The context is cut into 32-token chunks; the 4 best for the question
   (BM25 over words; MiniLM's cosine) go back as tokens, in their order in the text, between the
   instruction and the question, and the bare model answers: the store's budget (4 chunks of 32
-  tokens) with other keys. Needs the ``retrieval`` extra.
+  tokens) with other keys. Needs the ``retrieval`` extra;
+- ``store_near``, ``rag_bm25_near`` and ``rag_minilm_near``: the same with each hit's neighbouring
+  chunk before and after read too (``NEAR``, EM-LLM's contiguity buffer: a needle cut by a chunk
+  boundary comes back whole), up to 12 chunks, the same budget for the store and RAG.
 
 Results append to ``<out>/ruler.jsonl`` one sample per line (a rerun skips what is there), the
 table per length (rows x tasks, the mean score with a 95% interval, and the average over tasks)
@@ -37,7 +40,7 @@ from typing import Any
 import torch
 
 from memstack.data.tokenizer import HFTokenizer
-from memstack.evals.longcontext import ROWS, Rows, answer, load_heads, mean_interval
+from memstack.evals.longcontext import NEAR, ROWS, Rows, answer, load_heads, mean_interval
 from memstack.evals.ruler import TASK_NAMES, make_sample, max_new_tokens, score
 from memstack.io import write_json
 from memstack.train.evaluate import sample_seed
@@ -45,7 +48,7 @@ from memstack.train.evaluate import sample_seed
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "smollm2_ruler"
 HEADS = ROOT / "results" / "smollm2"
-RAG_ROWS = ("rag_bm25", "rag_minilm")
+RAG_ROWS = ("rag_bm25", "rag_minilm", "rag_bm25_near", "rag_minilm_near")
 ALL_ROWS = (*ROWS, *RAG_ROWS)
 WINDOW = 8192  # SmolLM2's trained context
 RAG_CHUNK, RAG_TOP_K = 32, 4
@@ -66,16 +69,39 @@ def rag_prompt(
     scorer: Callable[[str, list[str]], Sequence[float]],
     chunk_len: int = RAG_CHUNK,
     top_k: int = RAG_TOP_K,
+    neighbours: int = 0,
 ) -> list[int]:
     """The RAG prompt of a RULER prompt ``text``: its context cut into ``chunk_len``-token chunks,
     the ``top_k`` that ``scorer(question, chunks)`` ranks best (ties: the earlier chunk) kept in
-    their order in the text, between the instruction and the question."""
+    their order in the text, between the instruction and the question.
+
+    With ``neighbours=0`` (the ``rag_bm25`` and ``rag_minilm`` rows) every chosen chunk is decoded
+    alone and the chunks are joined by a space, adjacent or not, as those rows were recorded.
+    With ``neighbours=n`` the ``n`` chunks before and after each chosen one are kept too, and each
+    run of adjacent chunks is decoded as one span of the text (no space put inside a number that
+    a boundary cut), the runs joined by a space."""
+    if neighbours < 0:
+        raise ValueError(f"neighbours={neighbours!r}: expected an int >= 0")
     instruction, context, question = split_prompt(text)
     ids = tokenizer.encode(context)
     chunks = [tokenizer.decode(ids[a : a + chunk_len]) for a in range(0, len(ids), chunk_len)]
     scores = list(scorer(question, chunks))
     best = sorted(range(len(chunks)), key=lambda i: (-scores[i], i))[:top_k]
-    return tokenizer.encode(instruction + "\n" + " ".join(chunks[i] for i in sorted(best)) + "\n" + question)
+    if not neighbours:
+        return tokenizer.encode(
+            instruction + "\n" + " ".join(chunks[i] for i in sorted(best)) + "\n" + question
+        )
+    keep = sorted(
+        {j for i in best for j in range(i - neighbours, i + neighbours + 1) if 0 <= j < len(chunks)}
+    )
+    runs: list[list[int]] = []
+    for j in keep:
+        if runs and runs[-1][-1] == j - 1:
+            runs[-1].append(j)
+        else:
+            runs.append([j])
+    spans = [tokenizer.decode(ids[run[0] * chunk_len : (run[-1] + 1) * chunk_len]) for run in runs]
+    return tokenizer.encode(instruction + "\n" + " ".join(spans) + "\n" + question)
 
 
 def bm25_scorer() -> Callable[[str, list[str]], Sequence[float]]:
@@ -191,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {e}") from None
     scorers = {}
     for row, make in (("rag_bm25", bm25_scorer), ("rag_minilm", minilm_scorer)):
-        if row in args.rows:
+        if row in args.rows or row + "_near" in args.rows:
             try:
                 scorers[row] = make()
             except ImportError as e:
@@ -220,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
                     s = make_sample(task, tok, length, sample_seed("ruler", args.seed, task, length, i))
                     t0 = time.perf_counter()
                     if row in RAG_ROWS:
-                        ids = rag_prompt(tok, s.text, scorers[row])
+                        near = NEAR if row.endswith("_near") else 0
+                        ids = rag_prompt(tok, s.text, scorers[row.removesuffix("_near")], neighbours=near)
                         out = answer("bare", model, rows.stack("bare"), ids, max_new_tokens(task))
                     else:
                         # every row stops at the end of its turn, as the bare model's generate does

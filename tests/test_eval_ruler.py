@@ -39,6 +39,29 @@ def test_rag_prompt_keeps_the_best_chunks_in_text_order_between_instruction_and_
     assert any(key in chunks[i] for i in best)  # the needle's key words are found
 
 
+def test_rag_prompt_with_neighbours_reads_runs_of_adjacent_chunks_as_spans_of_the_text():
+    tok = load_tokenizer("bytes")  # one token per character here: a span of ids is a span of text
+    s = make_sample("niah_single_2", tok, 3000, seed=4)
+    instruction, context, question = eval_ruler.split_prompt(s.text)
+    n = len(tok.encode(context))
+    chunks = [context[a : a + 32] for a in range(0, n, 32)]
+    scores = overlap(question, chunks)
+    best = sorted(range(len(chunks)), key=lambda i: (-scores[i], i))[:4]
+    keep = sorted({j for i in best for j in (i - 1, i, i + 1)} & set(range(len(chunks))))
+    runs = [[keep[0]]]
+    for j in keep[1:]:
+        if j == runs[-1][-1] + 1:
+            runs[-1].append(j)
+        else:
+            runs.append([j])
+    spans = [context[r[0] * 32 : (r[-1] + 1) * 32] for r in runs]
+    prompt = tok.decode(eval_ruler.rag_prompt(tok, s.text, overlap, chunk_len=32, top_k=4, neighbours=1))
+    assert prompt == instruction + "\n" + " ".join(spans) + "\n" + question
+    assert len(keep) > len(best) and s.answers[0] in prompt  # the needle's number is whole
+    with pytest.raises(ValueError, match="neighbours=-1: expected an int >= 0"):
+        eval_ruler.rag_prompt(tok, s.text, overlap, neighbours=-1)
+
+
 def test_bm25_scorer_ranks_the_chunk_with_the_query_words_first():
     pytest.importorskip(
         "bm25s", reason="the RAG rows need the retrieval extra: pip install -e '.[retrieval]'"

@@ -510,6 +510,35 @@ def test_close_prompt_generates_from_the_kinds_prefix(with_store):
     assert torch.equal(out[:, prompt.shape[1] :], new)
 
 
+def test_tokens_readout_with_neighbours_reads_each_hit_with_the_chunks_beside_it():
+    """``neighbours=1`` (the ``store_near`` row): the prefix is the plain readout's hits, each
+    widened by the chunk before and after it in the stream (clipped to what is stored), in stream
+    order, every chunk once; found here by matching the hits' tokens against the stream."""
+    model = tiny_llama(seed=6)
+    prompt = torch.randint(0, 256, (1, 4 * SEG), generator=torch.Generator().manual_seed(3))
+    chunks = [tuple(prompt[0, a : a + CHUNK].tolist()) for a in range(0, prompt.shape[1], CHUNK)]
+    assert len(set(chunks)) == len(chunks)  # a hit's tokens name its chunk
+    prefixes = {}
+    for n in (0, 1):
+        store = StoreConfig(
+            layers="0", readout="tokens", chunk_len=CHUNK, block_len=BLOCK, top_k=2, neighbours=n
+        )
+        stack = carry_stack(model, initial=0, recent=4, store=store)
+        with torch.no_grad():
+            state = stack(prompt).state
+        hits, ok = stack.kinds["store"].prefix(state.memories["store"])
+        prefixes[n] = hits[0, ok[0]].tolist()
+        stack.unwrap()
+    stored = len(next(iter(state.memories["store"].values())).stores[0])
+    assert 0 < stored <= len(chunks)
+    plain = [prefixes[0][a : a + CHUNK] for a in range(0, len(prefixes[0]), CHUNK)]
+    found = sorted(chunks.index(tuple(c)) for c in plain)
+    assert len(found) == 2
+    widened = sorted({j for i in found for j in (i - 1, i, i + 1) if 0 <= j < stored})
+    assert len(widened) > len(found)  # the neighbours add chunks here
+    assert prefixes[1] == [t for j in widened for t in chunks[j]]
+
+
 # ------------------------------------------------------------------ retrieval heads
 
 
@@ -541,6 +570,26 @@ def test_retrieval_heads_equal_eager_attention_shares():
     assert heads_spec(scores, 2) == ",".join(f"{la}.{h}" for la, h in top)
     with pytest.raises(ValueError):
         heads_spec(scores, 0)
+
+
+def test_store_near_row_is_the_store_row_reading_each_hits_neighbours():
+    """evals.longcontext: ``store_near`` differs from ``store`` in ``neighbours`` alone, for the
+    calibrated heads and for every head; ``Rows`` builds each row's own stack and refuses a row
+    it does not know."""
+    import dataclasses
+
+    from memstack.evals.longcontext import NEAR, Rows, stack_config
+
+    for heads in ("0.1,1.3", None):
+        base, near = stack_config(heads, 16), stack_config(heads, 16, neighbours=NEAR)
+        assert NEAR == 1 and base.store.neighbours == 0
+        assert near == dataclasses.replace(base, store=dataclasses.replace(base.store, neighbours=1))
+    rows = Rows(tiny_llama(), "0.1,1.3", 16)
+    assert rows.stack("store_near").config == stack_config("0.1,1.3", 16, neighbours=1)
+    assert rows.stack("off").config == stack_config("0.1,1.3", 16)  # off is the store row's stack
+    assert rows.stack("bare") is None
+    with pytest.raises(ValueError, match="unknown row 'store_far'; expected one of bare, off"):
+        rows.stack("store_far")
 
 
 def test_memory_off_on_the_last_two_segments_equals_the_whole_prompt():

@@ -16,7 +16,9 @@ The protocol (``scripts/eval_smollm2.py`` and ``scripts/quickstart.py`` use it):
 Rows (:data:`ROWS`): ``bare`` (the model alone, full attention over the whole prompt), ``off``
 (memstack with the store switched off: segments that see the previous segment's last 256 tokens,
 so the answer sees the question and nothing older), ``store`` (the store searched by the
-calibrated retrieval heads alone), ``store_all`` (the store on every layer and head with
+calibrated retrieval heads alone), ``store_near`` (the same, each hit read with the :data:`NEAR`
+chunks before and after it: a number cut by a chunk boundary comes back whole), ``store_all``
+(the store on every layer and head with
 InfLLM's representative tokens: the configuration before calibration), ``compressive``
 (Infini-attention's compressive memory with its gates untrained, no store), ``tuned`` (a
 fine-tuned stack, ``configs/smollm2_passkey.py``: LoRA adapters and gates trained, every memory
@@ -42,7 +44,7 @@ from memstack.memory.carry import CarryConfig
 from memstack.memory.store.kind import StoreConfig
 from memstack.stack import MemoryStack
 
-ROWS = ("bare", "off", "compressive", "store", "store_all", "tuned", "tuned_off")
+ROWS = ("bare", "off", "compressive", "store", "store_near", "store_all", "tuned", "tuned_off")
 OFF_ROWS = ("off", "tuned_off")
 """Rows that switch every memory kind off but the carried tokens."""
 ANSWER_PREFIX = "The pass key is"
@@ -50,6 +52,8 @@ ANSWER_PREFIX = "The pass key is"
 ANSWER_TOKENS = 8
 RECENT = 256
 """Tokens of the previous segment every segment sees (the carry kind)."""
+NEAR = 1
+"""The ``store_near`` row's ``StoreConfig.neighbours``: chunks read before and after each hit."""
 
 
 def compressive_config(segment_len: int = 2048) -> StackConfig:
@@ -65,14 +69,16 @@ def compressive_config(segment_len: int = 2048) -> StackConfig:
     )
 
 
-def stack_config(heads: str | None, segment_len: int = 2048) -> StackConfig:
-    """The stack of the ``store`` row (``heads``: its calibrated retrieval heads) or of the
-    ``store_all`` row (``heads=None``); ``off`` is the ``store`` stack with the store switched off.
+def stack_config(heads: str | None, segment_len: int = 2048, neighbours: int = 0) -> StackConfig:
+    """The stack of the ``store`` row (``heads``: its calibrated retrieval heads), of
+    ``store_near`` (the same with ``neighbours=NEAR``) or of the ``store_all`` row (``heads=None``);
+    ``off`` is the ``store`` stack with the store switched off.
 
     Training-free: no compressive memory (its gates would need training), the store's
     ``tokens`` readout (the hits' tokens go back in front of the segment, which any model reads
     without training), every token's key indexed at the searching heads (``every_token``), each of
-    the question's last 16 queries searching (``query_pool="max"``), the 4 best 32-token chunks.
+    the question's last 16 queries searching (``query_pool="max"``), the 4 best 32-token chunks
+    (and ``neighbours`` chunks before and after each, in text order: up to 12 with 1).
     """
     if heads is not None:
         store = StoreConfig(
@@ -85,10 +91,17 @@ def stack_config(heads: str | None, segment_len: int = 2048) -> StackConfig:
             chunk_len=32,
             readout="tokens",
             skip_recent=RECENT,
+            neighbours=neighbours,
         )
     else:
         store = StoreConfig(
-            layers="all", block_len=16, top_k=4, chunk_len=32, readout="tokens", skip_recent=RECENT
+            layers="all",
+            block_len=16,
+            top_k=4,
+            chunk_len=32,
+            readout="tokens",
+            skip_recent=RECENT,
+            neighbours=neighbours,
         )
     return StackConfig(
         segment_len=segment_len, compressive=None, store=store, kinds={"carry": CarryConfig(recent=RECENT)}
@@ -184,7 +197,11 @@ class Rows:
 
                 self.tuned = load_run(self.run)[1]
             return self.tuned
-        want = None if row == "bare" else (row if row in ("store_all", "compressive") else "store")
+        if row not in ROWS:
+            raise ValueError(f"unknown row {row!r}; expected one of {', '.join(ROWS)}")
+        want = (
+            None if row == "bare" else (row if row in ("store_all", "store_near", "compressive") else "store")
+        )
         if self.current is not None and self.current[0] == want:
             return self.current[1]
         if self.current is not None:
@@ -195,7 +212,8 @@ class Rows:
         if want == "compressive":
             config = compressive_config(self.segment_len)
         else:
-            config = stack_config(None if want == "store_all" else self.heads, self.segment_len)
+            near = NEAR if want == "store_near" else 0
+            config = stack_config(None if want == "store_all" else self.heads, self.segment_len, near)
         self.current = (want, MemoryStack(self.model, config))
         return self.current[1]
 
