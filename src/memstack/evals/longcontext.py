@@ -80,29 +80,13 @@ def stack_config(heads: str | None, segment_len: int = 2048, neighbours: int = 0
     the question's last 16 queries searching (``query_pool="max"``), the 4 best 32-token chunks
     (and ``neighbours`` chunks before and after each, in text order: up to 12 with 1).
     """
-    if heads is not None:
-        store = StoreConfig(
-            layers="heads",
-            heads=heads,
-            strategy="every_token",
-            query_pool="max",
-            block_len=16,
-            top_k=4,
-            chunk_len=32,
-            readout="tokens",
-            skip_recent=RECENT,
-            neighbours=neighbours,
-        )
+    shared = dict(
+        block_len=16, top_k=4, chunk_len=32, readout="tokens", skip_recent=RECENT, neighbours=neighbours
+    )
+    if heads is None:
+        store = StoreConfig(layers="all", **shared)
     else:
-        store = StoreConfig(
-            layers="all",
-            block_len=16,
-            top_k=4,
-            chunk_len=32,
-            readout="tokens",
-            skip_recent=RECENT,
-            neighbours=neighbours,
-        )
+        store = StoreConfig(layers="heads", heads=heads, strategy="every_token", query_pool="max", **shared)
     return StackConfig(
         segment_len=segment_len, compressive=None, store=store, kinds={"carry": CarryConfig(recent=RECENT)}
     )
