@@ -24,7 +24,8 @@ greedy continuation (:func:`memstack.evals.ruler.max_new_tokens` tokens). Rows:
 
 Results append to ``<out>/ruler.jsonl`` one sample per line (a rerun skips what is there), the
 table per length (rows x tasks, the mean score with a 95% interval, and the average over tasks)
-to ``<out>/ruler.json`` and ``ruler.md``.
+and the paired differences between rows on the same prompts (:data:`PAIRS`) to
+``<out>/ruler.json`` and ``ruler.md``.
 """
 
 from __future__ import annotations
@@ -157,12 +158,67 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
             n = fullest[length]
             average = mean_interval([sum(tasks[t][i] for t in tasks) / len(tasks) for i in range(n)])
         table.append({"length": length, "row": row, "tasks": by_task, "average": average})
-    return {"cells": table}
+    return {
+        "cells": table,
+        "paired": paired(records, {(c["length"], c["row"]) for c in table if c["average"]}),
+    }
+
+
+PAIRS = (
+    ("store", "bare"),
+    ("store_near", "bare"),
+    ("tuned", "bare"),
+    ("store", "store_all"),
+    ("tuned", "store"),
+    ("store_near", "store"),
+    ("rag_bm25_near", "rag_bm25"),
+    ("rag_minilm_near", "rag_minilm"),
+    ("rag_bm25", "store"),
+    ("rag_minilm", "store"),
+    ("rag_bm25_near", "store_near"),
+    ("rag_minilm_near", "store_near"),
+    ("rag_minilm", "rag_bm25"),
+    ("rag_minilm_near", "rag_bm25_near"),
+)
+"""The differences the paired table reports (``a`` minus ``b``): each memory row against the
+bare model, what one lever adds (calibrated heads, training, neighbours), and the store against
+RAG at the same budget."""
+
+
+def paired(records: list[dict[str, Any]], complete: set[tuple[int, str]]) -> list[dict[str, Any]]:
+    """Each pair of :data:`PAIRS` whose rows are both complete at a length (``complete``:
+    ``(length, row)``), on the same prompts: per prompt index ``i``, row ``a``'s average over the
+    tasks minus row ``b``'s, with a normal 95% interval over the prompts. The prompts are the same
+    for every row (their seed has no row in it), so the pairing removes the prompts' own spread,
+    which dominates the rows' intervals. Pairs whose rows ran different prompts are left out."""
+    by: dict[tuple[int, str], dict[tuple[str, int], float]] = {}
+    for r in records:
+        by.setdefault((r["length"], r["row"]), {})[(r["task"], r["sample"])] = r["score"]
+    out = []
+    for length in sorted({n for n, _ in complete}):
+        for a, b in PAIRS:
+            if (length, a) not in complete or (length, b) not in complete:
+                continue
+            sa, sb = by[(length, a)], by[(length, b)]
+            if set(sa) != set(sb):
+                continue
+            tasks = sorted({t for t, _ in sa})
+            samples = sorted({i for _, i in sa})
+            diffs = [sum(sa[(t, i)] - sb[(t, i)] for t in tasks) / len(tasks) for i in samples]
+            out.append({"length": length, "a": a, "b": b, "difference": mean_interval(diffs)})
+    return out
+
+
+def points(share: float) -> str:
+    """A share as whole percentage points (no ``-0``: a difference that rounds to nothing)."""
+    text = f"{100 * share:.0f}"
+    return "0" if text == "-0" else text
 
 
 def markdown(summary: dict[str, Any]) -> str:
     """One table per length: rows x tasks (mean score %, 95% interval) and the average; a task
-    cell with fewer samples than the length's fullest says how many (``(n=2)``)."""
+    cell with fewer samples than the length's fullest says how many (``(n=2)``); below it, the
+    length's paired differences (:func:`paired`)."""
     out = []
     for length in sorted({c["length"] for c in summary["cells"]}):
         cells = [c for c in summary["cells"] if c["length"] == length]
@@ -186,6 +242,14 @@ def markdown(summary: dict[str, Any]) -> str:
                 parts.append(f"{100 * m['mean']:.0f} [{100 * lo:.0f}, {100 * hi:.0f}]{short}")
             out.append(f"{c['row']} | " + " | ".join(parts))
         out.append("")
+        pairs = [d for d in summary.get("paired", []) if d["length"] == length]
+        if pairs:
+            out += ["Paired on the same prompts (points, the average over the tasks):", ""]
+            for d in pairs:
+                m = d["difference"]
+                lo, hi = (points(v) for v in m["ci95"])
+                out.append(f"- {d['a']} − {d['b']}: {points(m['mean'])} [{lo}, {hi}]")
+            out.append("")
     return "\n".join(out)
 
 

@@ -114,6 +114,38 @@ def test_a_row_with_a_task_short_of_samples_has_no_average():
     assert cells["bare"]["average"]["mean"] == 1.0 and cells["store"]["average"] is None
 
 
+def test_paired_differences_match_per_prompt_averages_and_leave_out_rows_still_running():
+    tasks = ("niah_single_1", "common_words")
+    score = {
+        ("bare", "niah_single_1"): [1.0, 0.0, 1.0, 0.0],
+        ("bare", "common_words"): [0.2, 0.4, 0.0, 0.6],
+        ("store", "niah_single_1"): [1.0, 1.0, 0.0, 1.0],
+        ("store", "common_words"): [0.4, 0.4, 0.2, 0.2],
+    }
+    records = [
+        {"row": row, "task": t, "length": 4096, "sample": i, "score": v}
+        for (row, t), vs in score.items()
+        for i, v in enumerate(vs)
+    ]
+    records = records[::-1]  # a resumed run appends out of order: the pairing goes by sample index
+    records += [{"row": "store_near", "task": t, "length": 4096, "sample": 0, "score": 1.0} for t in tasks]
+    summary = eval_ruler.summarise(records)
+    # store_near ran one prompt of four: it is in no pair
+    assert [(d["a"], d["b"]) for d in summary["paired"]] == [("store", "bare")]
+    diffs = [
+        (score[("store", tasks[0])][i] + score[("store", tasks[1])][i]) / 2
+        - (score[("bare", tasks[0])][i] + score[("bare", tasks[1])][i]) / 2
+        for i in range(4)
+    ]
+    m = sum(diffs) / 4
+    half = 1.96 * math.sqrt(sum((d - m) ** 2 for d in diffs) / 3) / 2
+    got = summary["paired"][0]["difference"]
+    assert got["mean"] == pytest.approx(m) and got["ci95"] == pytest.approx([m - half, m + half])
+    line = f"- store − bare: {100 * m:.0f} [{100 * (m - half):.0f}, {100 * (m + half):.0f}]"
+    assert line in eval_ruler.markdown(summary).splitlines()
+    assert eval_ruler.points(-0.004) == "0" and eval_ruler.points(-0.006) == "-1"
+
+
 def test_argument_errors_come_before_the_model_loads(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         eval_ruler.main(["--rows", "tuned", "--out", str(tmp_path)])
