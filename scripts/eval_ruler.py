@@ -239,7 +239,7 @@ def markdown(summary: dict[str, Any]) -> str:
                     continue
                 lo, hi = max(0.0, m["ci95"][0]), min(1.0, m["ci95"][1])  # a score lies in [0, 1]
                 short = f" (n={m['n']})" if t is not None and m["n"] < fullest else ""  # a task still running
-                parts.append(f"{100 * m['mean']:.0f} [{100 * lo:.0f}, {100 * hi:.0f}]{short}")
+                parts.append(f"{points(m['mean'])} [{points(lo)}, {points(hi)}]{short}")
             out.append(f"{c['row']} | " + " | ".join(parts))
         out.append("")
         pairs = [d for d in summary.get("paired", []) if d["length"] == length]
