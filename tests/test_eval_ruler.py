@@ -146,6 +146,20 @@ def test_paired_differences_match_per_prompt_averages_and_leave_out_rows_still_r
     assert eval_ruler.points(-0.004) == "0" and eval_ruler.points(-0.006) == "-1"
 
 
+def test_bf16_rows_sort_after_their_float32_row_and_pair_with_it():
+    score = {"store": [1.0, 0.0, 1.0], "bare+bf16": [0.0, 0.0, 1.0], "bare": [1.0, 0.0, 0.0]}
+    records = [
+        {"row": row, "task": "niah_single_1", "length": 4096, "sample": i, "score": v}
+        for row, vs in score.items()
+        for i, v in enumerate(vs)
+    ]
+    summary = eval_ruler.summarise(records)
+    assert [c["row"] for c in summary["cells"]] == ["bare", "bare+bf16", "store"]
+    pairs = {(d["a"], d["b"]): d["difference"]["mean"] for d in summary["paired"]}
+    assert pairs[("bare+bf16", "bare")] == pytest.approx((-1 + 0 + 1) / 3)
+    assert pairs[("store", "bare")] == pytest.approx((0 + 0 + 1) / 3)
+
+
 def test_argument_errors_come_before_the_model_loads(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         eval_ruler.main(["--rows", "tuned", "--out", str(tmp_path)])

@@ -90,6 +90,21 @@ def test_search_matches_numpy_brute_force(metric, backend):
     assert (i == -1).any() and torch.isinf(s[i == -1]).all()
 
 
+@pytest.mark.parametrize("backend", ["matmul", "faiss"])
+def test_search_under_bf16_autocast_scores_in_float32(backend):
+    # the training loop runs under bf16 autocast: a bf16 matmul here would round the scores (and
+    # reorder near ties) and mix bf16 scores into the float32 per-record max
+    store = ChunkStore([3], DIM, matmul_threshold=10**9 if backend == "matmul" else 0)
+    fill(store, 300)
+    queries = torch.randn(7, DIM)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores, ids = store.search(3, queries, top_k=10)
+    ref_s, ref_i = reference_search(store, 3, queries, 10)
+    assert scores.dtype == torch.float32
+    np.testing.assert_array_equal(ids.numpy(), ref_i)
+    np.testing.assert_allclose(scores.numpy(), ref_s, rtol=1e-5, atol=1e-5)
+
+
 def test_matmul_equals_faiss_flat():
     stores = [ChunkStore([0], DIM, matmul_threshold=t) for t in (10**9, 0)]
     for s in stores:

@@ -48,7 +48,8 @@ class MemoryMixer(nn.Module):
                     continue
                 readout = readouts[kind]
                 g = torch.sigmoid(gate.float())[:, None]  # (H, 1)
-                mixed = torch.lerp(out, readout.output, g)  # g * memory + (1 - g) * out, one kernel
+                # a readout computed under autocast may be bf16: the mix is float32 either way
+                mixed = torch.lerp(out, readout.output.float(), g)  # g * memory + (1 - g) * out
                 if readout.empty is not None:  # (B, H) per row and head, or (B, T, H) per query too
                     empty = readout.empty[:, None] if readout.empty.ndim == 2 else readout.empty
                     mixed = torch.where(empty[..., None], out, mixed)

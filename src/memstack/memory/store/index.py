@@ -136,7 +136,8 @@ class StoreIndex:
             top_k: records per query.
 
         Returns:
-            ``(scores (q, k) float32, record_ids (q, k) int64)`` on the queries' device, best first;
+            ``(scores (q, k) float32, record_ids (q, k) int64)`` on the queries' device, best first,
+            scored in float32 whatever the autocast;
             padded with score ``-inf`` and id ``-1`` where fewer than k records have keys here.
             Each returned record's retrieval count goes up by one per query that returned it.
         """
@@ -150,7 +151,8 @@ class StoreIndex:
         q = queries.detach().float()
         if self.metric == "cosine":
             q = F.normalize(q, dim=-1)
-        with self._lock:
+        # scores in float32 under autocast too: bf16 would reorder near-ties and mix dtypes in the max
+        with self._lock, torch.autocast(device_type=device.type, enabled=False):
             if lk.index is not None and lk.n_alive > self.matmul_threshold:
                 scores, rows = self._search_faiss(lk, q.cpu(), k)
             else:
