@@ -148,14 +148,15 @@ def row_order(row: str) -> tuple[int, bool]:
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Per (length, row): each task's mean score with a normal 95% interval over its samples,
     and the average over the tasks (its interval over the samples' averages across tasks: sample
-    ``i`` of every task forms one point).
+    ``i`` of every task forms one point, matched by sample index, so a resumed run that appended
+    out of order averages the same).
 
     A row still running (a task of its length missing, or fewer samples in a task than the
     length's fullest) gets its task cells and ``average: None``: an average over the tasks done
     so far would not be comparable with the others."""
-    cells: dict[tuple[int, str], dict[str, list[float]]] = {}
+    cells: dict[tuple[int, str], dict[str, dict[int, float]]] = {}
     for r in records:
-        cells.setdefault((r["length"], r["row"]), {}).setdefault(r["task"], []).append(r["score"])
+        cells.setdefault((r["length"], r["row"]), {}).setdefault(r["task"], {})[r["sample"]] = r["score"]
     union: dict[int, set[str]] = {}
     fullest: dict[int, int] = {}
     for (length, _), tasks in cells.items():
@@ -163,12 +164,16 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
         fullest[length] = max(fullest.get(length, 0), *(len(v) for v in tasks.values()))
     table = []
     for (length, row), tasks in sorted(cells.items(), key=lambda kv: (kv[0][0], row_order(kv[0][1]))):
-        by_task = {t: mean_interval(v) for t, v in tasks.items()}
-        complete = set(tasks) == union[length] and all(len(v) == fullest[length] for v in tasks.values())
+        by_task = {t: mean_interval(list(v.values())) for t, v in tasks.items()}
+        samples = set(next(iter(tasks.values())))
+        complete = (
+            set(tasks) == union[length]
+            and len(samples) == fullest[length]
+            and all(set(v) == samples for v in tasks.values())
+        )
         average = None
-        if complete:
-            n = fullest[length]
-            average = mean_interval([sum(tasks[t][i] for t in tasks) / len(tasks) for i in range(n)])
+        if complete:  # sample i of every task is one point, matched by index as in :func:`paired`
+            average = mean_interval([sum(v[i] for v in tasks.values()) / len(tasks) for i in sorted(samples)])
         table.append({"length": length, "row": row, "tasks": by_task, "average": average})
     return {
         "cells": table,

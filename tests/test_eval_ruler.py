@@ -127,7 +127,11 @@ def test_paired_differences_match_per_prompt_averages_and_leave_out_rows_still_r
         for (row, t), vs in score.items()
         for i, v in enumerate(vs)
     ]
-    records = records[::-1]  # a resumed run appends out of order: the pairing goes by sample index
+    # a resumed run appends out of order: one task's samples reversed, the pairing and the
+    # averages go by sample index
+    records = [r for r in records if r["task"] == tasks[0]] + [r for r in records if r["task"] == tasks[1]][
+        ::-1
+    ]
     records += [{"row": "store_near", "task": t, "length": 4096, "sample": 0, "score": 1.0} for t in tasks]
     summary = eval_ruler.summarise(records)
     # store_near ran one prompt of four: it is in no pair
@@ -144,6 +148,11 @@ def test_paired_differences_match_per_prompt_averages_and_leave_out_rows_still_r
     line = f"- store − bare: {100 * m:.0f} [{100 * (m - half):.0f}, {100 * (m + half):.0f}]"
     assert line in eval_ruler.markdown(summary).splitlines()
     assert eval_ruler.points(-0.004) == "0" and eval_ruler.points(-0.006) == "-1"
+    per_prompt = [(score[("store", tasks[0])][i] + score[("store", tasks[1])][i]) / 2 for i in range(4)]
+    m = sum(per_prompt) / 4
+    half = 1.96 * math.sqrt(sum((x - m) ** 2 for x in per_prompt) / 3) / 2
+    (store,) = [c for c in summary["cells"] if c["row"] == "store"]
+    assert store["average"]["ci95"] == pytest.approx([m - half, m + half])
 
 
 def test_bf16_rows_sort_after_their_float32_row_and_pair_with_it():
