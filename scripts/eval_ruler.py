@@ -151,23 +151,22 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     ``i`` of every task forms one point, matched by sample index, so a resumed run that appended
     out of order averages the same).
 
-    A row still running (a task of its length missing, or fewer samples in a task than the
-    length's fullest) gets its task cells and ``average: None``: an average over the tasks done
-    so far would not be comparable with the others."""
+    A row still running (a task missing that some row has run at any length, or fewer samples in
+    a task than the length's fullest) gets its task cells and ``average: None``: an average over
+    the tasks done so far would not be comparable with the others."""
     cells: dict[tuple[int, str], dict[str, dict[int, float]]] = {}
     for r in records:
         cells.setdefault((r["length"], r["row"]), {}).setdefault(r["task"], {})[r["sample"]] = r["score"]
-    union: dict[int, set[str]] = {}
+    union = {r["task"] for r in records}  # over every length: a length begun on some tasks is running
     fullest: dict[int, int] = {}
     for (length, _), tasks in cells.items():
-        union.setdefault(length, set()).update(tasks)
         fullest[length] = max(fullest.get(length, 0), *(len(v) for v in tasks.values()))
     table = []
     for (length, row), tasks in sorted(cells.items(), key=lambda kv: (kv[0][0], row_order(kv[0][1]))):
         by_task = {t: mean_interval(list(v.values())) for t, v in tasks.items()}
         samples = set(next(iter(tasks.values())))
         complete = (
-            set(tasks) == union[length]
+            set(tasks) == union
             and len(samples) == fullest[length]
             and all(set(v) == samples for v in tasks.values())
         )

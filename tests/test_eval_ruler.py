@@ -112,6 +112,13 @@ def test_a_row_with_a_task_short_of_samples_has_no_average():
     ]
     cells = {c["row"]: c for c in eval_ruler.summarise(records)["cells"]}
     assert cells["bare"]["average"]["mean"] == 1.0 and cells["store"]["average"] is None
+    # a longer length begun on one task of the two: no average there, though no row has more
+    records += [
+        {"row": "store", "task": "niah_single_1", "length": 32768, "sample": i, "score": 1.0}
+        for i in range(3)
+    ]
+    (long,) = [c for c in eval_ruler.summarise(records)["cells"] if c["length"] == 32768]
+    assert long["average"] is None and "running" in eval_ruler.markdown(eval_ruler.summarise(records))
 
 
 def test_paired_differences_match_per_prompt_averages_and_leave_out_rows_still_running():
