@@ -198,7 +198,9 @@ PAIRS = (
 )
 """The differences the paired table reports (``a`` minus ``b``): each memory row against the
 bare model, what one lever adds (calibrated heads, training, neighbours), the store against RAG
-at the same budget, and what bf16 autocast alone changes."""
+at the same budget, and what bf16 autocast alone changes. Each pair between float32 rows is also
+made between the same rows under bf16 (``store_near+bf16`` − ``store+bf16``), the way the
+lengths only bf16 reaches on 2 cores are compared."""
 
 
 def paired(records: list[dict[str, Any]], complete: set[tuple[int, str]]) -> list[dict[str, Any]]:
@@ -211,8 +213,9 @@ def paired(records: list[dict[str, Any]], complete: set[tuple[int, str]]) -> lis
     for r in records:
         by.setdefault((r["length"], r["row"]), {})[(r["task"], r["sample"])] = r["score"]
     out = []
+    bf16 = [(f"{a}+bf16", f"{b}+bf16") for a, b in PAIRS if "+bf16" not in a + b]
     for length in sorted({n for n, _ in complete}):
-        for a, b in PAIRS:
+        for a, b in (*PAIRS, *bf16):
             if (length, a) not in complete or (length, b) not in complete:
                 continue
             sa, sb = by[(length, a)], by[(length, b)]

@@ -174,6 +174,14 @@ def test_bf16_rows_sort_after_their_float32_row_and_pair_with_it():
     pairs = {(d["a"], d["b"]): d["difference"]["mean"] for d in summary["paired"]}
     assert pairs[("bare+bf16", "bare")] == pytest.approx((-1 + 0 + 1) / 3)
     assert pairs[("store", "bare")] == pytest.approx((0 + 0 + 1) / 3)
+    # the same pair between the rows under bf16 (the 32K table): store+bf16 - bare+bf16
+    records += [
+        {"row": "store+bf16", "task": "niah_single_1", "length": 4096, "sample": i, "score": v}
+        for i, v in enumerate([1.0, 1.0, 0.0])
+    ]
+    pairs = {(d["a"], d["b"]): d["difference"]["mean"] for d in eval_ruler.summarise(records)["paired"]}
+    assert pairs[("store+bf16", "bare+bf16")] == pytest.approx((1 + 1 - 1) / 3)
+    assert ("store+bf16", "bare") not in pairs
 
 
 def test_argument_errors_come_before_the_model_loads(tmp_path, capsys):
