@@ -27,6 +27,12 @@ float32) and the rows are recorded as ``<row>+bf16``: a row of its own, faster o
 matrix units (one 16K store prompt here: 33 s against 46 s), the way to fit 32K on 2 cores.
 ``bare+bf16`` − ``bare`` (paired at 4K) measures what the precision alone changes.
 
+With ``--top-k N`` (default 4) the store and RAG rows retrieve ``N`` chunks instead of 4 (with
+neighbours, up to ``3N``) and are recorded as ``<row>+kN``: a lever for the tasks with several
+needles, where one question's hits serve them all (multi-query). The budget grows with it, so
+such a row is compared with its own kind (``store_near+k16`` − ``rag_bm25_near+k16``), not with
+the 4-chunk rows.
+
 Results append to ``<out>/ruler.jsonl`` one sample per line (a rerun skips what is there), the
 table per length (rows x tasks, the mean score with a 95% interval, and the average over tasks)
 and the paired differences between rows on the same prompts (:data:`PAIRS`) to
@@ -60,6 +66,7 @@ WINDOW = 8192  # SmolLM2's trained context
 BF16 = "+bf16"  # the suffix of a row run under bf16 autocast
 RAG_CHUNK, RAG_TOP_K = 32, 4
 """The RAG rows' chunks: the store's (``memstack.evals.longcontext.stack_config``)."""
+RETRIEVING = ("store", "store_near", "store_all", *RAG_ROWS)  # the rows --top-k changes
 
 
 def split_prompt(text: str) -> tuple[str, str, str]:
@@ -139,9 +146,11 @@ def minilm_scorer() -> Callable[[str, list[str]], Sequence[float]]:
     return scores
 
 
-def row_order(row: str) -> tuple[int, bool]:
-    """Where a row sorts in the tables: :data:`ALL_ROWS`' order, a ``+bf16`` row after its float32 one."""
-    return ALL_ROWS.index(row.removesuffix(BF16)), row.endswith(BF16)
+def row_order(row: str) -> tuple[int, str]:
+    """Where a row sorts in the tables: :data:`ALL_ROWS`' order, a row with suffixes (``+k16``,
+    ``+bf16``) after the plain one."""
+    base = row.split("+")[0]
+    return ALL_ROWS.index(base), row[len(base) :]
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -198,9 +207,9 @@ PAIRS = (
 )
 """The differences the paired table reports (``a`` minus ``b``): each memory row against the
 bare model, what one lever adds (calibrated heads, training, neighbours), the store against RAG
-at the same budget, and what bf16 autocast alone changes. Each pair between float32 rows is also
-made between the same rows under bf16 (``store_near+bf16`` − ``store+bf16``), the way the
-lengths only bf16 reaches on 2 cores are compared."""
+at the same budget, and what bf16 autocast alone changes. Each pair between plain rows is also
+made between the same rows with the same suffix (``store_near+bf16`` − ``store+bf16``), the way
+the lengths only bf16 reaches on 2 cores are compared."""
 
 
 def paired(records: list[dict[str, Any]], complete: set[tuple[int, str]]) -> list[dict[str, Any]]:
@@ -213,9 +222,10 @@ def paired(records: list[dict[str, Any]], complete: set[tuple[int, str]]) -> lis
     for r in records:
         by.setdefault((r["length"], r["row"]), {})[(r["task"], r["sample"])] = r["score"]
     out = []
-    bf16 = [(f"{a}+bf16", f"{b}+bf16") for a, b in PAIRS if "+bf16" not in a + b]
+    suffixes = sorted({row[len(row.split("+")[0]) :] for _, row in complete} - {""})
+    same = [(a + s, b + s) for s in suffixes for a, b in PAIRS if "+" not in a + b]
     for length in sorted({n for n, _ in complete}):
-        for a, b in (*PAIRS, *bf16):
+        for a, b in (*PAIRS, *same):
             if (length, a) not in complete or (length, b) not in complete:
                 continue
             sa, sb = by[(length, a)], by[(length, b)]
@@ -281,11 +291,13 @@ def run_row(
     scorers: dict[str, Callable[[str, list[str]], Sequence[float]]],
     task: str,
     eos_token_id: int | None,
+    top_k: int = RAG_TOP_K,
 ) -> list[int]:
-    """The tokens ``row`` answers to one RULER ``sample`` of ``task``."""
+    """The tokens ``row`` answers to one RULER ``sample`` of ``task`` (``top_k``: the RAG rows'
+    chunks; the store rows' come with ``rows``)."""
     if row in RAG_ROWS:
         near = NEAR if row.endswith("_near") else 0
-        ids = rag_prompt(tok, sample.text, scorers[row.removesuffix("_near")], neighbours=near)
+        ids = rag_prompt(tok, sample.text, scorers[row.removesuffix("_near")], top_k=top_k, neighbours=near)
         return answer("bare", model, rows.stack("bare"), ids, max_new_tokens(task))
     # every row stops at the end of its turn, as the bare model's generate does
     return answer(row, model, rows.stack(row), sample.ids, max_new_tokens(task), eos_token_id)
@@ -304,6 +316,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--heads", type=Path, default=HEADS, help="the folder of heads.json (calibrated heads)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bf16", action="store_true", help="run under bf16 autocast; rows recorded as <row>+bf16")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=RAG_TOP_K,
+        help=f"chunks the store and RAG rows retrieve (default {RAG_TOP_K}); rows recorded as <row>+k<N>",
+    )
     p.add_argument("--out", type=Path, default=OUT)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
@@ -314,6 +332,13 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if args.samples < 1 or any(n < 1 for n in args.lengths):
         p.error("--samples and --lengths take positive integers")
+    if args.top_k < 1:
+        p.error(f"--top-k {args.top_k}: expected a positive integer")
+    fixed = [r for r in args.rows if r not in RETRIEVING]
+    if fixed and args.top_k != RAG_TOP_K:
+        p.error(
+            f"--top-k applies to the rows that retrieve ({', '.join(RETRIEVING)}), not to {', '.join(fixed)}"
+        )
     try:
         heads = load_heads(args.heads)
     except FileNotFoundError as e:
@@ -333,12 +358,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, hf_tok = smollm2()
     tok = HFTokenizer(hf_tok)
-    rows = Rows(model, heads, args.segment, args.run)
+    rows = Rows(model, heads, args.segment, args.run, args.top_k)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "ruler.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     done = {(r["row"], r["task"], r["length"], r["sample"]) for r in records}
-    suffix = BF16 if args.bf16 else ""
+    suffix = (f"+k{args.top_k}" if args.top_k != RAG_TOP_K else "") + (BF16 if args.bf16 else "")
     for length in args.lengths:
         for row in args.rows:
             if row == "bare" and length > WINDOW and not args.past_window:
@@ -350,7 +375,9 @@ def main(argv: list[str] | None = None) -> dict:
                     s = make_sample(task, tok, length, sample_seed("ruler", args.seed, task, length, i))
                     t0 = time.perf_counter()
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                        out = run_row(row, s, tok, model, rows, scorers, task, hf_tok.eos_token_id)
+                        out = run_row(
+                            row, s, tok, model, rows, scorers, task, hf_tok.eos_token_id, args.top_k
+                        )
                     text = tok.decode(out)
                     rec = {
                         "row": row + suffix,

@@ -194,3 +194,36 @@ def test_argument_errors_come_before_the_model_loads(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         eval_ruler.main(["--tasks", "niah_single_9"])
     assert e.value.code == 2
+
+
+def test_top_k_suffix_rows_sort_after_their_row_pair_among_themselves_and_refuse_fixed_rows(capsys):
+    score = {
+        "store_near+k16": [1.0, 1.0, 0.0],
+        "rag_bm25_near+k16": [0.0, 1.0, 0.0],
+        "store_near": [0.0, 0.0, 1.0],
+        "rag_bm25_near": [1.0, 1.0, 1.0],
+    }
+    records = [
+        {"row": row, "task": "niah_multiquery", "length": 16384, "sample": i, "score": v}
+        for row, vs in score.items()
+        for i, v in enumerate(vs)
+    ]
+    summary = eval_ruler.summarise(records)
+    assert [c["row"] for c in summary["cells"]] == [
+        "store_near",
+        "store_near+k16",
+        "rag_bm25_near",
+        "rag_bm25_near+k16",
+    ]
+    pairs = {(d["a"], d["b"]): d["difference"]["mean"] for d in summary["paired"]}
+    assert pairs[("rag_bm25_near+k16", "store_near+k16")] == pytest.approx((-1 + 0 + 0) / 3)
+    assert pairs[("rag_bm25_near", "store_near")] == pytest.approx((1 + 1 + 0) / 3)
+    # a pair across budgets is not made: the rows retrieved different numbers of chunks
+    assert not any(("+k16" in a) != ("+k16" in b) for a, b in pairs)
+    for bad, why in (
+        (["--top-k", "0"], "expected a positive integer"),
+        (["--rows", "bare", "--top-k", "8"], "not to bare"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            eval_ruler.main(bad)
+        assert e.value.code == 2 and why in capsys.readouterr().err

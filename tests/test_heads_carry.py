@@ -590,6 +590,11 @@ def test_store_near_row_is_the_store_row_reading_each_hits_neighbours():
     assert rows.stack("bare") is None
     with pytest.raises(ValueError, match="unknown row 'store_far'; expected one of bare, off"):
         rows.stack("store_far")
+    # eval_ruler's --top-k: the store rows retrieve that many chunks, nothing else changes
+    wide = Rows(tiny_llama(), "0.1,1.3", 16, top_k=16).stack("store_near").config
+    assert wide.store.top_k == 16 and stack_config("0.1,1.3", 16).store.top_k == 4
+    near = stack_config("0.1,1.3", 16, neighbours=NEAR)
+    assert wide == dataclasses.replace(near, store=dataclasses.replace(near.store, top_k=16))
 
 
 def test_memory_off_on_the_last_two_segments_equals_the_whole_prompt():

@@ -69,7 +69,9 @@ def compressive_config(segment_len: int = 2048) -> StackConfig:
     )
 
 
-def stack_config(heads: str | None, segment_len: int = 2048, neighbours: int = 0) -> StackConfig:
+def stack_config(
+    heads: str | None, segment_len: int = 2048, neighbours: int = 0, top_k: int = 4
+) -> StackConfig:
     """The stack of the ``store`` row (``heads``: its calibrated retrieval heads), of
     ``store_near`` (the same with ``neighbours=NEAR``) or of the ``store_all`` row (``heads=None``);
     ``off`` is the ``store`` stack with the store switched off.
@@ -77,11 +79,11 @@ def stack_config(heads: str | None, segment_len: int = 2048, neighbours: int = 0
     Training-free: no compressive memory (its gates would need training), the store's
     ``tokens`` readout (the hits' tokens go back in front of the segment, which any model reads
     without training), every token's key indexed at the searching heads (``every_token``), each of
-    the question's last 16 queries searching (``query_pool="max"``), the 4 best 32-token chunks
-    (and ``neighbours`` chunks before and after each, in text order: up to 12 with 1).
+    the question's last 16 queries searching (``query_pool="max"``), the ``top_k`` (4) best 32-token
+    chunks (and ``neighbours`` chunks before and after each, in text order: up to 12 with 1).
     """
     shared = dict(
-        block_len=16, top_k=4, chunk_len=32, readout="tokens", skip_recent=RECENT, neighbours=neighbours
+        block_len=16, top_k=top_k, chunk_len=32, readout="tokens", skip_recent=RECENT, neighbours=neighbours
     )
     if heads is None:
         store = StoreConfig(layers="all", **shared)
@@ -164,10 +166,12 @@ class Rows:
     """The stack of each row of :data:`ROWS`, for a loop over rows: one stack wrapped at a time
     around ``model`` (``stack("bare")`` unwraps it and returns None); the tuned rows' stack is the
     latest checkpoint of the training run ``run`` (``configs/smollm2_passkey.py``), on a model of
-    its own, loaded when first asked for."""
+    its own, loaded when first asked for. ``top_k``: the hits of the untrained store rows (the
+    tuned rows keep their run's)."""
 
-    def __init__(self, model: Any, heads: str, segment_len: int, run: Path | None = None):
+    def __init__(self, model: Any, heads: str, segment_len: int, run: Path | None = None, top_k: int = 4):
         self.model, self.heads, self.segment_len, self.run = model, heads, segment_len, run
+        self.top_k = top_k
         self.current: tuple[str, MemoryStack] | None = None
         self.tuned: MemoryStack | None = None
 
@@ -197,7 +201,9 @@ class Rows:
             config = compressive_config(self.segment_len)
         else:
             near = NEAR if want == "store_near" else 0
-            config = stack_config(None if want == "store_all" else self.heads, self.segment_len, near)
+            config = stack_config(
+                None if want == "store_all" else self.heads, self.segment_len, near, self.top_k
+            )
         self.current = (want, MemoryStack(self.model, config))
         return self.current[1]
 
