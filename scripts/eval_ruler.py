@@ -146,11 +146,17 @@ def minilm_scorer() -> Callable[[str, list[str]], Sequence[float]]:
     return scores
 
 
+def split_row(row: str) -> tuple[str, str]:
+    """A recorded row's name and its suffixes: ``store_near+k16+bf16`` -> ``("store_near", "+k16+bf16")``."""
+    base = row.split("+")[0]
+    return base, row[len(base) :]
+
+
 def row_order(row: str) -> tuple[int, str]:
     """Where a row sorts in the tables: :data:`ALL_ROWS`' order, a row with suffixes (``+k16``,
     ``+bf16``) after the plain one."""
-    base = row.split("+")[0]
-    return ALL_ROWS.index(base), row[len(base) :]
+    base, suffix = split_row(row)
+    return ALL_ROWS.index(base), suffix
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -222,7 +228,7 @@ def paired(records: list[dict[str, Any]], complete: set[tuple[int, str]]) -> lis
     for r in records:
         by.setdefault((r["length"], r["row"]), {})[(r["task"], r["sample"])] = r["score"]
     out = []
-    suffixes = sorted({row[len(row.split("+")[0]) :] for _, row in complete} - {""})
+    suffixes = sorted({split_row(row)[1] for _, row in complete} - {""})
     same = [(a + s, b + s) for s in suffixes for a, b in PAIRS if "+" not in a + b]
     for length in sorted({n for n, _ in complete}):
         for a, b in (*PAIRS, *same):
