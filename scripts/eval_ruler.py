@@ -33,6 +33,11 @@ needles, where one question's hits serve them all (multi-query). The budget grow
 such a row is compared with its own kind (``store_near+k16`` − ``rag_bm25_near+k16``), not with
 the 4-chunk rows.
 
+With ``--window N`` (default 16) the store rows search with the last ``N`` queries of the prompt
+instead of 16 (the store's ``block_len``, :func:`memstack.evals.longcontext.stack_config`) and
+are recorded as ``<row>+wN``: 16 tokens end a multi-query prompt with only two of its four keys,
+while the RAG rows search with the whole question. Suffixes combine in the order ``+kN+wN+bf16``.
+
 Results append to ``<out>/ruler.jsonl`` one sample per line (a rerun skips what is there), the
 table per length (rows x tasks, the mean score with a 95% interval, and the average over tasks)
 and the paired differences between rows on the same prompts (:data:`PAIRS`) to
@@ -66,7 +71,10 @@ WINDOW = 8192  # SmolLM2's trained context
 BF16 = "+bf16"  # the suffix of a row run under bf16 autocast
 RAG_CHUNK, RAG_TOP_K = 32, 4
 """The RAG rows' chunks: the store's (``memstack.evals.longcontext.stack_config``)."""
-RETRIEVING = ("store", "store_near", "store_all", *RAG_ROWS)  # the rows --top-k changes
+STORE_ROWS = ("store", "store_near", "store_all")  # the rows --window changes
+RETRIEVING = (*STORE_ROWS, *RAG_ROWS)  # the rows --top-k changes
+WINDOW_QUERIES = 16
+"""The store rows' searching queries (the last 16 of the prompt) unless ``--window`` says otherwise."""
 
 
 def split_prompt(text: str) -> tuple[str, str, str]:
@@ -154,7 +162,7 @@ def split_row(row: str) -> tuple[str, str]:
 
 def row_order(row: str) -> tuple[int, str]:
     """Where a row sorts in the tables: :data:`ALL_ROWS`' order, a row with suffixes (``+k16``,
-    ``+bf16``) after the plain one."""
+    ``+w32``, ``+bf16``) after the plain one."""
     base, suffix = split_row(row)
     return ALL_ROWS.index(base), suffix
 
@@ -223,7 +231,8 @@ def paired(records: list[dict[str, Any]], complete: set[tuple[int, str]]) -> lis
     ``(length, row)``), on the same prompts: per prompt index ``i``, row ``a``'s average over the
     tasks minus row ``b``'s, with a normal 95% interval over the prompts. The prompts are the same
     for every row (their seed has no row in it), so the pairing removes the prompts' own spread,
-    which dominates the rows' intervals. Pairs whose rows ran different prompts are left out."""
+    which dominates the rows' intervals. Pairs whose rows ran different prompts are left out.
+    The ``+wN`` rows add :func:`window_pairs`."""
     by: dict[tuple[int, str], dict[tuple[str, int], float]] = {}
     for r in records:
         by.setdefault((r["length"], r["row"]), {})[(r["task"], r["sample"])] = r["score"]
@@ -231,7 +240,7 @@ def paired(records: list[dict[str, Any]], complete: set[tuple[int, str]]) -> lis
     suffixes = sorted({split_row(row)[1] for _, row in complete} - {""})
     same = [(a + s, b + s) for s in suffixes for a, b in PAIRS if "+" not in a + b]
     for length in sorted({n for n, _ in complete}):
-        for a, b in (*PAIRS, *same):
+        for a, b in (*PAIRS, *same, *window_pairs({row for n, row in complete if n == length})):
             if (length, a) not in complete or (length, b) not in complete:
                 continue
             sa, sb = by[(length, a)], by[(length, b)]
@@ -241,6 +250,22 @@ def paired(records: list[dict[str, Any]], complete: set[tuple[int, str]]) -> lis
             samples = sorted({i for _, i in sa})
             diffs = [sum(sa[(t, i)] - sb[(t, i)] for t in tasks) / len(tasks) for i in samples]
             out.append({"length": length, "a": a, "b": b, "difference": mean_interval(diffs)})
+    return out
+
+
+def window_pairs(rows: set[str]) -> list[tuple[str, str]]:
+    """The pairs of each ``+wN`` row (``--window``): what the window changes (``store_near+w32`` −
+    ``store_near``), and the RAG rows of :data:`PAIRS` against it, whose search the window does
+    not touch (``rag_bm25_near`` − ``store_near+w32``; other suffixes kept on both sides)."""
+    out = []
+    for row in sorted(rows, key=row_order):
+        base, suffix = split_row(row)
+        window = next((part for part in suffix.split("+") if part.startswith("w")), None)
+        if window is None:
+            continue
+        plain = suffix.replace("+" + window, "")
+        out.append((row, base + plain))
+        out += [(a + plain, row) for a, b in PAIRS if b == base and a in RAG_ROWS]
     return out
 
 
@@ -328,6 +353,12 @@ def main(argv: list[str] | None = None) -> dict:
         default=RAG_TOP_K,
         help=f"chunks the store and RAG rows retrieve (default {RAG_TOP_K}); rows recorded as <row>+k<N>",
     )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=WINDOW_QUERIES,
+        help=f"the prompt's last N queries search the store (default {WINDOW_QUERIES}); rows <row>+w<N>",
+    )
     p.add_argument("--out", type=Path, default=OUT)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
@@ -345,6 +376,11 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(
             f"--top-k applies to the rows that retrieve ({', '.join(RETRIEVING)}), not to {', '.join(fixed)}"
         )
+    if args.window < 1:
+        p.error(f"--window {args.window}: expected a positive integer")
+    other = [r for r in args.rows if r not in STORE_ROWS]
+    if other and args.window != WINDOW_QUERIES:
+        p.error(f"--window applies to the store rows ({', '.join(STORE_ROWS)}), not to {', '.join(other)}")
     try:
         heads = load_heads(args.heads)
     except FileNotFoundError as e:
@@ -364,12 +400,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, hf_tok = smollm2()
     tok = HFTokenizer(hf_tok)
-    rows = Rows(model, heads, args.segment, args.run, args.top_k)
+    rows = Rows(model, heads, args.segment, args.run, args.top_k, args.window)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "ruler.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     done = {(r["row"], r["task"], r["length"], r["sample"]) for r in records}
-    suffix = (f"+k{args.top_k}" if args.top_k != RAG_TOP_K else "") + (BF16 if args.bf16 else "")
+    suffix = (
+        (f"+k{args.top_k}" if args.top_k != RAG_TOP_K else "")
+        + (f"+w{args.window}" if args.window != WINDOW_QUERIES else "")
+        + (BF16 if args.bf16 else "")
+    )
     for length in args.lengths:
         for row in args.rows:
             if row == "bare" and length > WINDOW and not args.past_window:

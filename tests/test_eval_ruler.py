@@ -223,6 +223,8 @@ def test_top_k_suffix_rows_sort_after_their_row_pair_among_themselves_and_refuse
     for bad, why in (
         (["--top-k", "0"], "expected a positive integer"),
         (["--rows", "bare", "--top-k", "8"], "not to bare"),
+        (["--window", "0"], "expected a positive integer"),
+        (["--rows", "store_near", "rag_bm25_near", "--window", "32"], "not to rag_bm25_near"),
     ):
         with pytest.raises(SystemExit) as e:
             eval_ruler.main(bad)

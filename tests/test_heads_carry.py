@@ -595,6 +595,10 @@ def test_store_near_row_is_the_store_row_reading_each_hits_neighbours():
     assert wide.store.top_k == 16 and stack_config("0.1,1.3", 16).store.top_k == 4
     near = stack_config("0.1,1.3", 16, neighbours=NEAR)
     assert wide == dataclasses.replace(near, store=dataclasses.replace(near.store, top_k=16))
+    # and --window: the prompt's last 32 queries search (the store's block_len), nothing else changes
+    longer = Rows(tiny_llama(), "0.1,1.3", 16, window=32).stack("store_near").config
+    assert near.store.block_len == 16
+    assert longer == dataclasses.replace(near, store=dataclasses.replace(near.store, block_len=32))
 
 
 def test_memory_off_on_the_last_two_segments_equals_the_whole_prompt():

@@ -70,7 +70,7 @@ def compressive_config(segment_len: int = 2048) -> StackConfig:
 
 
 def stack_config(
-    heads: str | None, segment_len: int = 2048, neighbours: int = 0, top_k: int = 4
+    heads: str | None, segment_len: int = 2048, neighbours: int = 0, top_k: int = 4, window: int = 16
 ) -> StackConfig:
     """The stack of the ``store`` row (``heads``: its calibrated retrieval heads), of
     ``store_near`` (the same with ``neighbours=NEAR``) or of the ``store_all`` row (``heads=None``);
@@ -79,11 +79,22 @@ def stack_config(
     Training-free: no compressive memory (its gates would need training), the store's
     ``tokens`` readout (the hits' tokens go back in front of the segment, which any model reads
     without training), every token's key indexed at the searching heads (``every_token``), each of
-    the question's last 16 queries searching (``query_pool="max"``), the ``top_k`` (4) best 32-token
-    chunks (and ``neighbours`` chunks before and after each, in text order: up to 12 with 1).
+    the question's last ``window`` (16) queries searching (``query_pool="max"``), the ``top_k``
+    (4) best 32-token chunks (and ``neighbours`` chunks before and after each, in text order: up
+    to 12 with 1).
+
+    ``window`` is the store's ``block_len``: with the ``tokens`` readout the only search is the
+    one before each segment, from the last ``block_len`` queries of the segment before, so it is
+    how much of the question searches. 16 tokens hold a one-key question's key but only the last
+    two of multi-query's four keys (its answer prefix alone is about 30 tokens).
     """
     shared = dict(
-        block_len=16, top_k=top_k, chunk_len=32, readout="tokens", skip_recent=RECENT, neighbours=neighbours
+        block_len=window,
+        top_k=top_k,
+        chunk_len=32,
+        readout="tokens",
+        skip_recent=RECENT,
+        neighbours=neighbours,
     )
     if heads is None:
         store = StoreConfig(layers="all", **shared)
@@ -166,12 +177,20 @@ class Rows:
     """The stack of each row of :data:`ROWS`, for a loop over rows: one stack wrapped at a time
     around ``model`` (``stack("bare")`` unwraps it and returns None); the tuned rows' stack is the
     latest checkpoint of the training run ``run`` (``configs/smollm2_passkey.py``), on a model of
-    its own, loaded when first asked for. ``top_k``: the hits of the untrained store rows (the
-    tuned rows keep their run's)."""
+    its own, loaded when first asked for. ``top_k`` and ``window``: the hits and the searching
+    queries of the untrained store rows (:func:`stack_config`; the tuned rows keep their run's)."""
 
-    def __init__(self, model: Any, heads: str, segment_len: int, run: Path | None = None, top_k: int = 4):
+    def __init__(
+        self,
+        model: Any,
+        heads: str,
+        segment_len: int,
+        run: Path | None = None,
+        top_k: int = 4,
+        window: int = 16,
+    ):
         self.model, self.heads, self.segment_len, self.run = model, heads, segment_len, run
-        self.top_k = top_k
+        self.top_k, self.window = top_k, window
         self.current: tuple[str, MemoryStack] | None = None
         self.tuned: MemoryStack | None = None
 
@@ -202,7 +221,7 @@ class Rows:
         else:
             near = NEAR if want == "store_near" else 0
             config = stack_config(
-                None if want == "store_all" else self.heads, self.segment_len, near, self.top_k
+                None if want == "store_all" else self.heads, self.segment_len, near, self.top_k, self.window
             )
         self.current = (want, MemoryStack(self.model, config))
         return self.current[1]
