@@ -36,7 +36,11 @@ the 4-chunk rows.
 With ``--window N`` (default 16) the store rows search with the last ``N`` queries of the prompt
 instead of 16 (the store's ``block_len``, :func:`memstack.evals.longcontext.stack_config`) and
 are recorded as ``<row>+wN``: 16 tokens end a multi-query prompt with only two of its four keys,
-while the RAG rows search with the whole question. Suffixes combine in the order ``+kN+wN+bf16``.
+while the RAG rows search with the whole question. With ``--keep-initial N`` the store rows keep
+the prompt's first ``N`` tokens (the instruction) in view and out of the store's search, as the
+RAG rows put the instruction before their hits, and are recorded as ``<row>+iN``. Suffixes
+combine in the order ``+kN+wN+iN+bf16``; ``+wN`` and ``+iN`` leave the RAG rows unchanged, so
+those rows pair with the RAG rows without them (:func:`lever_pairs`).
 
 Results append to ``<out>/ruler.jsonl`` one sample per line (a rerun skips what is there), the
 table per length (rows x tasks, the mean score with a 95% interval, and the average over tasks)
@@ -232,7 +236,7 @@ def paired(records: list[dict[str, Any]], complete: set[tuple[int, str]]) -> lis
     tasks minus row ``b``'s, with a normal 95% interval over the prompts. The prompts are the same
     for every row (their seed has no row in it), so the pairing removes the prompts' own spread,
     which dominates the rows' intervals. Pairs whose rows ran different prompts are left out.
-    The ``+wN`` rows add :func:`window_pairs`."""
+    Rows with store-only levers add :func:`lever_pairs`."""
     by: dict[tuple[int, str], dict[tuple[str, int], float]] = {}
     for r in records:
         by.setdefault((r["length"], r["row"]), {})[(r["task"], r["sample"])] = r["score"]
@@ -240,7 +244,7 @@ def paired(records: list[dict[str, Any]], complete: set[tuple[int, str]]) -> lis
     suffixes = sorted({split_row(row)[1] for _, row in complete} - {""})
     same = [(a + s, b + s) for s in suffixes for a, b in PAIRS if "+" not in a + b]
     for length in sorted({n for n, _ in complete}):
-        for a, b in (*PAIRS, *same, *window_pairs({row for n, row in complete if n == length})):
+        for a, b in (*PAIRS, *same, *lever_pairs({row for n, row in complete if n == length})):
             if (length, a) not in complete or (length, b) not in complete:
                 continue
             sa, sb = by[(length, a)], by[(length, b)]
@@ -253,18 +257,26 @@ def paired(records: list[dict[str, Any]], complete: set[tuple[int, str]]) -> lis
     return out
 
 
-def window_pairs(rows: set[str]) -> list[tuple[str, str]]:
-    """The pairs of each ``+wN`` row (``--window``): what the window changes (``store_near+w32`` −
-    ``store_near``), and the RAG rows of :data:`PAIRS` against it, whose search the window does
-    not touch (``rag_bm25_near`` − ``store_near+w32``; other suffixes kept on both sides)."""
+STORE_LEVERS = ("w", "i")
+"""Suffix parts that change only the store rows' search (``+wN`` ``--window``, ``+iN``
+``--keep-initial``): the RAG rows are the same rows with or without them."""
+
+
+def lever_pairs(rows: set[str]) -> list[tuple[str, str]]:
+    """The pairs of each row with store-only levers in its suffix (:data:`STORE_LEVERS`): what each
+    lever adds (``store_near+w32+i32`` − ``store_near+w32``), and the RAG rows of :data:`PAIRS`
+    against it, with the levers dropped from their suffix (``rag_bm25_near`` −
+    ``store_near+w32``; other suffixes such as ``+bf16`` kept on both sides)."""
     out = []
     for row in sorted(rows, key=row_order):
         base, suffix = split_row(row)
-        window = next((part for part in suffix.split("+") if part.startswith("w")), None)
-        if window is None:
+        parts = suffix.split("+")[1:]
+        levers = [part for part in parts if part[:1] in STORE_LEVERS and part[1:].isdigit()]
+        if not levers:
             continue
-        plain = suffix.replace("+" + window, "")
-        out.append((row, base + plain))
+        for lever in levers:
+            out.append((row, base + "".join("+" + part for part in parts if part != lever)))
+        plain = "".join("+" + part for part in parts if part not in levers)
         out += [(a + plain, row) for a, b in PAIRS if b == base and a in RAG_ROWS]
     return out
 
@@ -359,6 +371,12 @@ def main(argv: list[str] | None = None) -> dict:
         default=WINDOW_QUERIES,
         help=f"the prompt's last N queries search the store (default {WINDOW_QUERIES}); rows <row>+w<N>",
     )
+    p.add_argument(
+        "--keep-initial",
+        type=int,
+        default=0,
+        help="the store rows keep the prompt's first N tokens in view and unsearched; rows <row>+i<N>",
+    )
     p.add_argument("--out", type=Path, default=OUT)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
@@ -378,9 +396,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if args.window < 1:
         p.error(f"--window {args.window}: expected a positive integer")
+    if args.keep_initial < 0:
+        p.error(f"--keep-initial {args.keep_initial}: expected an integer >= 0")
     other = [r for r in args.rows if r not in STORE_ROWS]
-    if other and args.window != WINDOW_QUERIES:
-        p.error(f"--window applies to the store rows ({', '.join(STORE_ROWS)}), not to {', '.join(other)}")
+    for flag, changed in (("--window", args.window != WINDOW_QUERIES), ("--keep-initial", args.keep_initial)):
+        if other and changed:
+            p.error(f"{flag} applies to the store rows ({', '.join(STORE_ROWS)}), not to {', '.join(other)}")
     try:
         heads = load_heads(args.heads)
     except FileNotFoundError as e:
@@ -400,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, hf_tok = smollm2()
     tok = HFTokenizer(hf_tok)
-    rows = Rows(model, heads, args.segment, args.run, args.top_k, args.window)
+    rows = Rows(model, heads, args.segment, args.run, args.top_k, args.window, args.keep_initial)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "ruler.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
@@ -408,6 +429,7 @@ def main(argv: list[str] | None = None) -> dict:
     suffix = (
         (f"+k{args.top_k}" if args.top_k != RAG_TOP_K else "")
         + (f"+w{args.window}" if args.window != WINDOW_QUERIES else "")
+        + (f"+i{args.keep_initial}" if args.keep_initial else "")
         + (BF16 if args.bf16 else "")
     )
     for length in args.lengths:

@@ -13,19 +13,21 @@ text its row's reader gets from the context, at the same budget as eval_ruler's 
 - ``store_near`` (and ``store_near+wN`` for each ``--windows`` N other than 16): the chunks the
   store on the calibrated heads finds with the prompt's last N queries (its ``tokens`` readout's
   search before the answer's segment), plus the carried last ``RECENT`` tokens of the prompt,
-  which that row's answer reads as well;
+  which that row's answer reads as well (with ``--keep-initial N``, rows ``+iN``: the prompt's
+  first N tokens kept in view and out of the search);
 - ``rag_bm25_near`` and ``rag_minilm_near`` (with the ``retrieval`` extra): the chunks BM25 and
   MiniLM choose for the question: those rows' whole prompts.
 
 Instruction and question hold no expected string (they name keys, the answers are values), so
 counting over the whole text a reader gets counts what retrieval brought.
 
-One forward of the store stack per prompt serves every window: the windows are tails of the
-longest one's queries. Only the tasks whose answers are strings placed in the context are
-measured (the needle tasks and variable tracking): common and frequent words are aggregations,
-their words present everywhere. Results append to ``<out>/recall.jsonl`` (a rerun skips what is
-there); the table per length with 95% intervals and the paired differences on the same prompts
-(eval_ruler's :func:`summarise`, :data:`PAIRS`) go to ``recall.json`` and ``recall.md``.
+One forward pass of the store stack per prompt and window (each segment's search shapes the
+stream that follows, so a window is a run of its own). Only the tasks whose answers are strings
+placed in the context are measured (the needle tasks and variable tracking): common and frequent
+words are aggregations, their words present everywhere. Results append to
+``<out>/recall.jsonl`` (a rerun skips what is there); the table per length with 95% intervals
+and the paired differences on the same prompts (eval_ruler's :func:`summarise`, :data:`PAIRS`)
+go to ``recall.json`` and ``recall.md``.
 """
 
 from __future__ import annotations
@@ -41,10 +43,9 @@ import eval_ruler as E
 import torch
 
 from memstack.data.tokenizer import HFTokenizer
-from memstack.evals.longcontext import NEAR, RECENT, load_heads, stack_config
+from memstack.evals.longcontext import NEAR, load_heads, stack_config
 from memstack.evals.ruler import TASK_NAMES, make_sample
 from memstack.io import write_json
-from memstack.memory.store.kind import StoreState
 from memstack.stack import MemoryStack
 from memstack.train.evaluate import sample_seed
 
@@ -57,39 +58,35 @@ def found(answers: tuple[str, ...] | list[str], text: str) -> float:
     return sum(a in text for a in answers) / len(answers)
 
 
-def store_reads(
-    stack: MemoryStack, ids: list[int], windows: list[int], recent: int = RECENT
-) -> dict[int, list[int]]:
-    """The tokens the store row's answer reads from the context of prompt ``ids``, per search
-    window: the store's hits (its ``tokens`` readout's prefix, searched with the prompt's last
-    ``w`` queries) followed by the prompt's last ``recent`` tokens (the carry).
+def store_reads(stack: MemoryStack, ids: list[int]) -> list[int]:
+    """The tokens the store row's answer reads from the context of prompt ``ids``: the prompt's
+    first tokens its carry keeps (``initial``), the store's hits (its ``tokens`` readout's
+    prefix, searched with the prompt's last ``block_len`` queries) and the prompt's last tokens
+    the carry keeps (``recent``).
 
-    ``stack`` must have a ``tokens`` store with ``query_pool="max"`` and ``block_len`` at least
-    ``max(windows)``: its tail holds one search vector per query, oldest first, so the last ``w``
-    of them are exactly the tail a stack with ``block_len=w`` keeps (``tests/test_ruler_recall.py``)."""
+    One forward pass per stack: the window cannot be varied on a finished stream, because each
+    segment's own search put its hits in front of that segment, and they shape every later layer's
+    keys and queries (``tests/test_ruler_recall.py`` shows a stream read with one window and
+    searched with another's tail find other chunks)."""
     c = stack.kinds["store"].config
-    if c.readout != "tokens" or c.query_pool != "max" or max(windows) > c.block_len:
-        raise ValueError(
-            f"store_reads needs a tokens store with query_pool='max' and block_len >= {max(windows)}, "
-            f"got readout={c.readout!r}, query_pool={c.query_pool!r}, block_len={c.block_len}"
-        )
+    if c.readout != "tokens":
+        raise ValueError(f"store_reads needs a store with the tokens readout, got readout={c.readout!r}")
+    carry = stack.config.kinds.get("carry")
+    initial, recent = (carry.initial, carry.recent) if carry is not None else (0, 0)
     with torch.no_grad():
-        layers = stack.forward(torch.tensor([ids], device=stack.device), return_logits=False).state.memories[
-            "store"
-        ]
-    out = {}
-    for w in windows:
-        prefix = stack.kinds["store"].prefix(
-            {n: StoreState(s.stores, s.tail[:, -w:]) for n, s in layers.items()}
-        )
-        hits = [] if prefix is None else prefix[0][0][prefix[1][0]].tolist()
-        out[w] = hits + ids[-recent:]
-    return out
+        state = stack.forward(torch.tensor([ids], device=stack.device), return_logits=False).state
+    prefix = stack.kinds["store"].prefix(state.memories["store"])
+    hits = [] if prefix is None else prefix[0][0][prefix[1][0]].tolist()
+    return ids[:initial] + hits + (ids[-recent:] if recent else [])
 
 
-def row_name(window: int) -> str:
-    """The store row of a search window, named as eval_ruler records it."""
-    return "store_near" if window == E.WINDOW_QUERIES else f"store_near+w{window}"
+def row_name(window: int, initial: int = 0) -> str:
+    """The store row of a search window and ``--keep-initial``, named as eval_ruler records it."""
+    return (
+        "store_near"
+        + (f"+w{window}" if window != E.WINDOW_QUERIES else "")
+        + (f"+i{initial}" if initial else "")
+    )
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -107,6 +104,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lengths", type=int, nargs="+", default=[16384])
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--windows", type=int, nargs="+", default=[E.WINDOW_QUERIES, 32])
+    p.add_argument(
+        "--keep-initial",
+        type=int,
+        default=0,
+        help="the store keeps the prompt's first N tokens in view and unsearched (eval_ruler's +iN)",
+    )
     p.add_argument("--rag", nargs="*", choices=("bm25", "minilm"), default=["bm25", "minilm"])
     p.add_argument("--segment", type=int, default=2048)
     p.add_argument("--seed", type=int, default=30_000)
@@ -117,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.samples < 1 or any(n < 1 for n in args.lengths) or any(w < 1 for w in args.windows):
         p.error("--samples, --lengths and --windows take positive integers")
+    if args.keep_initial < 0:
+        p.error(f"--keep-initial {args.keep_initial}: expected an integer >= 0")
     try:
         heads = load_heads(args.heads)
         scorers = {f"rag_{name}_near": getattr(E, f"{name}_scorer")() for name in args.rag}
@@ -129,42 +134,50 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, hf_tok = smollm2()
     tok = HFTokenizer(hf_tok)
-    stack = MemoryStack(model, stack_config(heads, args.segment, NEAR, window=max(args.windows)))
+
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "recall.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     done = {(r["row"], r["task"], r["length"], r["sample"]) for r in records}
-    rows = [row_name(w) for w in args.windows] + list(scorers)
+    rows = [row_name(w, args.keep_initial) for w in args.windows] + list(scorers)
     for length in args.lengths:
         for task in args.tasks:
             for i in range(args.samples):
                 if all((row, task, length, i) in done for row in rows):
                     continue
                 s = make_sample(task, tok, length, sample_seed("ruler", args.seed, task, length, i))
-                t0 = time.perf_counter()
-                read = {row_name(w): ids for w, ids in store_reads(stack, s.ids, args.windows).items()}
-                for row, scorer in scorers.items():
-                    read[row] = E.rag_prompt(tok, s.text, scorer, neighbours=NEAR)
-                seconds = round(time.perf_counter() - t0, 2)
+                read: dict[str, tuple[list[int], float]] = {}  # row: (tokens read, seconds)
+                for row in rows:
+                    if (row, task, length, i) in done:
+                        continue
+                    t0 = time.perf_counter()
+                    if row in scorers:
+                        ids = E.rag_prompt(tok, s.text, scorers[row], neighbours=NEAR)
+                    else:
+                        w = args.windows[rows.index(row)]
+                        config = stack_config(heads, args.segment, NEAR, window=w, initial=args.keep_initial)
+                        stack = MemoryStack(model, config)
+                        ids = store_reads(stack, s.ids)
+                        stack.unwrap()
+                    read[row] = (ids, round(time.perf_counter() - t0, 2))
+                new = [
+                    {
+                        "row": row,
+                        "task": task,
+                        "length": length,
+                        "sample": i,
+                        "answers": list(s.answers),
+                        "score": found(s.answers, tok.decode(ids)),
+                        "seconds": seconds,
+                    }
+                    for row, (ids, seconds) in read.items()
+                ]
                 with log.open("a") as f:
-                    for row, ids in read.items():
-                        if (row, task, length, i) in done:
-                            continue
-                        rec = {
-                            "row": row,
-                            "task": task,
-                            "length": length,
-                            "sample": i,
-                            "answers": list(s.answers),
-                            "score": found(s.answers, tok.decode(ids)),
-                            "seconds": seconds,
-                        }
-                        f.write(json.dumps(rec) + "\n")
-                        records.append(rec)
+                    f.writelines(json.dumps(rec) + "\n" for rec in new)
+                records += new
                 print(
                     f"{task:18s} {length:6d} #{i:2d}: "
-                    + " ".join(f"{r['row']}={r['score']:.2f}" for r in records[-len(read) :]),
-                    flush=True,
+                    + " ".join(f"{r['row']}={r['score']:.2f}" for r in new)
                 )
     summary = summarise(records)
     summary["command"] = "python scripts/ruler_recall.py " + " ".join(argv)

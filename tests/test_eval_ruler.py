@@ -225,6 +225,8 @@ def test_top_k_suffix_rows_sort_after_their_row_pair_among_themselves_and_refuse
         (["--rows", "bare", "--top-k", "8"], "not to bare"),
         (["--window", "0"], "expected a positive integer"),
         (["--rows", "store_near", "rag_bm25_near", "--window", "32"], "not to rag_bm25_near"),
+        (["--keep-initial", "-1"], "expected an integer >= 0"),
+        (["--rows", "bare", "--keep-initial", "32"], "--keep-initial applies to the store rows"),
     ):
         with pytest.raises(SystemExit) as e:
             eval_ruler.main(bad)

@@ -255,6 +255,51 @@ def test_named_heads_search_equals_a_brute_force_ranking(pool, readout):
     assert differs  # all heads would have found other chunks: the test sees the heads' restriction
 
 
+def test_skip_initial_leaves_the_first_tokens_keys_out_of_the_search():
+    """``skip_initial=6`` with 4-token chunks: chunk 0 has no key left and is never found, chunk 1
+    is searched by its tokens 6 and 7 alone; every search equals the brute force over the keys
+    that remain, and differs from the brute force over all keys somewhere."""
+    model, ref = model_pair("llama", seed=7)
+    top_k, n_seg, sinks = 3, 3, 6
+    store = StoreConfig(
+        heads=HEADS,
+        layers="heads",
+        strategy="every_token",
+        query_pool="max",
+        readout="tokens",
+        chunk_len=CHUNK,
+        block_len=BLOCK,
+        top_k=top_k,
+        skip_initial=sinks,
+    )
+    stack = MemoryStack(model, StackConfig(segment_len=SEG, compressive=None, store=store))
+    differs = False
+    for seed in range(4):
+        ids = torch.randint(0, 256, (1, n_seg * SEG), generator=torch.Generator().manual_seed(seed))
+        qk = [layer0_qk(ref, ids[0, i * SEG : (i + 1) * SEG]) for i in range(n_seg)]
+        state, kind = None, stack.kinds["store"]
+        for s in range(n_seg):
+            with torch.no_grad():
+                state = stack(ids[:, s * SEG : (s + 1) * SEG], state=state).state
+            layer = state.memories["store"][0]
+            scores, found = kind.search(layer.stores[0], layer.tail[0], top_k=100)
+            starts = layer.stores[0].records(found)["start"].tolist()
+            every = [
+                (t * SEG + a, qk[t][1][:, a : a + CHUNK]) for t in range(s + 1) for a in range(0, SEG, CHUNK)
+            ]
+            kept = [(a, k[:, max(0, sinks - a) :]) for a, k in every if a + CHUNK > sinks]
+            q = qk[s][0][:, -BLOCK:]
+            assert 0 not in starts and len(starts) == len(kept)  # every chunk but the first is searchable
+            assert_ranking(
+                list(zip(starts, scores.tolist(), strict=True)),
+                brute_ranking(q, kept, HEAD_LIST, "max", None),
+                len(kept),
+            )
+            top = [[a for a, _ in brute_ranking(q, c, HEAD_LIST, "max", top_k)] for c in (every, kept)]
+            differs |= top[0] != top[1]
+    assert differs  # with every key, some search would have returned other chunks
+
+
 # ------------------------------------------------------------------ the tokens readout's rank fusion
 
 
@@ -599,6 +644,12 @@ def test_store_near_row_is_the_store_row_reading_each_hits_neighbours():
     longer = Rows(tiny_llama(), "0.1,1.3", 16, window=32).stack("store_near").config
     assert near.store.block_len == 16
     assert longer == dataclasses.replace(near, store=dataclasses.replace(near.store, block_len=32))
+    # and --keep-initial: the first 32 tokens carried in view and left out of the search
+    kept = Rows(tiny_llama(), "0.1,1.3", 16, initial=32).stack("store_near").config
+    carry = dataclasses.replace(near.kinds["carry"], initial=32)
+    store = dataclasses.replace(near.store, skip_initial=32)
+    assert near.store.skip_initial == 0 and near.kinds["carry"].initial == 0
+    assert kept == dataclasses.replace(near, store=store, kinds={"carry": carry})
 
 
 def test_memory_off_on_the_last_two_segments_equals_the_whole_prompt():

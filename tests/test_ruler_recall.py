@@ -2,6 +2,7 @@
 from one forward pass against a stack built for each window alone, the score against a count
 written here, the paired differences of ``+wN`` rows, and argument errors."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from memstack import MemoryStack, StackConfig
 from memstack.config import StoreConfig
 from memstack.memory.carry import CarryConfig
+from memstack.memory.store.kind import StoreState
 from tests.conftest import VOCAB, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +23,7 @@ import ruler_recall  # noqa: E402
 RECENT = 8
 
 
-def config(block_len: int) -> StackConfig:
+def config(block_len: int, initial: int = 0) -> StackConfig:
     """eval_ruler's store_near stack (longcontext.stack_config) at a tiny model's scale."""
     store = StoreConfig(
         layers="heads",
@@ -34,38 +36,68 @@ def config(block_len: int) -> StackConfig:
         readout="tokens",
         skip_recent=RECENT,
         neighbours=1,
+        skip_initial=initial,
     )
-    return StackConfig(
-        segment_len=16, compressive=None, store=store, kinds={"carry": CarryConfig(recent=RECENT)}
-    )
+    carry = CarryConfig(recent=RECENT, initial=initial)
+    return StackConfig(segment_len=16, compressive=None, store=store, kinds={"carry": carry})
 
 
-def test_each_window_reads_what_a_stack_with_that_block_len_reads():
+def reads_in_generate(stack: MemoryStack, ids: list[int]) -> list[int]:
+    """The tokens ``generate(close_prompt=True)`` puts in front of the answer's segment, recorded
+    from inside it (its last ``_prefix`` call: the answer's segment opens last)."""
+    seen, inner = [], stack._prefix
+
+    def recording(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        seen.append(None if out is None else out[0][0][out[1][0]].tolist())
+        return out
+
+    stack._prefix = recording
+    stack.generate(torch.tensor([ids]), max_new_tokens=1, close_prompt=True)
+    del stack._prefix
+    return seen[-1]
+
+
+@pytest.mark.parametrize("initial", [0, 4])
+def test_store_reads_are_what_generate_puts_before_the_answer(initial):
+    """Carried first and last tokens and the store's hits, the same tokens (their order aside)."""
+    model = make_model("llama", seed=3)
+    for seed in range(3):
+        ids = torch.randint(0, VOCAB, (96,), generator=torch.Generator().manual_seed(seed)).tolist()
+        stack = MemoryStack(model, config(2, initial))
+        reads = ruler_recall.store_reads(stack, ids)
+        assert sorted(reads) == sorted(reads_in_generate(stack, ids))
+        stack.unwrap()
+        assert reads[:initial] == ids[:initial] and reads[-RECENT:] == ids[-RECENT:]
+        assert len(reads) > initial + RECENT  # the store found something
+
+
+def test_a_window_is_a_run_of_its_own():
+    """Why ruler_recall reads the stream once per window: searched with the last 2 queries of its
+    tail, a stream read with 8 queries searching finds other chunks than one read with 2."""
     model = make_model("llama", seed=3)
     differ = False
     for seed in range(3):
         ids = torch.randint(0, VOCAB, (96,), generator=torch.Generator().manual_seed(seed)).tolist()
-        wide = MemoryStack(model, config(8))
-        reads = ruler_recall.store_reads(wide, ids, [2, 8], recent=RECENT)
+        narrow = MemoryStack(model, config(2, 4))
+        reads = ruler_recall.store_reads(narrow, ids)
+        narrow.unwrap()
+        wide = MemoryStack(model, config(8, 4))
+        with torch.no_grad():
+            layers = wide.forward(torch.tensor([ids])).state.memories["store"]
+        hits, valid = wide.kinds["store"].prefix(
+            {n: StoreState(v.stores, v.tail[:, -2:]) for n, v in layers.items()}
+        )
         wide.unwrap()
-        for w in (2, 8):
-            alone = MemoryStack(model, config(w))
-            with torch.no_grad():
-                layers = alone.forward(torch.tensor([ids])).state.memories["store"]
-            ids_, valid = alone.kinds["store"].prefix(layers)
-            alone.unwrap()
-            assert reads[w] == ids_[0][valid[0]].tolist() + ids[-RECENT:]
-            assert 0 < int(valid.sum()) <= 2 * 3 * 4  # top_k chunks, each with a neighbour either side
-        differ |= reads[2] != reads[8]
-    assert differ, "2 queries and 8 found the same chunks on every prompt: the windows are not applied"
+        differ |= ids[:4] + hits[0][valid[0]].tolist() + ids[-RECENT:] != reads
+    assert differ
 
 
-def test_store_reads_refuses_a_window_longer_than_the_stack_keeps():
+def test_store_reads_refuses_a_store_without_the_tokens_readout():
     stack = MemoryStack(make_model("llama", seed=0), config(4))
-    with pytest.raises(
-        ValueError, match="block_len >= 8, got readout='tokens', query_pool='max', block_len=4"
-    ):
-        ruler_recall.store_reads(stack, list(range(64)), [4, 8])
+    stack.kinds["store"].config = dataclasses.replace(stack.kinds["store"].config, readout="kv")
+    with pytest.raises(ValueError, match="needs a store with the tokens readout, got readout='kv'"):
+        ruler_recall.store_reads(stack, list(range(64)))
 
 
 def test_found_is_the_share_of_answers_in_the_text():
@@ -73,7 +105,7 @@ def test_found_is_the_share_of_answers_in_the_text():
     assert ruler_recall.found(["x-1"], "nothing") == 0.0
 
 
-def test_window_rows_pair_with_their_plain_row_and_the_rag_rows_with_the_same_other_suffixes():
+def test_lever_rows_pair_with_the_row_without_each_lever_and_with_the_rag_rows():
     score = {
         "store_near": [0.0, 0.5, 0.25],
         "store_near+w32": [1.0, 0.5, 0.5],
@@ -81,6 +113,7 @@ def test_window_rows_pair_with_their_plain_row_and_the_rag_rows_with_the_same_ot
         "store_near+w32+bf16": [0.5, 0.5, 0.5],
         "store_near+bf16": [0.0, 0.0, 0.5],
         "rag_bm25_near+bf16": [1.0, 0.0, 0.0],
+        "store_near+w32+i32": [1.0, 1.0, 0.75],
     }
     records = [
         {"row": row, "task": "niah_multiquery", "length": 4096, "sample": i, "score": v}
@@ -98,11 +131,14 @@ def test_window_rows_pair_with_their_plain_row_and_the_rag_rows_with_the_same_ot
         ("store_near+w32+bf16", "store_near+bf16"),
         ("rag_bm25_near+bf16", "store_near+w32+bf16"),
         ("rag_bm25_near", "store_near"),
+        ("store_near+w32+i32", "store_near+w32"),  # what each store-only lever adds
+        ("rag_bm25_near", "store_near+w32+i32"),
     ):
         assert pairs[(a, b)] == pytest.approx(mean_diff(a, b)), (a, b)
     # never across precisions: bf16 changes the rows' numbers, not only their search
     assert ("rag_bm25_near", "store_near+w32+bf16") not in pairs
     assert ("store_near+w32+bf16", "store_near") not in pairs
+    assert ("store_near+w32+i32", "store_near+i32") not in pairs  # no such row ran
 
 
 @pytest.mark.parametrize("bad", [["--windows", "0"], ["--samples", "0"], ["--tasks", "common_words"]])

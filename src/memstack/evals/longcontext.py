@@ -70,7 +70,12 @@ def compressive_config(segment_len: int = 2048) -> StackConfig:
 
 
 def stack_config(
-    heads: str | None, segment_len: int = 2048, neighbours: int = 0, top_k: int = 4, window: int = 16
+    heads: str | None,
+    segment_len: int = 2048,
+    neighbours: int = 0,
+    top_k: int = 4,
+    window: int = 16,
+    initial: int = 0,
 ) -> StackConfig:
     """The stack of the ``store`` row (``heads``: its calibrated retrieval heads), of
     ``store_near`` (the same with ``neighbours=NEAR``) or of the ``store_all`` row (``heads=None``);
@@ -87,6 +92,12 @@ def stack_config(
     one before each segment, from the last ``block_len`` queries of the segment before, so it is
     how much of the question searches. 16 tokens hold a one-key question's key but only the last
     two of multi-query's four keys (its answer prefix alone is about 30 tokens).
+
+    ``initial`` > 0 keeps the prompt's first ``initial`` tokens in view (the carry's ``initial``)
+    and out of the store's search (``skip_initial``), the layout of the RAG rows (instruction,
+    hits, question): a RULER instruction ("Some special magic numbers are hidden within the
+    following text...") otherwise matches every question about special magic numbers and takes
+    one of the 4 hits.
     """
     shared = dict(
         block_len=window,
@@ -95,13 +106,17 @@ def stack_config(
         readout="tokens",
         skip_recent=RECENT,
         neighbours=neighbours,
+        skip_initial=initial,
     )
     if heads is None:
         store = StoreConfig(layers="all", **shared)
     else:
         store = StoreConfig(layers="heads", heads=heads, strategy="every_token", query_pool="max", **shared)
     return StackConfig(
-        segment_len=segment_len, compressive=None, store=store, kinds={"carry": CarryConfig(recent=RECENT)}
+        segment_len=segment_len,
+        compressive=None,
+        store=store,
+        kinds={"carry": CarryConfig(recent=RECENT, initial=initial)},
     )
 
 
@@ -177,8 +192,9 @@ class Rows:
     """The stack of each row of :data:`ROWS`, for a loop over rows: one stack wrapped at a time
     around ``model`` (``stack("bare")`` unwraps it and returns None); the tuned rows' stack is the
     latest checkpoint of the training run ``run`` (``configs/smollm2_passkey.py``), on a model of
-    its own, loaded when first asked for. ``top_k`` and ``window``: the hits and the searching
-    queries of the untrained store rows (:func:`stack_config`; the tuned rows keep their run's)."""
+    its own, loaded when first asked for. ``top_k``, ``window`` and ``initial``: the hits, the
+    searching queries and the prompt's first tokens kept in view of the untrained store rows
+    (:func:`stack_config`; the tuned rows keep their run's)."""
 
     def __init__(
         self,
@@ -188,9 +204,10 @@ class Rows:
         run: Path | None = None,
         top_k: int = 4,
         window: int = 16,
+        initial: int = 0,
     ):
         self.model, self.heads, self.segment_len, self.run = model, heads, segment_len, run
-        self.top_k, self.window = top_k, window
+        self.top_k, self.window, self.initial = top_k, window, initial
         self.current: tuple[str, MemoryStack] | None = None
         self.tuned: MemoryStack | None = None
 
@@ -221,7 +238,12 @@ class Rows:
         else:
             near = NEAR if want == "store_near" else 0
             config = stack_config(
-                None if want == "store_all" else self.heads, self.segment_len, near, self.top_k, self.window
+                None if want == "store_all" else self.heads,
+                self.segment_len,
+                near,
+                self.top_k,
+                self.window,
+                self.initial,
             )
         self.current = (want, MemoryStack(self.model, config))
         return self.current[1]

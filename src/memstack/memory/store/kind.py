@@ -57,6 +57,7 @@ from memstack.memory.store.chunk_store import ChunkStore
 from memstack.memory.store.chunks import fixed_chunks, surprise_chunks
 from memstack.memory.store.keys import (
     STRATEGIES,
+    ChunkKeys,
     chunk_keys,
     group_mean,
     received_attention_mass,
@@ -142,6 +143,13 @@ class StoreConfig:
     """``tokens`` readout: never return a chunk that ends within the stream's last
     ``skip_recent`` tokens. Those are in view already when the carry kind carries them (set it to
     the carry's ``recent``), and a question would otherwise find itself first."""
+    skip_initial: int = 0
+    """The stream's first ``skip_initial`` tokens are stored but give no index keys: a chunk is
+    searched by its other tokens' keys only (none left: found only as a neighbour). The first
+    tokens of a stream are attention sinks (StreamingLLM, Xiao et al. 2023, arXiv 2309.17453):
+    every query attends to them whatever it asks, so their keys match every search and their
+    chunk takes a hit from each (on SmolLM2's RULER prompts, the first chunk was among the 4 hits
+    of every multi-query prompt measured). 0 keeps every key."""
     policy: str = "always"
     """When the store is read (memstack/memory/store/policy.py): ``always``, ``every:K`` or ``uncertainty:H``
     (only when the segment's mean next-token entropy without the store exceeds H nats). Every
@@ -167,6 +175,7 @@ class StoreConfig:
         check_int("stack.store.neighbours", self.neighbours, minimum=0)
         check_int("stack.store.block_len", self.block_len, minimum=1)
         check_int("stack.store.skip_recent", self.skip_recent, minimum=0)
+        check_int("stack.store.skip_initial", self.skip_initial, minimum=0)
         check_choice("stack.store.readout", self.readout, tuple(READOUTS))
         check_number("stack.store.gate_init", self.gate_init, "a finite number", math.isfinite)
         if self.distance is not None:
@@ -396,7 +405,7 @@ class LongTermMemory(MemoryKind):
             mass = None
             if STRATEGIES[c.strategy].needs_mass:
                 mass = received_attention_mass(q_rot[row], k_rot[row], positions, positions, valid=valid)
-            keys = chunk_keys(c.strategy, chunks, k_s[row], q_s[row], mass, c.keys_per_chunk, c.keyword_pool)
+            keys = self._keys(chunks, segment.index * segment.segment_len, k_s[row], q_s[row], mass)
             state.stores[row].add(
                 [segment.ids[row, a:e].cpu() for a, e in chunks],
                 [segment.index * segment.segment_len + a for a, e in chunks],
@@ -425,6 +434,29 @@ class LongTermMemory(MemoryKind):
             ]
         )
         return StoreState(state.stores, tail)
+
+    def _keys(
+        self,
+        chunks: list[tuple[int, int]],
+        offset: int,
+        key: torch.Tensor,
+        query: torch.Tensor,
+        mass: torch.Tensor | None,
+    ) -> ChunkKeys:
+        """The index keys of one row's ``chunks`` (segment positions; the segment starts at stream
+        position ``offset``), leaving out the tokens before stream position ``skip_initial``."""
+        c = self.config
+        first = c.skip_initial - offset  # segment positions before it are the stream's first tokens
+        keyed = [(max(a, first), e) for a, e in chunks] if first > 0 else chunks
+        kept = [i for i, (a, e) in enumerate(keyed) if a < e]
+        if not kept:
+            return ChunkKeys(key.new_zeros(0, key.shape[0] * key.shape[2]), torch.zeros(0, dtype=torch.int64))
+        keys = chunk_keys(
+            c.strategy, [keyed[i] for i in kept], key, query, mass, c.keys_per_chunk, c.keyword_pool
+        )
+        if len(kept) == len(chunks):
+            return keys
+        return ChunkKeys(keys.vectors, torch.tensor(kept, device=keys.chunk_index.device)[keys.chunk_index])
 
     def _searching(
         self, layer: int | None, query: torch.Tensor, key: torch.Tensor
