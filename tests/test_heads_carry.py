@@ -193,6 +193,21 @@ HEADS = "0.3,0.0,0.1"  # two query heads of KV head 0, one of KV head 1
 HEAD_LIST = (0, 1, 3)
 
 
+def heads_store(pool: str, readout: str, top_k: int, **more) -> StoreConfig:
+    """The store on :data:`HEADS`, every token's key indexed, ``CHUNK``-token chunks."""
+    return StoreConfig(
+        heads=HEADS,
+        layers="heads",
+        strategy="every_token",
+        query_pool=pool,
+        readout=readout,
+        chunk_len=CHUNK,
+        block_len=BLOCK,
+        top_k=top_k,
+        **more,
+    )
+
+
 @pytest.mark.parametrize("pool", ["max", "mean"])
 @pytest.mark.parametrize("readout", ["kv", "tokens"])
 def test_named_heads_search_equals_a_brute_force_ranking(pool, readout):
@@ -200,20 +215,7 @@ def test_named_heads_search_equals_a_brute_force_ranking(pool, readout):
     (every block of every segment, with ``kv``; each segment's tail, with ``tokens``) is exact."""
     model, ref = model_pair("llama", seed=7)
     top_k, n_seg = 3, 4
-    cfg = StackConfig(
-        segment_len=SEG,
-        compressive=None,
-        store=StoreConfig(
-            heads=HEADS,
-            layers="heads",
-            strategy="every_token",
-            query_pool=pool,
-            readout=readout,
-            chunk_len=CHUNK,
-            block_len=BLOCK,
-            top_k=top_k,
-        ),
-    )
+    cfg = StackConfig(segment_len=SEG, compressive=None, store=heads_store(pool, readout, top_k))
     stack = MemoryStack(model, cfg)
     ids = torch.randint(0, 256, (1, n_seg * SEG))
     qk = [layer0_qk(ref, ids[0, i * SEG : (i + 1) * SEG]) for i in range(n_seg)]
@@ -261,17 +263,7 @@ def test_skip_initial_leaves_the_first_tokens_keys_out_of_the_search():
     that remain, and differs from the brute force over all keys somewhere."""
     model, ref = model_pair("llama", seed=7)
     top_k, n_seg, sinks = 3, 3, 6
-    store = StoreConfig(
-        heads=HEADS,
-        layers="heads",
-        strategy="every_token",
-        query_pool="max",
-        readout="tokens",
-        chunk_len=CHUNK,
-        block_len=BLOCK,
-        top_k=top_k,
-        skip_initial=sinks,
-    )
+    store = heads_store("max", "tokens", top_k, skip_initial=sinks)
     stack = MemoryStack(model, StackConfig(segment_len=SEG, compressive=None, store=store))
     differs = False
     for seed in range(4):
