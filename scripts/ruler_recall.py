@@ -58,26 +58,36 @@ def found(answers: tuple[str, ...] | list[str], text: str) -> float:
     return sum(a in text for a in answers) / len(answers)
 
 
-def store_reads(stack: MemoryStack, ids: list[int]) -> list[int]:
-    """The tokens the store row's answer reads from the context of prompt ``ids``: the prompt's
-    first tokens its carry keeps (``initial``), the store's hits (its ``tokens`` readout's
-    prefix, searched with the prompt's last ``block_len`` queries) and the prompt's last tokens
-    the carry keeps (``recent``).
+def store_reads(stack: MemoryStack, ids: list[int]) -> tuple[list[int], list[int]]:
+    """The tokens the store row's answer reads from the context of prompt ``ids``, and where its
+    hits start.
+
+    The tokens: the prompt's first tokens its carry keeps (``initial``), the store's hits with
+    their neighbours (its ``tokens`` readout's prefix, searched with the prompt's last
+    ``block_len`` queries) and the prompt's last tokens the carry keeps (``recent``). The starts:
+    the prompt positions of the ``top_k`` chunks the search chose, best first, before neighbours
+    (0 is the prompt's first chunk, which holds a RULER prompt's instruction).
 
     One forward pass per stack: the window cannot be varied on a finished stream, because each
     segment's own search put its hits in front of that segment, and they shape every later layer's
     keys and queries (``tests/test_ruler_recall.py`` shows a stream read with one window and
     searched with another's tail find other chunks)."""
-    c = stack.kinds["store"].config
-    if c.readout != "tokens":
-        raise ValueError(f"store_reads needs a store with the tokens readout, got readout={c.readout!r}")
+    kind = stack.kinds["store"]
+    if kind.config.readout != "tokens":
+        raise ValueError(
+            f"store_reads needs a store with the tokens readout, got readout={kind.config.readout!r}"
+        )
     carry = stack.config.kinds.get("carry")
     initial, recent = (carry.initial, carry.recent) if carry is not None else (0, 0)
     with torch.no_grad():
         state = stack.forward(torch.tensor([ids], device=stack.device), return_logits=False).state
-    prefix = stack.kinds["store"].prefix(state.memories["store"])
-    hits = [] if prefix is None else prefix[0][0][prefix[1][0]].tolist()
-    return ids[:initial] + hits + (ids[-recent:] if recent else [])
+    layers = state.memories["store"]
+    prefix = kind.prefix(layers)
+    tokens = [] if prefix is None else prefix[0][0][prefix[1][0]].tolist()
+    best = kind.readout.hits(kind, layers)
+    store = next(iter(layers.values())).stores[0]
+    starts = [] if not best or not len(best[0]) else store.records(best[0])["start"].tolist()
+    return ids[:initial] + tokens + (ids[-recent:] if recent else []), starts
 
 
 def row_name(window: int, initial: int = 0) -> str:
@@ -95,7 +105,36 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     parts = [
         E.summarise([r for r in records if r["length"] == n]) for n in sorted({r["length"] for r in records})
     ]
-    return {key: [item for part in parts for item in part[key]] for key in ("cells", "paired")}
+    summary = {key: [item for part in parts for item in part[key]] for key in ("cells", "paired")}
+    summary["first_chunk"] = first_chunk_hits(records)
+    return summary
+
+
+def first_chunk_hits(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per store row, length and task: in how many of the prompts whose hits were recorded the
+    search chose the prompt's first chunk (start 0, a RULER prompt's instruction) among its
+    ``top_k`` hits, with the 95% interval of that share (records without ``hit_starts``, written
+    before they were recorded, are left out)."""
+    groups: dict[tuple[str, int, str], list[float]] = {}
+    for r in records:
+        if "hit_starts" in r:
+            groups.setdefault((r["row"], r["length"], r["task"]), []).append(float(0 in r["hit_starts"]))
+    return [
+        {"row": row, "length": n, "task": task, "prompts": len(v), "first_chunk": int(sum(v))}
+        | {"share": E.mean_interval(v)}
+        for (row, n, task), v in sorted(groups.items())
+    ]
+
+
+def first_chunk_markdown(items: list[dict[str, Any]]) -> str:
+    """The :func:`first_chunk_hits` as a list under the recall tables."""
+    if not items:
+        return ""
+    lines = ["The prompt's first chunk (the instruction) among the store's hits:", ""]
+    lines += [
+        f"- {i['row']}, {i['task']} at {i['length']}: {i['first_chunk']} of {i['prompts']}" for i in items
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -146,20 +185,21 @@ def main(argv: list[str] | None = None) -> dict:
                 if all((row, task, length, i) in done for row in rows):
                     continue
                 s = make_sample(task, tok, length, sample_seed("ruler", args.seed, task, length, i))
-                read: dict[str, tuple[list[int], float]] = {}  # row: (tokens read, seconds)
+                read: dict[str, tuple[list[int], list[int] | None, float]] = {}  # row: (tokens, starts, s)
                 for row in rows:
                     if (row, task, length, i) in done:
                         continue
                     t0 = time.perf_counter()
+                    starts = None
                     if row in scorers:
                         ids = E.rag_prompt(tok, s.text, scorers[row], neighbours=NEAR)
                     else:
                         w = args.windows[rows.index(row)]
                         config = stack_config(heads, args.segment, NEAR, window=w, initial=args.keep_initial)
                         stack = MemoryStack(model, config)
-                        ids = store_reads(stack, s.ids)
+                        ids, starts = store_reads(stack, s.ids)
                         stack.unwrap()
-                    read[row] = (ids, round(time.perf_counter() - t0, 2))
+                    read[row] = (ids, starts, round(time.perf_counter() - t0, 2))
                 new = [
                     {
                         "row": row,
@@ -170,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "score": found(s.answers, tok.decode(ids)),
                         "seconds": seconds,
                     }
-                    for row, (ids, seconds) in read.items()
+                    | ({} if starts is None else {"hit_starts": starts})
+                    for row, (ids, starts, seconds) in read.items()
                 ]
                 with log.open("a") as f:
                     f.writelines(json.dumps(rec) + "\n" for rec in new)
@@ -183,8 +224,9 @@ def main(argv: list[str] | None = None) -> dict:
     summary["command"] = "python scripts/ruler_recall.py " + " ".join(argv)
     summary["heads"] = heads
     write_json(args.out / "recall.json", summary)
-    (args.out / "recall.md").write_text(E.markdown(summary))
-    print(E.markdown(summary))
+    md = E.markdown(summary) + "\n" + first_chunk_markdown(summary["first_chunk"])
+    (args.out / "recall.md").write_text(md)
+    print(md)
     return summary
 
 

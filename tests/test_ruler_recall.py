@@ -65,11 +65,47 @@ def test_store_reads_are_what_generate_puts_before_the_answer(initial):
     for seed in range(3):
         ids = torch.randint(0, VOCAB, (96,), generator=torch.Generator().manual_seed(seed)).tolist()
         stack = MemoryStack(model, config(2, initial))
-        reads = ruler_recall.store_reads(stack, ids)
+        reads, starts = ruler_recall.store_reads(stack, ids)
         assert sorted(reads) == sorted(reads_in_generate(stack, ids))
         stack.unwrap()
         assert reads[:initial] == ids[:initial] and reads[-RECENT:] == ids[-RECENT:]
         assert len(reads) > initial + RECENT  # the store found something
+        assert 0 < len(starts) <= 2 and len(set(starts)) == len(starts)
+        for start in starts:  # each hit is read, a run of 4 prompt tokens at its start
+            assert start % 4 == 0
+            assert any(reads[i : i + 4] == ids[start : start + 4] for i in range(len(reads)))
+        if initial:
+            assert 0 not in starts  # the first tokens give no keys (skip_initial)
+
+
+def test_hit_starts_are_the_chunks_read_without_neighbours():
+    """With no neighbours the store's reads are exactly the hits' chunks, in prompt order."""
+    model = make_model("llama", seed=3)
+    first = 0
+    for seed in range(6):
+        ids = torch.randint(0, VOCAB, (96,), generator=torch.Generator().manual_seed(seed)).tolist()
+        cfg = config(2)
+        stack = MemoryStack(
+            model, dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, neighbours=0))
+        )
+        reads, starts = ruler_recall.store_reads(stack, ids)
+        stack.unwrap()
+        assert reads[:-RECENT] == [t for s in sorted(starts) for t in ids[s : s + 4]]
+        first += 0 in starts
+    assert first  # the first chunk, an attention sink, is found on some of these prompts
+
+
+def test_first_chunk_hits_counts_the_prompts_whose_hits_start_at_0():
+    records = [
+        {"row": "store_near", "task": "niah_multiquery", "length": 4096, "sample": i, "hit_starts": h}
+        for i, h in enumerate([[0, 64], [32, 96], [96, 0], [128]])
+    ]
+    records.append({"row": "store_near", "task": "niah_multiquery", "length": 4096, "sample": 4})  # older
+    records.append({"row": "rag_bm25_near", "task": "niah_multiquery", "length": 4096, "sample": 0})
+    (item,) = ruler_recall.first_chunk_hits(records)
+    assert (item["row"], item["prompts"], item["first_chunk"]) == ("store_near", 4, 2)
+    assert item["share"]["mean"] == pytest.approx(0.5)
+    assert "store_near, niah_multiquery at 4096: 2 of 4" in ruler_recall.first_chunk_markdown([item])
 
 
 def test_a_window_is_a_run_of_its_own():
@@ -80,7 +116,7 @@ def test_a_window_is_a_run_of_its_own():
     for seed in range(3):
         ids = torch.randint(0, VOCAB, (96,), generator=torch.Generator().manual_seed(seed)).tolist()
         narrow = MemoryStack(model, config(2, 4))
-        reads = ruler_recall.store_reads(narrow, ids)
+        reads, _ = ruler_recall.store_reads(narrow, ids)
         narrow.unwrap()
         wide = MemoryStack(model, config(8, 4))
         with torch.no_grad():

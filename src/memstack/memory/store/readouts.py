@@ -119,16 +119,18 @@ class TokensReadout(StoreReadout):
     name = "tokens"
     per_block = False
 
-    def prefix(self, kind: Any, layers: dict[int, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Searched once per segment with the previous segment's tail queries (causal: nothing of
+    def hits(self, kind: Any, layers: dict[int, Any]) -> list[torch.Tensor] | None:
+        """Each row's ``top_k`` chunk ids for the next segment, best first, before neighbours are
+        added; None when no layer has a tail to search with.
+
+        Searched once per segment with the previous segment's tail queries (causal: nothing of
         the coming segment is used), on every store layer; the layers' rankings are fused by
         reciprocal rank (a chunk scores ``sum over layers of 1 / (1 + rank)``; Cormack et al.
-        2009 add 60, which only matters for long lists), and the ``top_k`` best chunks come back
-        in stream order. None when no row retrieved anything."""
+        2009 add 60, which only matters for long lists), ties to the earlier chunk."""
         c = kind.config
         if all(state.tail is None for state in layers.values()):
             return None
-        rows: list[Any] = []
+        rows: list[torch.Tensor] = []
         for row in range(next(iter(layers.values())).batch_size):
             votes: dict[int, float] = {}
             for state in layers.values():
@@ -138,15 +140,23 @@ class TokensReadout(StoreReadout):
                 ids = _search_skipping_recent(kind, store, state.tail[row])
                 for rank, i in enumerate(ids.tolist()):
                     votes[i] = votes.get(i, 0.0) + 1.0 / (1 + rank)
-            if not votes:
-                rows.append(torch.zeros(0, dtype=torch.long))
-                continue
-            store = next(iter(layers.values())).stores[row]  # chunk ids agree across layers
             best = sorted(votes, key=lambda i: (-votes[i], i))[: c.top_k]
-            ids = torch.tensor(best, dtype=torch.long)
-            if c.neighbours:
-                ids = store.neighbours(ids, c.neighbours)
-            ids = ids.sort().values  # stream order: the chunks read as they were written
+            rows.append(torch.tensor(best, dtype=torch.long))
+        return rows
+
+    def prefix(self, kind: Any, layers: dict[int, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The :meth:`hits` with ``neighbours`` chunks before and after each, as token ids in
+        stream order (the chunks read as they were written), left-padded per row; None when no
+        row retrieved anything."""
+        best = self.hits(kind, layers)
+        if best is None:
+            return None
+        stores = next(iter(layers.values())).stores  # chunk ids agree across layers
+        rows: list[torch.Tensor] = []
+        for store, ids in zip(stores, best, strict=True):
+            if len(ids) and kind.config.neighbours:
+                ids = store.neighbours(ids, kind.config.neighbours)
+            ids = ids.sort().values
             rows.append(torch.cat(store.tokens(ids)) if len(ids) else torch.zeros(0, dtype=torch.long))
         width = max(len(r) for r in rows)
         if width == 0:
