@@ -211,6 +211,8 @@ PAIRS = (
     ("store", "bare"),
     ("store_near", "bare"),
     ("tuned", "bare"),
+    ("store", "off"),
+    ("store_near", "off"),
     ("store", "store_all"),
     ("tuned", "store"),
     ("store_near", "store"),
@@ -224,7 +226,8 @@ PAIRS = (
     ("rag_minilm_near", "rag_bm25_near"),
 )
 """The differences the paired table reports (``a`` minus ``b``): each memory row against the
-bare model, what one lever adds (calibrated heads, training, neighbours), the store against RAG
+bare model, what the store adds to the same stack with it off (``off``, the one memory-less row
+past the model's window), what one lever adds (calibrated heads, training, neighbours), the store against RAG
 at the same budget, and what bf16 autocast alone changes. Each pair between plain rows is also
 made between the same rows with the same suffix (``store_near+bf16`` − ``store+bf16``), the way
 the lengths only bf16 reaches on 2 cores are compared."""

@@ -162,6 +162,21 @@ def test_paired_differences_match_per_prompt_averages_and_leave_out_rows_still_r
     assert store["average"]["ci95"] == pytest.approx([m - half, m + half])
 
 
+def test_past_the_window_the_store_rows_pair_with_memory_off():
+    """Where the bare model is not run (past its window), ``off`` is the memory-less row the
+    store rows are measured against."""
+    score = {"off": [0.0, 0.5, 0.0], "store": [1.0, 0.5, 0.0], "store_near": [1.0, 1.0, 0.5]}
+    records = [
+        {"row": row, "task": "niah_single_1", "length": 16384, "sample": i, "score": v}
+        for row, vs in score.items()
+        for i, v in enumerate(vs)
+    ]
+    pairs = {(d["a"], d["b"]): d["difference"]["mean"] for d in eval_ruler.summarise(records)["paired"]}
+    assert set(pairs) == {("store", "off"), ("store_near", "off"), ("store_near", "store")}
+    for a, b in pairs:
+        assert pairs[(a, b)] == pytest.approx(sum(x - y for x, y in zip(score[a], score[b], strict=True)) / 3)
+
+
 def test_bf16_rows_sort_after_their_float32_row_and_pair_with_it():
     score = {"store": [1.0, 0.0, 1.0], "bare+bf16": [0.0, 0.0, 1.0], "bare": [1.0, 0.0, 0.0]}
     records = [
