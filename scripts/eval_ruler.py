@@ -42,10 +42,11 @@ RAG rows put the instruction before their hits, and are recorded as ``<row>+iN``
 combine in the order ``+kN+wN+iN+bf16``; ``+wN`` and ``+iN`` leave the RAG rows unchanged, so
 those rows pair with the RAG rows without them (:func:`lever_pairs`).
 
-Results append to ``<out>/ruler.jsonl`` one sample per line (a rerun skips what is there), the
-table per length (rows x tasks, the mean score with a 95% interval, and the average over tasks)
-and the paired differences between rows on the same prompts (:data:`PAIRS`) to
-``<out>/ruler.json`` and ``ruler.md``.
+Results append to ``<out>/ruler.jsonl`` one sample per line (a rerun skips what is there). The
+averages by length (rows x lengths, :func:`overview`, the README's table), the table per length
+(rows x tasks, the mean score with a 95% interval, and the average over tasks) and the paired
+differences between rows on the same prompts (:data:`PAIRS`) go to ``<out>/ruler.json`` and
+``ruler.md``.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ HEADS = ROOT / "results" / "smollm2"
 RAG_ROWS = ("rag_bm25", "rag_minilm", "rag_bm25_near", "rag_minilm_near")
 ALL_ROWS = (*ROWS, *RAG_ROWS)
 WINDOW = 8192  # SmolLM2's trained context
+OVERVIEW = "**The average over the tasks, by length**"
 BF16 = "+bf16"  # the suffix of a row run under bf16 autocast
 RAG_CHUNK, RAG_TOP_K = 32, 4
 """The RAG rows' chunks: the store's (``memstack.evals.longcontext.stack_config``)."""
@@ -290,6 +292,36 @@ def points(share: float) -> str:
     return "0" if text == "-0" else text
 
 
+def cell(m: dict[str, Any]) -> str:
+    """A mean score and its 95% interval in points (``49 [45, 53]``), the interval clamped to
+    [0, 100] since a score lies in [0, 1]."""
+    lo, hi = max(0.0, m["ci95"][0]), min(1.0, m["ci95"][1])
+    return f"{points(m['mean'])} [{points(lo)}, {points(hi)}]"
+
+
+def overview(summary: dict[str, Any]) -> str:
+    """The README's table: each row's average over the tasks at each length, one line a row.
+
+    A row run under bf16 autocast fills its float32 row's cell where that was not run, marked
+    ``(bf16)`` (the lengths only bf16 reaches here; bf16 moves the bare model's 4K average by 0
+    [-2, 1] on the same prompts), so ``store_near`` reads across 4K to 32K on one line. Rows and
+    lengths with no complete average are left out, a row never run at a length shows ``–``."""
+    done = [c for c in summary["cells"] if c["average"] is not None]
+    lengths = sorted({c["length"] for c in done})
+    table: dict[str, dict[int, str]] = {}
+    for c in sorted(done, key=lambda c: c["row"].endswith(BF16)):  # float32 first: it wins a cell
+        base = c["row"].removesuffix(BF16)
+        mark = " (bf16)" if c["row"].endswith(BF16) else ""
+        table.setdefault(base, {}).setdefault(c["length"], cell(c["average"]) + mark)
+    out = [
+        "row | " + " | ".join(f"{n:,} tokens" for n in lengths),
+        "---|" * (len(lengths) + 1),
+    ]
+    for row in sorted(table, key=row_order):
+        out.append(f"{row} | " + " | ".join(table[row].get(n, "–") for n in lengths))
+    return "\n".join(out) + "\n"
+
+
 def markdown(summary: dict[str, Any]) -> str:
     """One table per length: rows x tasks (mean score %, 95% interval) and the average; a task
     cell with fewer samples than the length's fullest says how many (``(n=2)``); below it, the
@@ -312,9 +344,8 @@ def markdown(summary: dict[str, Any]) -> str:
                 if m is None:
                     parts.append("running" if t is None else "")
                     continue
-                lo, hi = max(0.0, m["ci95"][0]), min(1.0, m["ci95"][1])  # a score lies in [0, 1]
                 short = f" (n={m['n']})" if t is not None and m["n"] < fullest else ""  # a task still running
-                parts.append(f"{points(m['mean'])} [{points(lo)}, {points(hi)}]{short}")
+                parts.append(cell(m) + short)
             out.append(f"{c['row']} | " + " | ".join(parts))
         out.append("")
         pairs = [d for d in summary.get("paired", []) if d["length"] == length]
@@ -326,6 +357,12 @@ def markdown(summary: dict[str, Any]) -> str:
                 out.append(f"- {d['a']} − {d['b']}: {points(m['mean'])} [{lo}, {hi}]")
             out.append("")
     return "\n".join(out)
+
+
+def report(summary: dict[str, Any]) -> str:
+    """``ruler.md``: the averages by length (:func:`overview`), then each length's table
+    (:func:`markdown`)."""
+    return f"{OVERVIEW}\n\n{overview(summary)}\n{markdown(summary)}"
 
 
 def run_row(
@@ -471,8 +508,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary["command"] = "python scripts/eval_ruler.py " + " ".join(argv)
     summary["heads"] = heads
     write_json(args.out / "ruler.json", summary)
-    (args.out / "ruler.md").write_text(markdown(summary))
-    print(markdown(summary))
+    (args.out / "ruler.md").write_text(report(summary))
+    print(report(summary))
     return summary
 
 

@@ -289,6 +289,17 @@ def test_results_ruler_tables_are_the_scripts_own():
     assert len(rows) >= 3 and all(r in text for r in rows), [r for r in rows if r not in text]
 
 
+def test_readme_ruler_table_is_the_scripts_overview():
+    """The README's RULER table is eval_ruler.py's averages by length, line for line, the header
+    included, and nothing else: the table ends where the overview ends."""
+    md = (ROOT / "results/smollm2_ruler/ruler.md").read_text()
+    overview = md.split("\n\n")[1].splitlines()
+    readme = (ROOT / "README.md").read_text().splitlines()
+    start = readme.index(overview[0])
+    assert readme[start : start + len(overview)] == overview
+    assert not readme[start + len(overview)].strip(), "the README's table has lines the overview has not"
+
+
 def test_results_loss_by_segment_matches_its_json():
     run = _load("results/tiny_text/ppl_by_segment.json")
     on, off = run["memory_on"], run["memory_off"]

@@ -246,3 +246,36 @@ def test_top_k_suffix_rows_sort_after_their_row_pair_among_themselves_and_refuse
         with pytest.raises(SystemExit) as e:
             eval_ruler.main(bad)
         assert e.value.code == 2 and why in capsys.readouterr().err
+
+
+def test_overview_lists_each_rows_average_by_length_with_bf16_filling_only_missing_cells():
+    """The README's table: a complete row's average at each length; a ``+bf16`` row stands in
+    for its float32 row only where that row was not run, and says so; running rows are out."""
+    score = {
+        ("store", 4096): [1.0, 0.0, 1.0],
+        ("store+bf16", 4096): [0.0, 0.0, 0.0],  # the float32 run at 4K wins its cell
+        ("store+bf16", 16384): [1.0, 1.0, 0.5],
+        ("bare", 4096): [1.0, 1.0, 1.0],
+    }
+    records = [
+        {"row": row, "task": "niah_single_1", "length": n, "sample": i, "score": v}
+        for (row, n), vs in score.items()
+        for i, v in enumerate(vs)
+    ]
+    records.append({"row": "store_near", "task": "niah_single_1", "length": 4096, "sample": 0, "score": 1.0})
+    lines = eval_ruler.overview(eval_ruler.summarise(records)).splitlines()
+
+    def cell(v):
+        m = sum(v) / len(v)
+        half = 1.96 * math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) / math.sqrt(len(v))
+        lo, hi = max(0.0, m - half), min(1.0, m + half)
+        return f"{100 * m:.0f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+    assert lines[0] == "row | 4,096 tokens | 16,384 tokens"
+    assert lines[2:] == [
+        "bare | 100 [100, 100] | –",
+        f"store | {cell(score[('store', 4096)])} | {cell(score[('store+bf16', 16384)])} (bf16)",
+    ]
+    assert eval_ruler.report(eval_ruler.summarise(records)).startswith(
+        eval_ruler.OVERVIEW + "\n\n" + lines[0]
+    )
