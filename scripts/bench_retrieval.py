@@ -10,6 +10,12 @@ Same text, same fixed chunks, same questions for every system (``memstack/retrie
   (inner product, as the store searches, or cosine) or over one KV head alone (cosine; QRHead's
   retrieval heads), the layer, metric and head of each strategy chosen by MRR on held-out facts
   (``--dev``);
+- with ``--heads`` (``--hf-model`` only), ``store_heads``: the long-term store's own search on
+  those query heads, nothing chosen on the facts (the heads come from their own calibration,
+  ``eval_smollm2.py --calibrate``'s ``heads.json``): every token's key, every question token
+  searching, a chunk scoring its best pair summed over a layer's named heads, the layers' rankings
+  fused by reciprocal rank, as ``StoreConfig(strategy="every_token", layers="heads",
+  query_pool="max")`` with the ``tokens`` readout searches;
 - ``minilm_dense``: all-MiniLM-L6-v2 sentence embeddings (sentence-transformers: mean-pooled,
   normalised), cosine;
 - ``bm25``: bm25s over lower-cased words, English stop words removed, no stemming.
@@ -26,6 +32,9 @@ need the optional extra: ``pip install -e ".[retrieval]"``.
     python scripts/bench_retrieval.py --hf-model /models/Llama-3.2-1B --lengths 32768   # a real LM
     python scripts/bench_retrieval.py --hf-model smollm2 --systems minilm_dense bm25 \
         --lengths 32768 131072 --out results/smollm2_retrieval/retrieval_bench.json  # ~7 min
+    python scripts/bench_retrieval.py --hf-model smollm2 --heads results/smollm2/heads.json \
+        --systems minilm_dense bm25 --lengths 32768 131072 \
+        --out results/smollm2_retrieval/store_heads/retrieval_bench.json
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import numpy as np
 import torch
 
 from memstack.evals.retrieval import (
+    STORE_HEADS,
     TOKENS,
     AttentionKeyer,
     AttentionReader,
@@ -55,11 +65,14 @@ from memstack.evals.retrieval import (
     hf_tokenize,
     key_strategies,
     markdown,
+    rank_by_heads,
     rank_metrics,
     summarise,
 )
 from memstack.evals.retrieval_tasks import Sample, facts_task, kv_task, passkey_task
 from memstack.io import write_json
+from memstack.memory.store.kind import parse_heads
+from memstack.memory.store.readouts import reciprocal_rank_fusion
 from memstack.train.evaluate import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,11 +87,19 @@ def segment_texts(text: str, segment_len: int) -> list[str]:
 
 
 def eval_attention(
-    keyer: AttentionKeyer, samples: list[Sample], segment_len: int, cache: dict, question_context: int = 0
+    keyer: AttentionKeyer,
+    samples: list[Sample],
+    segment_len: int,
+    cache: dict,
+    question_context: int = 0,
+    heads: dict[int, tuple[int, ...]] | None = None,
 ) -> dict:
     """Per layer, strategy, metric and head, one metric row per sample. ``cache``: segment text -> keys.
     ``question_context``: the question is read after the text's last that many characters (and a
-    newline), as it would end a prompt; 0 reads it alone."""
+    newline), as it would end a prompt; 0 reads it alone. ``heads`` (layer -> query heads, as
+    ``StoreConfig.heads`` parses them): also the store's own search on them, variant
+    ``fused/store_heads`` (:data:`STORE_HEADS`): each layer ranked by :func:`rank_by_heads` to
+    :data:`DEPTH`, the layers fused as the store fuses its top ``k``."""
     per_segment = segment_len // keyer.chunk_len
     rows: dict[str, list[dict]] = {}
     for group in _same_text(samples):
@@ -88,6 +109,9 @@ def eval_attention(
             cache[t] = keys
         context = group[0].text[-question_context:] + "\n" if question_context else ""
         asked = [keyer.question(sample.question, context) for sample in group]
+        per_head = [keyer.question_heads(sample.question, context) for sample in group] if heads else []
+        by_heads: list[list[list[int]]] = [[] for _ in group]  # per sample, per heads' layer, a ranking
+        seconds_heads, bytes_heads = [0.0] * len(group), 0
         # one layer's indexes at a time: all of a real LM's layers at 1M characters do not fit in memory
         for layer in range(len(cache[texts[0]])):
             for variant, (index, query) in _indexes(
@@ -98,6 +122,22 @@ def eval_attention(
                     rows.setdefault(f"{layer}/{variant}", []).append(
                         _row(ranking, sample, seconds, index.nbytes)
                     )
+            if heads and layer in heads:
+                keys, token_chunk = _joined([cache[t][layer].tokens for t in texts], per_segment)
+                group_size = keyer.reader.heads // keyer.reader.kv_heads
+                kv_read = {h // group_size for h in heads[layer]}
+                bytes_heads += len(kv_read) * keyer.reader.head_dim * 4 * len(keys)  # float32 keys kept
+                for i, queries in enumerate(per_head):
+                    ranking, seconds = rank_by_heads(
+                        keys, token_chunk, queries[layer], heads[layer], group_size, DEPTH
+                    )
+                    by_heads[i].append(ranking)
+                    seconds_heads[i] += seconds
+        for sample, rankings, seconds in zip(group, by_heads, seconds_heads, strict=True):
+            if not heads:
+                break
+            fused = reciprocal_rank_fusion(rankings)[:DEPTH]
+            rows.setdefault(f"fused/{STORE_HEADS}", []).append(_row(fused, sample, seconds, bytes_heads))
     return rows
 
 
@@ -113,11 +153,37 @@ def _same_text(samples: list[Sample]) -> list[list[Sample]]:
 
 
 def attention_system(
-    keyer: AttentionKeyer, segment_len: int, question_context: int
+    keyer: AttentionKeyer,
+    segment_len: int,
+    question_context: int,
+    heads: dict[int, tuple[int, ...]] | None = None,
 ) -> Callable[[list[Sample]], dict]:
     """An attention system's run over one task, with its own key cache (freed after the task: a 1M
     haystack's keys at every layer of a real LM are gigabytes)."""
-    return lambda samples: eval_attention(keyer, samples, segment_len, {}, question_context)
+    return lambda samples: eval_attention(keyer, samples, segment_len, {}, question_context, heads)
+
+
+def store_heads(spec: str, keyer: AttentionKeyer) -> dict[int, tuple[int, ...]]:
+    """``--heads``: ``"layer.head,..."`` or the ``heads.json`` that ``eval_smollm2.py
+    --calibrate`` writes (its ``heads`` field), checked against the model's layers and query heads."""
+    path = Path(spec)
+    if path.suffix == ".json":
+        try:
+            spec = json.loads(path.read_text())["heads"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            sys.exit(f"error: --heads {path}: cannot read a calibration's heads field from it ({e})")
+    try:
+        heads = parse_heads(spec)
+    except ValueError as e:
+        sys.exit(f"error: --heads: {e}")
+    reader = keyer.reader
+    for layer, hs in heads.items():
+        if layer >= reader.num_layers or hs[-1] >= reader.heads:
+            sys.exit(
+                f"error: --heads names {layer}.{hs[-1]}, but the model has layers 0..{reader.num_layers - 1} "
+                f"and query heads 0..{reader.heads - 1}"
+            )
+    return heads
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -131,23 +197,26 @@ def _indexes(texts: list[str], cache: dict, per_segment: int, head_dim: int, lay
     retrieval heads), for every strategy S; ``ip/token_keys``, the raw per-token search.
     """
 
-    def joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-        chunks = [c + s * per_segment for s, (_, c) in enumerate(parts)]  # local -> text chunk ids
-        return np.concatenate([v for v, _ in parts]), np.concatenate(chunks)
-
     variants: dict[str, tuple] = {}
     for ks in key_strategies():
-        v, c = joined([cache[t][layer].vectors[ks.name] for t in texts])
+        v, c = _joined([cache[t][layer].vectors[ks.name] for t in texts], per_segment)
         variants[f"ip/{ks.name}"] = (ChunkIndex(v, c), lambda pooled, _: pooled)
         variants[f"cos/{ks.name}"] = (ChunkIndex(_unit(v), c), lambda pooled, _: _unit(pooled))
         for h in range(v.shape[1] // head_dim):
             head = slice(h * head_dim, (h + 1) * head_dim)
             query = lambda pooled, _, head=head: _unit(pooled[head])  # noqa: E731
             variants[f"cos/h{h}/{ks.name}"] = (ChunkIndex(_unit(v[:, head]), c), query)
-    keys, token_chunk = joined([cache[t][layer].tokens for t in texts])
+    keys, token_chunk = _joined([cache[t][layer].tokens for t in texts], per_segment)
     token_index = TokenIndex(keys, token_chunk, 32, 1.0 / np.sqrt(head_dim))
     variants[f"ip/{TOKENS}"] = (token_index, lambda _, per_token: per_token)
     return variants
+
+
+def _joined(parts: list[tuple[np.ndarray, np.ndarray]], per_segment: int) -> tuple[np.ndarray, np.ndarray]:
+    """A whole text's vectors from its segments' ``(vectors, chunk within segment)``, chunk ids
+    made the text's."""
+    chunks = [c + s * per_segment for s, (_, c) in enumerate(parts)]
+    return np.concatenate([v for v, _ in parts]), np.concatenate(chunks)
 
 
 def _row(ranking: list[int], sample: Sample, seconds: float, size: int) -> dict:
@@ -297,6 +366,11 @@ def main(argv: list[str] | None = None) -> dict:
         default=0,
         help="attention systems read each question after the text's last N characters (0: alone)",
     )
+    p.add_argument(
+        "--heads",
+        help="with --hf-model: also the store's own search on these query heads (store_heads): "
+        '"layer.head,..." or a heads.json from eval_smollm2.py --calibrate',
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "retrieval_bench.json")
     p.add_argument("--replot", action="store_true", help="only redo the table and plot from --out")
@@ -305,6 +379,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.replot:
         replot(args.out, args.markdown)
         return {}
+    if args.heads and args.hf_model is None:
+        sys.exit("error: --heads names query heads of --hf-model's causal LM; give --hf-model PATH too")
     if args.question_context < 0:
         sys.exit(f"error: --question-context takes a number of characters >= 0, got {args.question_context}")
     if args.segment_len % args.chunk_len:
@@ -336,7 +412,10 @@ def main(argv: list[str] | None = None) -> dict:
                 sys.exit("error: system hf_model needs --hf-model PATH (a local causal LM checkpoint)")
             path = minilm_path() if name == "minilm_attention" else hf_model_path(args.hf_model)
             keyer, info[name] = hf_system(path, name == "hf_model", args.chunk_len)
-            systems[name] = attention_system(keyer, args.segment_len, args.question_context)
+            heads = store_heads(args.heads, keyer) if name == "hf_model" and args.heads else None
+            if heads:
+                info[name]["store_heads"] = args.heads
+            systems[name] = attention_system(keyer, args.segment_len, args.question_context, heads)
         elif name == "minilm_dense":
             st = require("sentence_transformers").SentenceTransformer(str(minilm_path()), device="cpu")
             info[name] = {"parameters": sum(p.numel() for p in st.parameters()), "model": "all-MiniLM-L6-v2"}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+import runpy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from memstack.evals.retrieval import (
     headline,
     key_strategies,
     markdown,
+    rank_by_heads,
     rank_by_tokens,
     rank_by_vectors,
     rank_metrics,
@@ -26,6 +29,7 @@ from memstack.evals.retrieval import (
     token_chunk_spans,
 )
 from memstack.evals.retrieval_tasks import (
+    Sample,
     chunks_overlapping,
     corpus,
     facts_task,
@@ -35,6 +39,9 @@ from memstack.evals.retrieval_tasks import (
     plant,
 )
 from memstack.memory.store.keys import chunk_keys
+from memstack.memory.store.readouts import reciprocal_rank_fusion
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TEXT = "the quick brown fox jumps over the lazy dog and runs far away from the farm " * 4
 
@@ -105,6 +112,68 @@ def test_rank_by_tokens_is_knn_attention_mass_per_chunk():
         np.add.at(total, token_chunk[top], w)
     expected = [c for c in np.argsort(-total, kind="stable") if total[c] > 0]
     assert ranking == expected
+
+
+def test_reciprocal_rank_fusion_sums_inverse_ranks_and_breaks_ties_to_the_smaller_id():
+    # 5: 1 + 1/2; 2: 1/2 + 1 (a tie with 5); 9: 1/3 + 1; 7: 1/2
+    assert reciprocal_rank_fusion([[5, 2, 9], [2, 7], [9, 5]]) == [2, 5, 9, 7]
+    assert reciprocal_rank_fusion([]) == []
+
+
+def test_rank_by_heads_is_the_best_query_key_pair_summed_over_the_named_heads():
+    """Written out: query head h reads KV head h // group; a chunk scores the best (query token,
+    key token) pair of the sum over the named heads; a chunk with no token is never ranked."""
+    rng = np.random.default_rng(0)
+    d, group, m = 8, 2, 3
+    keys = rng.standard_normal((30, 2 * d)).astype(np.float32)
+    token_chunk = np.repeat([0, 1, 3, 4, 5, 6], 5)  # chunk 2 holds no token
+    queries = rng.standard_normal((4, m, d)).astype(np.float32)
+    heads = (1, 2)
+
+    def score(c: int) -> float:
+        pairs = [(q, t) for q in range(m) for t in range(30) if token_chunk[t] == c]
+        return max(
+            sum(float(queries[h, q] @ keys[t, (h // group) * d : (h // group + 1) * d]) for h in heads)
+            for q, t in pairs
+        )
+
+    expected = sorted([0, 1, 3, 4, 5, 6], key=lambda c: -score(c))
+    ranking, seconds = rank_by_heads(keys, token_chunk, queries, heads, group, depth=4)
+    assert ranking == expected[:4] and seconds >= 0
+    assert rank_by_heads(keys, token_chunk, queries, heads, group, depth=100)[0] == expected
+
+
+def test_store_heads_variant_fuses_each_layers_named_heads_over_segments_read_alone():
+    """bench_retrieval's ``fused/store_heads`` against brute force from the reader: each
+    16-character segment read on its own, per layer every chunk's best (question token, key
+    token) pair over the named heads, the layers fused by 1 / (1 + rank). One sample per chunk,
+    each with that chunk relevant, so the reciprocal ranks give back the whole fused ranking."""
+    eval_attention = runpy.run_path(str(ROOT / "scripts" / "bench_retrieval.py"))["eval_attention"]
+    keyer = AttentionKeyer(AttentionReader(_tiny_llama()), byte_tokenize, chunk_len=8)
+    text, question = TEXT[:48], "where does the fox run?"
+    samples = [Sample(text, question, {c}) for c in range(6)]
+    heads = {0: (1,), 1: (0, 1, 3)}
+    rows = eval_attention(keyer, samples, 16, {}, 0, heads)["fused/store_heads"]
+    got = [round(1 / r["mrr"]) for r in rows]
+    q_views = keyer.reader(*byte_tokenize([question])[:2])
+    per_layer = []
+    for layer, hs in heads.items():
+        best: dict[int, float] = {}
+        for start in range(0, len(text), 16):
+            key = keyer.reader(*byte_tokenize([text[start : start + 16]])[:2])[layer].key[0]
+            for i in range(16):
+                for qi in range(len(question)):
+                    s = sum(float(q_views[layer].query[0, h, qi] @ key[h // 2, i]) for h in hs)
+                    best[(start + i) // 8] = max(best.get((start + i) // 8, -math.inf), s)
+        per_layer.append(sorted(best, key=lambda c: (-best[c], c)))
+    fused: dict[int, float] = {}
+    for ranking in per_layer:
+        for r, c in enumerate(ranking):
+            fused[c] = fused.get(c, 0.0) + 1 / (1 + r)
+    expected = sorted(fused, key=lambda c: (-fused[c], c))
+    assert got == [expected.index(c) + 1 for c in range(6)]
+    # float32 keys of the KV heads the named heads read: at layer 0 head 0, at layer 1 heads 0 and 1
+    assert rows[0]["bytes_per_token"] == pytest.approx((1 + 2) * 8 * 4 * 48 / 48)
 
 
 def test_token_chunk_spans_follow_each_token_start():

@@ -332,12 +332,22 @@ def test_bench_retrieval_keys_with_a_local_causal_lm_checkpoint(tmp_path):
     model.save_pretrained(tmp_path / "lm")
     tokenizer.save_pretrained(tmp_path / "lm")
     out = tmp_path / "retrieval.json"
-    run("scripts/bench_retrieval.py", "--systems", "--hf-model", str(tmp_path / "lm"), *_small_bench(out))
+    lm = str(tmp_path / "lm")
+    run("scripts/bench_retrieval.py", "--systems", "--hf-model", lm, "--heads", "1.2,0.3", *_small_bench(out))
     saved = json.loads(out.read_text())
     assert saved["systems"]["hf_model"]["parameters"] == sum(p.numel() for p in model.parameters())
     layers = {variant.split("/")[0] for variant in saved["results"]["facts"]["hf_model"]}
-    assert layers == {"0", "1"}
+    assert layers == {"0", "1", "fused"}  # fused: the store's own search on the named heads
     assert all(r["n"]["mean"] == 2 for r in saved["results"]["passkey_2K"]["hf_model"].values())
+    assert saved["headline"]["hf_model: store_heads"]["variant"] == "fused/store_heads"
+    tables = run("scripts/bench_retrieval.py", "--replot", "--markdown", "--out", str(out)).stdout
+    assert "| passkey_2K | hf_model: store_heads (`fused/store_heads`) |" in tables  # beside the dev choice
+    for heads, said in (("2.0", "layers 0..1 and query heads 0..3"), ("1.x", "bad entry '1.x'")):
+        args = ("--hf-model", lm, "--heads", heads, *_small_bench(out))
+        bad = run("scripts/bench_retrieval.py", *args, check=False)
+        assert bad.returncode != 0 and said in bad.stderr, bad.stderr
+    bad = run("scripts/bench_retrieval.py", "--heads", "1.2", check=False)
+    assert bad.returncode != 0 and "give --hf-model PATH too" in bad.stderr
 
 
 def test_bench_retrieval_hf_model_names_smollm2(monkeypatch, tmp_path):

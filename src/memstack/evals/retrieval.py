@@ -113,14 +113,17 @@ def headline(results: dict) -> dict:
 
 
 def markdown(table: dict, tasks: list[str], dev: dict) -> str:
-    """The README's two tables: every metric for MiniLM, BM25 and each attention model's strategy
-    with the best held-out MRR; then every strategy's MRR, held-out choice / best on the task."""
+    """The README's two tables: every metric for MiniLM, BM25, each attention model's strategy
+    with the best held-out MRR and the store's own search on its calibrated heads
+    (:data:`STORE_HEADS`, nothing chosen); then every strategy's MRR, held-out choice / best on
+    the task."""
     models = sorted({label.split(": ")[0] for label in table if ": " in label})
     best = {
         m: max((lab for lab in table if lab.startswith(m + ": ")), key=lambda lab: _dev_mrr(table[lab], dev))
         for m in models
     }
-    main = [lab for lab in ("minilm_dense", "bm25") if lab in table] + list(best.values())
+    fixed = [lab for lab in sorted(table) if lab.endswith(f": {STORE_HEADS}") and lab not in best.values()]
+    main = [lab for lab in ("minilm_dense", "bm25") if lab in table] + list(best.values()) + fixed
     lines = [
         "| task | system (layer/metric/head chosen on held-out facts) | recall@1 [95% CI] | recall@5 | "
         "MRR [95% CI] | ms / query | index bytes / token |",
@@ -234,6 +237,34 @@ def rank_by_tokens(
     return (*index.rank(queries, depth), index.nbytes)
 
 
+def rank_by_heads(
+    keys: np.ndarray,
+    token_chunk: np.ndarray,
+    queries: np.ndarray,
+    heads: Sequence[int],
+    group: int,
+    depth: int,
+) -> tuple[list[int], float]:
+    """One layer of the long-term store's own search on named query heads (``StoreConfig(
+    strategy="every_token", heads=..., query_pool="max")``): ``(up to depth chunks, best first;
+    search seconds)``.
+
+    ``keys`` ``(T, H_kv * D)``: every token's position-free key at the layer; ``token_chunk``:
+    each token's chunk; ``queries`` ``(H, m, D)``: the question's per-token queries at every query
+    head. Query head ``h`` reads KV head ``h // group`` (Hugging Face's ``repeat_kv``) and the
+    store joins the named heads into one search vector, so a (query token, key token) pair scores
+    the sum over the named heads of ``q_h . k_(h // group)``; every query token searches and a
+    chunk scores its best pair. Ties go to the earlier chunk."""
+    started = time.perf_counter()
+    d = queries.shape[-1]
+    scores = sum(queries[h] @ keys[:, (h // group) * d : (h // group + 1) * d].T for h in heads)  # (m, T)
+    per_chunk = np.full(int(token_chunk.max()) + 1, -np.inf)
+    np.maximum.at(per_chunk, token_chunk, scores.max(axis=0))
+    order = np.argsort(-per_chunk, kind="stable")
+    ranking = [int(c) for c in order[:depth] if np.isfinite(per_chunk[c])]
+    return ranking, time.perf_counter() - started
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading attention
 
@@ -340,6 +371,11 @@ def key_strategies() -> tuple[KeyStrategy, ...]:
     return tuple(variants)
 
 
+STORE_HEADS = "store_heads"
+"""The store's own search on named retrieval heads (:func:`rank_by_heads` at each of their layers,
+fused by :func:`memstack.memory.store.readouts.reciprocal_rank_fusion`), shown beside the
+strategies with nothing chosen on held-out facts: the heads come from their own calibration."""
+
 TOKENS = "token_keys"
 """The raw per-token key search (Memorizing Transformers), shown beside the strategies."""
 
@@ -420,11 +456,7 @@ class AttentionKeyer:
         in the store's reading segment; only the question's own tokens are pooled. Empty: the
         question is read alone, at the first positions, where a causal LM's attention sink is.
         """
-        ids, mask, offsets = self.tokenize([context + text])
-        views = self.reader(ids, mask)
-        content = torch.tensor([b > a and a >= len(context) for a, b in offsets[0]])
-        if not bool(content.any()):
-            raise ValueError(f"the question {text!r} has no token of its own after its context")
+        views, content = self._read_question(text, context)
         out = []
         for v in views:
             pooled = segment_query(v.query[0], self.reader.kv_heads, content).numpy()
@@ -433,6 +465,20 @@ class AttentionKeyer:
             )
             out.append((pooled, per_token.numpy()))
         return out
+
+    def question_heads(self, text: str, context: str = "") -> list[np.ndarray]:
+        """Per layer, the question's own tokens' queries at every query head, ``(H, m, D)``, not
+        averaged over KV groups: what the store's search on named heads (:func:`rank_by_heads`)
+        searches with. ``context`` as in :meth:`question`."""
+        views, content = self._read_question(text, context)
+        return [v.query[0][:, content].numpy() for v in views]
+
+    def _read_question(self, text: str, context: str) -> tuple[list[LayerView], torch.Tensor]:
+        ids, mask, offsets = self.tokenize([context + text])
+        content = torch.tensor([b > a and a >= len(context) for a, b in offsets[0]])
+        if not bool(content.any()):
+            raise ValueError(f"the question {text!r} has no token of its own after its context")
+        return self.reader(ids, mask), content
 
 
 def byte_tokenize(texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, list[list[tuple[int, int]]]]:

@@ -18,6 +18,7 @@ Built in:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -98,6 +99,17 @@ class GatedKVReadout(StoreReadout):
         return Readout(memory.attend(ctx.scaling), nothing, None)
 
 
+def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]]) -> list[int]:
+    """Ids ranked by their fused score ``sum over rankings of 1 / (1 + rank)`` (rank 0 is a
+    ranking's best), ties to the smaller id: how the store fuses its layers' searches (Cormack et
+    al. 2009 add 60 to the rank, which only matters for long lists)."""
+    votes: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, i in enumerate(ranking):
+            votes[int(i)] = votes.get(int(i), 0.0) + 1.0 / (1 + rank)
+    return sorted(votes, key=lambda i: (-votes[i], i))
+
+
 def _search_skipping_recent(kind: Any, store: Any, vectors: torch.Tensor) -> torch.Tensor:
     """The ``top_k`` best chunk ids, leaving out chunks that end within the stream's last
     ``skip_recent`` tokens (searched deep enough that ``top_k`` others remain when they exist)."""
@@ -125,22 +137,19 @@ class TokensReadout(StoreReadout):
 
         Searched once per segment with the previous segment's tail queries (causal: nothing of
         the coming segment is used), on every store layer; the layers' rankings are fused by
-        reciprocal rank (a chunk scores ``sum over layers of 1 / (1 + rank)``; Cormack et al.
-        2009 add 60, which only matters for long lists), ties to the earlier chunk."""
+        :func:`reciprocal_rank_fusion`, ties to the earlier chunk."""
         c = kind.config
         if all(state.tail is None for state in layers.values()):
             return None
         rows: list[torch.Tensor] = []
         for row in range(next(iter(layers.values())).batch_size):
-            votes: dict[int, float] = {}
+            rankings = []
             for state in layers.values():
                 store = state.stores[row]
                 if state.tail is None or len(store) == 0 or not bool(state.tail[row].any()):
                     continue
-                ids = _search_skipping_recent(kind, store, state.tail[row])
-                for rank, i in enumerate(ids.tolist()):
-                    votes[i] = votes.get(i, 0.0) + 1.0 / (1 + rank)
-            best = sorted(votes, key=lambda i: (-votes[i], i))[: c.top_k]
+                rankings.append(_search_skipping_recent(kind, store, state.tail[row]).tolist())
+            best = reciprocal_rank_fusion(rankings)[: c.top_k]
             rows.append(torch.tensor(best, dtype=torch.long))
         return rows
 
