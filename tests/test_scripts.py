@@ -343,7 +343,7 @@ def test_bench_retrieval_keys_with_a_local_causal_lm_checkpoint(tmp_path):
     tables = run("scripts/bench_retrieval.py", "--replot", "--markdown", "--out", str(out)).stdout
     assert "| passkey_2K | hf_model: store_heads (`fused/store_heads`) |" in tables  # beside the dev choice
     for heads, said in (("2.0", "layers 0..1 and query heads 0..3"), ("1.x", "bad entry '1.x'")):
-        args = ("--hf-model", lm, "--heads", heads, *_small_bench(out))
+        args = ("--systems", "--hf-model", lm, "--heads", heads, *_small_bench(out))
         bad = run("scripts/bench_retrieval.py", *args, check=False)
         assert bad.returncode != 0 and said in bad.stderr, bad.stderr
     bad = run("scripts/bench_retrieval.py", "--heads", "1.2", check=False)
