@@ -269,7 +269,8 @@ STORE_LEVERS = ("w", "i")
 
 def lever_pairs(rows: set[str]) -> list[tuple[str, str]]:
     """The pairs of each row with store-only levers in its suffix (:data:`STORE_LEVERS`): what each
-    lever adds (``store_near+w32+i32`` − ``store_near+w32``), and the RAG rows of :data:`PAIRS`
+    lever adds (``store_near+w32+i32`` − ``store_near+w32``), what several add together
+    (``store_near+w32+i32`` − ``store_near``), and the RAG rows of :data:`PAIRS`
     against it, with the levers dropped from their suffix (``rag_bm25_near`` −
     ``store_near+w32``; other suffixes such as ``+bf16`` kept on both sides)."""
     out = []
@@ -282,6 +283,8 @@ def lever_pairs(rows: set[str]) -> list[tuple[str, str]]:
         for lever in levers:
             out.append((row, base + "".join("+" + part for part in parts if part != lever)))
         plain = "".join("+" + part for part in parts if part not in levers)
+        if len(levers) > 1:  # the levers together, against the row with none of them
+            out.append((row, base + plain))
         out += [(a + plain, row) for a, b in PAIRS if b == base and a in RAG_ROWS]
     return out
 

@@ -168,6 +168,7 @@ def test_lever_rows_pair_with_the_row_without_each_lever_and_with_the_rag_rows()
         ("rag_bm25_near+bf16", "store_near+w32+bf16"),
         ("rag_bm25_near", "store_near"),
         ("store_near+w32+i32", "store_near+w32"),  # what each store-only lever adds
+        ("store_near+w32+i32", "store_near"),  # and both together
         ("rag_bm25_near", "store_near+w32+i32"),
     ):
         assert pairs[(a, b)] == pytest.approx(mean_diff(a, b)), (a, b)
