@@ -53,6 +53,7 @@ import faiss
 import numpy as np
 import torch
 
+from memstack.evals.longcontext import load_heads
 from memstack.evals.retrieval import (
     STORE_HEADS,
     TOKENS,
@@ -133,11 +134,10 @@ def eval_attention(
                     )
                     by_heads[i].append(ranking)
                     seconds_heads[i] += seconds
-        for sample, rankings, seconds in zip(group, by_heads, seconds_heads, strict=True):
-            if not heads:
-                break
-            fused = reciprocal_rank_fusion(rankings)[:DEPTH]
-            rows.setdefault(f"fused/{STORE_HEADS}", []).append(_row(fused, sample, seconds, bytes_heads))
+        if heads:
+            for sample, rankings, seconds in zip(group, by_heads, seconds_heads, strict=True):
+                fused = reciprocal_rank_fusion(rankings)[:DEPTH]
+                rows.setdefault(f"fused/{STORE_HEADS}", []).append(_row(fused, sample, seconds, bytes_heads))
     return rows
 
 
@@ -164,14 +164,15 @@ def attention_system(
 
 
 def store_heads(spec: str, keyer: AttentionKeyer) -> dict[int, tuple[int, ...]]:
-    """``--heads``: ``"layer.head,..."`` or the ``heads.json`` that ``eval_smollm2.py
-    --calibrate`` writes (its ``heads`` field), checked against the model's layers and query heads."""
+    """``--heads``: ``"layer.head,..."``, or the calibration ``eval_smollm2.py --calibrate`` wrote
+    (its folder, as eval_ruler's ``--heads`` takes it, or its ``heads.json``), checked against the
+    model's layers and query heads."""
     path = Path(spec)
-    if path.suffix == ".json":
+    if path.is_dir() or path.name == "heads.json":
         try:
-            spec = json.loads(path.read_text())["heads"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            sys.exit(f"error: --heads {path}: cannot read a calibration's heads field from it ({e})")
+            spec = load_heads(path if path.is_dir() else path.parent)
+        except (OSError, ValueError, KeyError) as e:
+            sys.exit(f"error: --heads {path}: cannot read a calibration's heads from it ({e})")
     try:
         heads = parse_heads(spec)
     except ValueError as e:
@@ -369,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--heads",
         help="with --hf-model: also the store's own search on these query heads (store_heads): "
-        '"layer.head,..." or a heads.json from eval_smollm2.py --calibrate',
+        '"layer.head,..." or the folder (or heads.json) of eval_smollm2.py --calibrate',
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "retrieval_bench.json")
