@@ -15,7 +15,10 @@ Same text, same fixed chunks, same questions for every system (``memstack/retrie
   ``eval_smollm2.py --calibrate``'s ``heads.json``): every token's key, every question token
   searching, a chunk scoring its best pair summed over a layer's named heads, the layers' rankings
   fused by reciprocal rank, as ``StoreConfig(strategy="every_token", layers="heads",
-  query_pool="max")`` with the ``tokens`` readout searches;
+  query_pool="max")`` with the ``tokens`` readout searches; ``--segment-prefix TEXT`` reads every
+  segment (and question) after TEXT, kept out of the index, as the store's ``keep_initial`` keeps a
+  prompt's first tokens in view and unsearched: a segment read alone has its attention sink in its
+  first chunk, whose keys every query matches;
 - ``minilm_dense``: all-MiniLM-L6-v2 sentence embeddings (sentence-transformers: mean-pooled,
   normalised), cosine;
 - ``bm25``: bm25s over lower-cased words, English stop words removed, no stemming.
@@ -94,21 +97,24 @@ def eval_attention(
     cache: dict,
     question_context: int = 0,
     heads: dict[int, tuple[int, ...]] | None = None,
+    prefix: str = "",
 ) -> dict:
     """Per layer, strategy, metric and head, one metric row per sample. ``cache``: segment text -> keys.
     ``question_context``: the question is read after the text's last that many characters (and a
     newline), as it would end a prompt; 0 reads it alone. ``heads`` (layer -> query heads, as
     ``StoreConfig.heads`` parses them): also the store's own search on them, variant
     ``fused/store_heads`` (:data:`STORE_HEADS`): each layer ranked by :func:`rank_by_heads` to
-    :data:`DEPTH`, the layers fused as the store fuses its top ``k``."""
+    :data:`DEPTH`, the layers fused as the store fuses its top ``k``. ``prefix``: read before every
+    segment and before the question (and its context), out of the index
+    (:meth:`AttentionKeyer.segments`), as the store keeps a prompt's first tokens in view."""
     per_segment = segment_len // keyer.chunk_len
     rows: dict[str, list[dict]] = {}
     for group in _same_text(samples):
         texts = segment_texts(group[0].text, segment_len)
         missing = list(dict.fromkeys(t for t in texts if t not in cache))
-        for t, keys in zip(missing, keyer.segments(missing), strict=True):
+        for t, keys in zip(missing, keyer.segments(missing, prefix), strict=True):
             cache[t] = keys
-        context = group[0].text[-question_context:] + "\n" if question_context else ""
+        context = prefix + (group[0].text[-question_context:] + "\n" if question_context else "")
         asked = [keyer.question(sample.question, context) for sample in group]
         per_head = [keyer.question_heads(sample.question, context) for sample in group] if heads else []
         by_heads: list[list[list[int]]] = [[] for _ in group]  # per sample, per heads' layer, a ranking
@@ -157,10 +163,11 @@ def attention_system(
     segment_len: int,
     question_context: int,
     heads: dict[int, tuple[int, ...]] | None = None,
+    prefix: str = "",
 ) -> Callable[[list[Sample]], dict]:
     """An attention system's run over one task, with its own key cache (freed after the task: a 1M
     haystack's keys at every layer of a real LM are gigabytes)."""
-    return lambda samples: eval_attention(keyer, samples, segment_len, {}, question_context, heads)
+    return lambda samples: eval_attention(keyer, samples, segment_len, {}, question_context, heads, prefix)
 
 
 def store_heads(spec: str, keyer: AttentionKeyer) -> dict[int, tuple[int, ...]]:
@@ -368,6 +375,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="attention systems read each question after the text's last N characters (0: alone)",
     )
     p.add_argument(
+        "--segment-prefix",
+        default="",
+        help="attention systems read every segment and question after this text, kept out of the "
+        "index (the store's keep_initial: the prompt's first tokens in view, the sink out of the search)",
+    )
+    p.add_argument(
         "--heads",
         help="with --hf-model: also the store's own search on these query heads (store_heads): "
         '"layer.head,..." or the folder (or heads.json) of eval_smollm2.py --calibrate',
@@ -407,7 +420,9 @@ def main(argv: list[str] | None = None) -> dict:
             keyer, info[name] = causal_system(
                 args.tiny_text if name == "tiny_text" else args.tiny_passkey, args.chunk_len
             )
-            systems[name] = attention_system(keyer, args.segment_len, args.question_context)
+            systems[name] = attention_system(
+                keyer, args.segment_len, args.question_context, prefix=args.segment_prefix
+            )
         elif name in ("minilm_attention", "hf_model"):
             if name == "hf_model" and args.hf_model is None:
                 sys.exit("error: system hf_model needs --hf-model PATH (a local causal LM checkpoint)")
@@ -416,7 +431,9 @@ def main(argv: list[str] | None = None) -> dict:
             heads = store_heads(args.heads, keyer) if name == "hf_model" and args.heads else None
             if heads:
                 info[name]["store_heads"] = args.heads
-            systems[name] = attention_system(keyer, args.segment_len, args.question_context, heads)
+            systems[name] = attention_system(
+                keyer, args.segment_len, args.question_context, heads, args.segment_prefix
+            )
         elif name == "minilm_dense":
             st = require("sentence_transformers").SentenceTransformer(str(minilm_path()), device="cpu")
             info[name] = {"parameters": sum(p.numel() for p in st.parameters()), "model": "all-MiniLM-L6-v2"}

@@ -143,27 +143,30 @@ def test_rank_by_heads_is_the_best_query_key_pair_summed_over_the_named_heads():
     assert rank_by_heads(keys, token_chunk, queries, heads, group, depth=100)[0] == expected
 
 
-def test_store_heads_variant_fuses_each_layers_named_heads_over_segments_read_alone():
+@pytest.mark.parametrize("prefix", ["", "Read on.\n"])
+def test_store_heads_variant_fuses_each_layers_named_heads_over_segments_read_alone(prefix: str):
     """bench_retrieval's ``fused/store_heads`` against brute force from the reader: each
-    16-character segment read on its own, per layer every chunk's best (question token, key
-    token) pair over the named heads, the layers fused by 1 / (1 + rank). One sample per chunk,
-    each with that chunk relevant, so the reciprocal ranks give back the whole fused ranking."""
+    16-character segment read on its own (after ``prefix``, whose tokens are not keyed, and so is
+    the question), per layer every chunk's best (question token, key token) pair over the named
+    heads, the layers fused by 1 / (1 + rank). One sample per chunk, each with that chunk
+    relevant, so the reciprocal ranks give back the whole fused ranking."""
     eval_attention = runpy.run_path(str(ROOT / "scripts" / "bench_retrieval.py"))["eval_attention"]
     keyer = AttentionKeyer(AttentionReader(_tiny_llama()), byte_tokenize, chunk_len=8)
     text, question = TEXT[:48], "where does the fox run?"
     samples = [Sample(text, question, {c}) for c in range(6)]
     heads = {0: (1,), 1: (0, 1, 3)}
-    rows = eval_attention(keyer, samples, 16, {}, 0, heads)["fused/store_heads"]
+    rows = eval_attention(keyer, samples, 16, {}, 0, heads, prefix)["fused/store_heads"]
     got = [round(1 / r["mrr"]) for r in rows]
-    q_views = keyer.reader(*byte_tokenize([question])[:2])
+    q_views = keyer.reader(*byte_tokenize([prefix + question])[:2])
+    p = len(prefix)
     per_layer = []
     for layer, hs in heads.items():
         best: dict[int, float] = {}
         for start in range(0, len(text), 16):
-            key = keyer.reader(*byte_tokenize([text[start : start + 16]])[:2])[layer].key[0]
+            key = keyer.reader(*byte_tokenize([prefix + text[start : start + 16]])[:2])[layer].key[0]
             for i in range(16):
                 for qi in range(len(question)):
-                    s = sum(float(q_views[layer].query[0, h, qi] @ key[h // 2, i]) for h in hs)
+                    s = sum(float(q_views[layer].query[0, h, p + qi] @ key[h // 2, p + i]) for h in hs)
                     best[(start + i) // 8] = max(best.get((start + i) // 8, -math.inf), s)
         per_layer.append(sorted(best, key=lambda c: (-best[c], c)))
     fused: dict[int, float] = {}
@@ -255,6 +258,28 @@ def test_keyer_indexes_each_chunk_with_the_library_strategies():
     pooled, per_token = keyer.question("what is it?")[0]
     assert pooled.shape == (16,) and per_token.shape == (11, 16)
     np.testing.assert_allclose(per_token.mean(0), pooled, rtol=1e-4, atol=1e-5)
+
+
+def test_keyer_prefix_is_read_but_not_keyed_and_a_token_across_its_end_is_dropped():
+    """A segment read after a prefix: its token keys are the joint forward's keys at the segment's
+    own positions, chunks counted from the segment's start; a token whose span starts inside the
+    prefix and ends past it (a BPE merge across the boundary) belongs to neither."""
+    model = _tiny_llama()
+    prefix, text = "Read on.\n", "the fox jumps over"
+
+    def merging(texts):  # byte tokens, except that the prefix's last byte claims the next one too
+        ids, mask, offsets = byte_tokenize(texts)
+        for row in offsets:
+            row[len(prefix) - 1] = (len(prefix) - 1, len(prefix) + 1)
+            row[len(prefix)] = (len(prefix) + 1, len(prefix) + 1)
+        return ids, mask, offsets
+
+    keyer = AttentionKeyer(AttentionReader(model), merging, chunk_len=8)
+    tokens, token_chunk = keyer.segments([text], prefix)[0][1].tokens
+    key = keyer.reader(*byte_tokenize([prefix + text])[:2])[1].key[0]  # (H_kv, T, D)
+    own = list(range(len(prefix) + 1, len(prefix) + len(text)))  # the text's first byte is dropped
+    np.testing.assert_allclose(tokens, key[:, own].permute(1, 0, 2).reshape(len(own), -1).numpy(), rtol=1e-5)
+    assert token_chunk.tolist() == [(i - len(prefix)) // 8 for i in own]
 
 
 def test_question_read_after_context_pools_its_own_tokens_only():

@@ -414,16 +414,24 @@ class AttentionKeyer:
     def __init__(self, reader: AttentionReader, tokenize: Tokenize, chunk_len: int, batch_size: int = 32):
         self.reader, self.tokenize, self.chunk_len, self.batch_size = reader, tokenize, chunk_len, batch_size
 
-    def segments(self, texts: Sequence[str]) -> list[list[SegmentKeys]]:
-        """Per segment text, per layer, its :class:`SegmentKeys` (chunk indices local to the segment)."""
+    def segments(self, texts: Sequence[str], prefix: str = "") -> list[list[SegmentKeys]]:
+        """Per segment text, per layer, its :class:`SegmentKeys` (chunk indices local to the segment).
+
+        ``prefix``: read before every segment and kept out of its keys, as the store's
+        ``keep_initial`` keeps a prompt's first tokens in view of every segment and out of its
+        search; the prefix then holds the attention sink, which otherwise is the segment's first
+        token, a key every query matches (a token that straddles the prefix's end is dropped).
+        """
         out: list[list[SegmentKeys]] = []
         for lo in range(0, len(texts), self.batch_size):
             batch = texts[lo : lo + self.batch_size]
-            ids, mask, offsets = self.tokenize(batch)
+            ids, mask, offsets = self.tokenize([prefix + t for t in batch])
             views = self.reader(ids, mask)
             for row, text in enumerate(batch):
                 n_chunks = math.ceil(len(text) / self.chunk_len)
-                spans = token_chunk_spans(offsets[row], self.chunk_len, n_chunks)
+                p = len(prefix)
+                own = [(a - p, b - p) if b > a >= p else (0, 0) for a, b in offsets[row]]
+                spans = token_chunk_spans(own, self.chunk_len, n_chunks)
                 out.append([self._key_row(v, row, spans) for v in views])
         return out
 
