@@ -389,6 +389,19 @@ def test_benchmark_tables_match_their_json():
             3,
             "store_heads",
         ),
+        # each segment's attention sink kept out of the keys (--segment-prefix): every row
+        (
+            "results/smollm2_retrieval/store_heads_prefix/retrieval_bench.json",
+            ["facts", "passkey_32K", "passkey_128K", "kv_32K"],
+            20,
+            "",
+        ),
+        (
+            "results/smollm2_retrieval/store_heads_prefix_seg8192/retrieval_bench.json",
+            ["facts", "passkey_32K", "kv_32K"],
+            12,
+            "",
+        ),
     ],
 )
 def test_retrieval_tables_match_their_json(path, order, min_rows, keep):
