@@ -397,6 +397,12 @@ def test_benchmark_tables_match_their_json():
             "",
         ),
         (
+            "results/smollm2_retrieval/store_heads_prefix/other_prefix.json",
+            ["facts", "passkey_32K", "kv_32K"],
+            12,
+            "",
+        ),
+        (
             "results/smollm2_retrieval/store_heads_prefix_seg8192/retrieval_bench.json",
             ["facts", "passkey_32K", "kv_32K"],
             12,
