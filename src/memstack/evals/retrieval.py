@@ -423,13 +423,13 @@ class AttentionKeyer:
         token, a key every query matches (a token that straddles the prefix's end is dropped).
         """
         out: list[list[SegmentKeys]] = []
+        p = len(prefix)
         for lo in range(0, len(texts), self.batch_size):
             batch = texts[lo : lo + self.batch_size]
             ids, mask, offsets = self.tokenize([prefix + t for t in batch])
             views = self.reader(ids, mask)
             for row, text in enumerate(batch):
                 n_chunks = math.ceil(len(text) / self.chunk_len)
-                p = len(prefix)
                 own = [(a - p, b - p) if b > a >= p else (0, 0) for a, b in offsets[row]]
                 spans = token_chunk_spans(own, self.chunk_len, n_chunks)
                 out.append([self._key_row(v, row, spans) for v in views])
