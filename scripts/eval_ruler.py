@@ -27,6 +27,12 @@ float32) and the rows are recorded as ``<row>+bf16``: a row of its own, faster o
 matrix units (one 16K store prompt here: 33 s against 46 s), the way to fit 32K on 2 cores.
 ``bare+bf16`` − ``bare`` (paired at 4K) measures what the precision alone changes.
 
+With ``--device cuda`` the model (and the tuned rows' stack) runs on the GPU and autocast is
+CUDA's; the store's FAISS index and MiniLM stay on the CPU. The rows keep their names: the same
+computation on another machine, which may break a greedy tie differently. Each record names its
+``device`` (records without one are from the CPU). The rows that read whole 16K-32K prompts take
+40-100 s each on 2 CPU cores, hours per row; this is the way to finish the tables on a GPU.
+
 With ``--top-k N`` (default 4) the store and RAG rows retrieve ``N`` chunks instead of 4 (with
 neighbours, up to ``3N``) and are recorded as ``<row>+kN``: a lever for the tasks with several
 needles, where one question's hits serve them all (multi-query). The budget grows with it, so
@@ -402,6 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--heads", type=Path, default=HEADS, help="the folder of heads.json (calibrated heads)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bf16", action="store_true", help="run under bf16 autocast; rows recorded as <row>+bf16")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where the model runs (default cpu)")
     p.add_argument(
         "--top-k",
         type=int,
@@ -446,6 +453,14 @@ def main(argv: list[str] | None = None) -> dict:
         if other and changed:
             p.error(f"{flag} applies to the store rows ({', '.join(STORE_ROWS)}), not to {', '.join(other)}")
     try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r}: expected cpu or cuda[:N]")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device!r}: expected cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch.cuda.is_available() is False on this machine; use cpu")
+    try:
         heads = load_heads(args.heads)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
@@ -463,6 +478,7 @@ def main(argv: list[str] | None = None) -> dict:
     from memstack.pretrained import smollm2
 
     model, hf_tok = smollm2()
+    model.to(device)
     tok = HFTokenizer(hf_tok)
     rows = Rows(model, heads, args.segment, args.run, args.top_k, args.window, args.keep_initial)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -485,7 +501,7 @@ def main(argv: list[str] | None = None) -> dict:
                         continue
                     s = make_sample(task, tok, length, sample_seed("ruler", args.seed, task, length, i))
                     t0 = time.perf_counter()
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                         out = run_row(
                             row, s, tok, model, rows, scorers, task, hf_tok.eos_token_id, args.top_k
                         )
@@ -499,6 +515,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "output": text,
                         "score": score(text, s.answers),
                         "seconds": round(time.perf_counter() - t0, 2),
+                        "device": device.type,
                     }
                     with log.open("a") as f:
                         f.write(json.dumps(rec) + "\n")

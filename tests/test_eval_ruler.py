@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from memstack.data.tokenizer import load_tokenizer
 from memstack.evals.ruler import make_sample
@@ -199,7 +200,7 @@ def test_bf16_rows_sort_after_their_float32_row_and_pair_with_it():
     assert ("store+bf16", "bare") not in pairs
 
 
-def test_argument_errors_come_before_the_model_loads(tmp_path, capsys):
+def test_argument_errors_come_before_the_model_loads(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         eval_ruler.main(["--rows", "tuned", "--out", str(tmp_path)])
     assert e.value.code == 2 and "tuned needs --run DIR" in capsys.readouterr().err
@@ -209,6 +210,15 @@ def test_argument_errors_come_before_the_model_loads(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         eval_ruler.main(["--tasks", "niah_single_9"])
     assert e.value.code == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, why in (
+        ("gpu", "expected cpu or cuda[:N]"),
+        ("mps", "expected cpu or cuda[:N]"),
+        ("cuda", "is False"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            eval_ruler.main(["--device", device, "--out", str(tmp_path)])
+        assert e.value.code == 2 and why in capsys.readouterr().err, device
 
 
 def test_top_k_suffix_rows_sort_after_their_row_pair_among_themselves_and_refuse_fixed_rows(capsys):

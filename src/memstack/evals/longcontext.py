@@ -192,9 +192,9 @@ class Rows:
     """The stack of each row of :data:`ROWS`, for a loop over rows: one stack wrapped at a time
     around ``model`` (``stack("bare")`` unwraps it and returns None); the tuned rows' stack is the
     latest checkpoint of the training run ``run`` (``configs/smollm2_passkey.py``), on a model of
-    its own, loaded when first asked for. ``top_k``, ``window`` and ``initial``: the hits, the
-    searching queries and the prompt's first tokens kept in view of the untrained store rows
-    (:func:`stack_config`; the tuned rows keep their run's)."""
+    its own, loaded when first asked for and moved to ``model``'s device. ``top_k``, ``window``
+    and ``initial``: the hits, the searching queries and the prompt's first tokens kept in view of
+    the untrained store rows (:func:`stack_config`; the tuned rows keep their run's)."""
 
     def __init__(
         self,
@@ -219,7 +219,8 @@ class Rows:
             if self.tuned is None:
                 from memstack.train.evaluate import load_run  # the training package imports this one
 
-                self.tuned = load_run(self.run)[1]
+                # on the wrapped model's device, whatever the run's config said
+                self.tuned = load_run(self.run)[1].to(next(self.model.parameters()).device)
             return self.tuned
         if row not in ROWS:
             raise ValueError(f"unknown row {row!r}; expected one of {', '.join(ROWS)}")
