@@ -2,6 +2,7 @@
 
     python scripts/eval_smollm2.py --lengths 4096 16384 --samples 20 --rows bare off store
     python scripts/eval_smollm2.py --calibrate          # choose the retrieval heads (about 30 s)
+    python scripts/eval_smollm2.py --calibrate --calibrate-by search --out results/smollm2_search_heads
     python scripts/eval_smollm2.py --run runs/smollm2_passkey --rows tuned tuned_off --lengths 32768
     python scripts/eval_smollm2.py --run runs/smollm2_passkey --heldout   # text loss before/after
 
@@ -30,7 +31,12 @@ that follow. Rows:
 
 ``--chat`` puts every prompt through SmolLM2's chat template (the text and question as the user's
 message, "The pass key is" opening the assistant's reply); its cells are filed under the filler
-``synthetic+chat`` or ``text+chat``. ``--heldout`` measures the ``--run`` stack's loss on held-out
+``synthetic+chat`` or ``text+chat``. ``--calibrate`` ranks every head on 12 synthetic needles in
+Python's language reference and writes the best ``--top-heads`` to ``<out>/heads.json``: by the
+attention the question pays the needle (``--calibrate-by attention``, the default:
+``memstack.evals.heads.retrieval_heads``), or by how well each head's own position-free search,
+the store's, finds the needle's chunk (``search``: ``memstack.evals.heads.search_heads``, about 2
+minutes). ``--heldout`` measures the ``--run`` stack's loss on held-out
 text before and after training (``heldout.json``).
 
 Results append to ``<out>/passkey.jsonl`` one prompt per line (a rerun skips what is there, so a
@@ -164,6 +170,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=10_000)
     p.add_argument("--past-window", action="store_true", help="run `bare` past 8,192 tokens too")
     p.add_argument("--calibrate", action="store_true", help="find the retrieval heads, write heads.json")
+    p.add_argument(
+        "--calibrate-by",
+        choices=["attention", "search"],
+        default="attention",
+        help="--calibrate: rank heads by attention share on the needle, or by their own search's MRR",
+    )
     p.add_argument("--top-heads", type=int, default=8)
     p.add_argument("--run", type=Path, help="a configs/smollm2_passkey.py run: the tuned rows' weights")
     p.add_argument(
@@ -196,16 +208,20 @@ def main(argv: list[str] | None = None) -> dict:
     tok = HFTokenizer(hf_tok)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.calibrate:
-        from memstack.evals.heads import heads_spec, retrieval_heads
+        from memstack.evals.heads import heads_spec, retrieval_heads, search_heads
 
         t0 = time.perf_counter()
-        scores = retrieval_heads(model, hf_tok, prompts=12, length=1536)
+        by_search = args.calibrate_by == "search"
+        scores = (search_heads if by_search else retrieval_heads)(model, hf_tok, prompts=12, length=1536)
+        metric = "mrr" if by_search else "share"
         result = {
             "heads": heads_spec(scores, args.top_heads),
-            "top": [{"layer": s.layer, "head": s.head, "share": s.share} for s in scores[:20]],
+            "by": args.calibrate_by,
+            "top": [{"layer": s.layer, "head": s.head, metric: s.score} for s in scores[:20]],
             "prompts": 12,
             "length": 1536,
             "seconds": time.perf_counter() - t0,
+            "command": "python scripts/eval_smollm2.py " + " ".join(argv),
         }
         write_json(args.out / "heads.json", result)
         print(f"retrieval heads: {result['heads']} ({result['seconds']:.0f} s)")

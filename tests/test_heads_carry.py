@@ -6,6 +6,7 @@ the unwrapped model on explicitly concatenated ids, and eager attention maps."""
 from __future__ import annotations
 
 import copy
+import math
 import re
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from memstack import MemoryStack, StackConfig
 from memstack.config import StoreConfig
 from memstack.data.tokenizer import ByteTokenizer
-from memstack.evals.heads import calibration_prompt, heads_spec, retrieval_heads
+from memstack.evals.heads import QUESTION, calibration_prompt, heads_spec, retrieval_heads, search_heads
 from memstack.memory.carry import CarryConfig
 from memstack.memory.store.keys import chunk_keys
 from memstack.memory.store.kind import _best_distinct, parse_heads
@@ -600,13 +601,62 @@ def test_retrieval_heads_equal_eager_attention_shares():
     assert len(scores) == 2 * H
     assert sorted((s.layer, s.head) for s in scores) == [(la, h) for la in range(2) for h in range(H)]
     for s in scores:
-        assert s.share == pytest.approx(float(mean[s.layer, s.head]), abs=1e-6)
+        assert s.score == pytest.approx(float(mean[s.layer, s.head]), abs=1e-6)
     order = mean.flatten().argsort(descending=True)
     assert [(s.layer, s.head) for s in scores] == [(int(i) // H, int(i) % H) for i in order]
     top = sorted([(int(i) // H, int(i) % H) for i in order[:2]])
     assert heads_spec(scores, 2) == ",".join(f"{la}.{h}" for la, h in top)
     with pytest.raises(ValueError):
         heads_spec(scores, 0)
+
+
+def test_search_heads_rank_each_heads_own_search_by_the_needles_reciprocal_rank():
+    """Brute force here: Q and K from each layer's input through its own projections, every
+    query head's last ``window`` queries against its KV head's keys after the first chunk, a
+    chunk's best product, the reciprocal rank of the first chunk with a code token."""
+    model = tiny_llama(seed=4)
+    tok = ByteTokenizer()
+    length, prompts, seed, window, chunk = 240, 3, 2, 8, 8
+    scores = search_heads(
+        model, tok, prompts=prompts, length=length, window=window, chunk_len=chunk, seed=seed
+    )
+    assert model.config._attn_implementation == "sdpa"  # left as it was
+    inputs: dict[int, torch.Tensor] = {}
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.register_forward_hook(
+            lambda _m, _a, kw, _o, i=i: inputs.__setitem__(i, kw["hidden_states"]), with_kwargs=True
+        )
+    question = len(tok.encode(" " + QUESTION))
+    total = torch.zeros(2, H, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(prompts):
+            ids, (a, e) = calibration_prompt(tok, length, 0.05 + 0.9 * i / (prompts - 1), seed + i)
+            model(torch.tensor([ids]))
+            end = length - question
+            for layer in range(2):
+                attn, h = model.model.layers[layer].self_attn, inputs[layer][0]
+                q = attn.q_proj(h).view(length, H, D)
+                k = attn.k_proj(h).view(length, H_KV, D)
+                for head in range(H):
+                    best: dict[int, float] = {}
+                    for t in range(chunk, end):
+                        c = t // chunk - 1
+                        last = range(length - window, length)
+                        dot = max(float(q[u, head] @ k[t, head // GROUP]) for u in last)
+                        best[c] = max(best.get(c, -math.inf), dot)
+                    ranking = sorted(best, key=lambda c: (-best[c], c))
+                    needle = {t // chunk - 1 for t in range(a, e)}
+                    total[layer, head] += 1.0 / (1 + next(r for r, c in enumerate(ranking) if c in needle))
+    mean = total / prompts
+    assert len({round(float(m), 6) for m in mean.flatten()}) > 1  # the heads do differ here
+    assert sorted((s.layer, s.head) for s in scores) == [(la, h) for la in range(2) for h in range(H)]
+    for s in scores:
+        assert s.score == pytest.approx(float(mean[s.layer, s.head]), abs=1e-9)
+    assert [s.score for s in scores] == sorted((s.score for s in scores), reverse=True)
+    with pytest.raises(ValueError, match="first chunk"):
+        search_heads(model, tok, prompts=2, length=length, chunk_len=length // 2)
+    with pytest.raises(ValueError, match=">= 1"):
+        search_heads(model, tok, window=0)
 
 
 def test_store_near_row_is_the_store_row_reading_each_hits_neighbours():

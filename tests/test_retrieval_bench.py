@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import runpy
@@ -233,6 +234,21 @@ def test_reader_gives_position_free_qk_and_the_models_own_received_attention():
     w = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0) * mask[:, None, :, None]
     expected = w.sum(2).view(2, 2, 2, t).sum(2) * mask[:, None, :]
     torch.testing.assert_close(views[1].mass, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_reader_without_eager_reads_the_same_qk_and_keeps_the_models_attention():
+    model = _tiny_llama()
+    ids, mask, _ = byte_tokenize(["some words of text", "short"])
+    before = model.config._attn_implementation
+    plain = AttentionReader(model, eager=False)
+    assert model.config._attn_implementation == before != "eager"
+    got = plain.queries_and_keys(ids, mask)
+    views = AttentionReader(copy.deepcopy(model))(ids, mask)
+    for (q, k), v in zip(got, views, strict=True):
+        torch.testing.assert_close(q, v.query)
+        torch.testing.assert_close(k, v.key)
+    with pytest.raises(RuntimeError, match="eager=False"):
+        plain(ids, mask)
 
 
 def test_keyer_indexes_each_chunk_with_the_library_strategies():

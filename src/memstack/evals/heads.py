@@ -22,7 +22,9 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from einops import rearrange
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -35,11 +37,13 @@ QUESTION = "Which access code opens the archive? The access code for the archive
 
 @dataclass
 class HeadScore:
-    """One query head's mean attention share on the needle's value, over the calibration prompts."""
+    """One query head's calibration score, averaged over the calibration prompts:
+    :func:`retrieval_heads`' attention share on the needle's value, or :func:`search_heads`' mean
+    reciprocal rank of the needle's chunk."""
 
     layer: int
     head: int
-    share: float
+    score: float
 
     def __str__(self) -> str:
         return f"{self.layer}.{self.head}"
@@ -151,8 +155,81 @@ def retrieval_heads(
     finally:
         _recorded = None
         model.set_attn_implementation(previous)
-    mean = (total / prompts).cpu()
-    order = mean.flatten().argsort(descending=True)
+    return _ranked((total / prompts).cpu())
+
+
+@torch.no_grad()
+def search_heads(
+    model: Any,
+    tokenizer: Any,
+    *,
+    prompts: int = 8,
+    length: int = 1024,
+    window: int = 16,
+    chunk_len: int = 32,
+    seed: int = 0,
+) -> list[HeadScore]:
+    """Every (layer, query head) of ``model`` ranked by how well its own search, the one the
+    long-term store runs, finds a synthetic needle's chunk (mean reciprocal rank over ``prompts``
+    prompts at depths spread over [0.05, 0.95]; the prompts of :func:`retrieval_heads`).
+
+    :func:`retrieval_heads` scores the attention a head pays the needle in full attention, with
+    rotary positions; the store searches position-free keys (before rotary) with a few queries, so
+    a head can attend well and search badly. Here each head searches alone, as
+    ``StoreConfig(strategy="every_token", heads=..., query_pool="max")`` does: every token's key
+    before rotary, in ``chunk_len``-token chunks from the prompt's start up to the question; the
+    prompt's last ``window`` queries (the store's ``block_len``) at the head, each against the
+    keys of its KV head; a chunk scores its best (query, key) product. The prompt's first chunk
+    holds the attention sink, whose keys every query matches, and is left out of the search, as
+    the store's ``skip_initial`` leaves a prompt's first tokens out. A head's score for a prompt
+    is the reciprocal rank of the first chunk holding a token of the needle's code (ties go to the
+    earlier chunk).
+
+    Args:
+        model: a Hugging Face causal LM with ``q_proj``/``k_proj`` attention modules; unwrapped.
+        tokenizer: a :class:`~memstack.data.tokenizer.Tokenizer` or a transformers tokenizer.
+        prompts, length, seed: as in :func:`retrieval_heads`.
+        window: the question's last queries that search (the store's ``block_len``).
+        chunk_len: tokens per chunk (the store's ``chunk_len``).
+
+    Returns:
+        Every head, best first (ties in layer, head order).
+
+    Raises:
+        ValueError: ``prompts < 1``, a prompt too short, ``window`` or ``chunk_len`` below 1, or a
+            needle inside the first chunk (make ``length`` longer).
+    """
+    from memstack.evals.retrieval import AttentionReader, rank_by_heads, rank_metrics
+
+    if prompts < 1 or window < 1 or chunk_len < 1:
+        raise ValueError(f"prompts, window and chunk_len must be >= 1, got {prompts}, {window}, {chunk_len}")
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else HFTokenizer(tokenizer)
+    device = next(model.parameters()).device
+    reader = AttentionReader(model, eager=False)
+    group = reader.heads // reader.kv_heads
+    question = len(tok.encode(" " + QUESTION))
+    total = torch.zeros(reader.num_layers, reader.heads, dtype=torch.float64)
+    for i in range(prompts):
+        depth = 0.05 + 0.9 * i / max(1, prompts - 1)
+        ids, (a, e) = calibration_prompt(tok, length, depth, seed + i)
+        if a < chunk_len:
+            raise ValueError(f"prompt {i}'s needle is in the first chunk, not searched: raise length")
+        end = len(ids) - question
+        token_chunk = np.arange(chunk_len, end) // chunk_len - 1
+        relevant = {t // chunk_len - 1 for t in range(a, e)}
+        n_chunks = int(token_chunk[-1]) + 1  # the whole ranking: the reciprocal rank is exact
+        for layer, (q, k) in enumerate(reader.queries_and_keys(torch.tensor([ids], device=device))):
+            keys = rearrange(k[0, :, chunk_len:end].cpu(), "hkv t d -> t (hkv d)").numpy()
+            queries = q[0, :, -window:].cpu().numpy()
+            for h in range(reader.heads):
+                ranking, _ = rank_by_heads(keys, token_chunk, queries, [h], group, depth=n_chunks)
+                total[layer, h] += rank_metrics(ranking, relevant)["mrr"]
+    return _ranked(total / prompts)
+
+
+def _ranked(mean: torch.Tensor) -> list[HeadScore]:
+    """``(layers, heads)`` scores as :class:`HeadScore` s, best first (a stable sort: ties in order)."""
+    order = mean.flatten().argsort(descending=True, stable=True)
     heads = mean.shape[1]
     return [HeadScore(int(i) // heads, int(i) % heads, float(mean.flatten()[i])) for i in order]
 

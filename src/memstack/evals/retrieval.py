@@ -284,15 +284,18 @@ class AttentionReader:
     Llama-style modules (``q_proj``/``k_proj``) and BERT's (``query``/``key``) are recognised;
     where a module normalises Q and K (``q_norm``/``k_norm``: Qwen3, Gemma 3, OLMo 2) the norms'
     outputs are read, since those are what attention rotates. The model is switched to eager
-    attention, which returns the weights.
+    attention, which returns the weights; with ``eager=False`` it keeps its own attention and
+    only :meth:`queries_and_keys` reads it (no weights, no ``(T, T)`` map per layer).
 
     Raises:
         ValueError: the model has no attention module of either kind.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, eager: bool = True):
         self.model = model.eval()
-        model.set_attn_implementation("eager")
+        self.eager = eager
+        if eager:
+            model.set_attn_implementation("eager")
         cfg = model.config
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
@@ -320,7 +323,35 @@ class AttentionReader:
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[LayerView]:
-        """Run the model on ``(B, T)`` ids (``attention_mask`` 1 for real tokens) and read every layer."""
+        """Run the model on ``(B, T)`` ids (``attention_mask`` 1 for real tokens) and read every layer.
+
+        Raises:
+            RuntimeError: the reader was built with ``eager=False`` (no attention weights).
+        """
+        if not self.eager:
+            raise RuntimeError("this AttentionReader was built with eager=False: use queries_and_keys")
+        qk, out = self._read(input_ids, attention_mask, weights=True)
+        valid = attention_mask.float()
+        views = []
+        for (query, key), weights in zip(qk, out.attentions, strict=True):
+            received = reduce(weights.float() * valid[:, None, :, None], "b h q t -> b h t", "sum")
+            mass = reduce(received, "b (hkv g) t -> b hkv t", "sum", hkv=self.kv_heads)
+            views.append(LayerView(query, key, mass * valid[:, None, :]))
+        return views
+
+    @torch.no_grad()
+    def queries_and_keys(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer ``(query (B, H, T, D), key (B, H_kv, T, D))``, float32, before rotary, from one
+        forward under the model's current attention implementation."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self._read(input_ids, attention_mask, weights=False)[0]
+
+    def _read(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, weights: bool
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], object]:
         captured: dict[nn.Module, torch.Tensor] = {}
 
         def keep(module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
@@ -329,20 +360,18 @@ class AttentionReader:
 
         hooks = [proj.register_forward_hook(keep) for pair in self.projections for proj in pair]
         try:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=weights)
         finally:
             for h in hooks:
                 h.remove()
-        valid = attention_mask.float()
-        views = []
-        for (q_proj, k_proj), weights in zip(self.projections, out.attentions, strict=True):
-            q, k = captured[q_proj], captured[k_proj]
-            query = rearrange(q, "b t (h d) -> b h t d", h=self.heads)
-            key = rearrange(k, "b t (h d) -> b h t d", h=self.kv_heads)
-            received = reduce(weights.float() * valid[:, None, :, None], "b h q t -> b h t", "sum")
-            mass = reduce(received, "b (hkv g) t -> b hkv t", "sum", hkv=self.kv_heads)
-            views.append(LayerView(query, key, mass * valid[:, None, :]))
-        return views
+        qk = [
+            (
+                rearrange(captured[q_proj], "b t (h d) -> b h t d", h=self.heads),
+                rearrange(captured[k_proj], "b t (h d) -> b h t d", h=self.kv_heads),
+            )
+            for q_proj, k_proj in self.projections
+        ]
+        return qk, out
 
 
 # ---------------------------------------------------------------------------------------------
