@@ -408,6 +408,16 @@ def test_benchmark_tables_match_their_json():
             12,
             "",
         ),
+        # heads chosen by their own search (eval_smollm2.py --calibrate-by search): their rows
+        *(
+            (
+                f"results/smollm2_search_heads/{name}.json",
+                ["facts", "passkey_32K", "kv_32K"],
+                2,
+                "(`fused/store_heads`)",
+            )
+            for name in ("bench_prefix", "bench_other_prefix", "bench_seg8192")
+        ),
     ],
 )
 def test_retrieval_tables_match_their_json(path, order, min_rows, keep):
