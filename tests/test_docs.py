@@ -418,6 +418,12 @@ def test_benchmark_tables_match_their_json():
             )
             for name in ("bench_prefix", "bench_other_prefix", "bench_seg8192")
         ),
+        (
+            "results/smollm2_search_heads/bench_prefix_128K.json",
+            ["facts", "passkey_128K", "kv_32K"],
+            2,
+            "(`fused/store_heads`)",
+        ),
     ],
 )
 def test_retrieval_tables_match_their_json(path, order, min_rows, keep):
