@@ -35,7 +35,7 @@ message, "The pass key is" opening the assistant's reply); its cells are filed u
 Python's language reference and writes the best ``--top-heads`` to ``<out>/heads.json``: by the
 attention the question pays the needle (``--calibrate-by attention``, the default:
 ``memstack.evals.heads.retrieval_heads``), or by how well each head's own position-free search,
-the store's, finds the needle's chunk (``search``: ``memstack.evals.heads.search_heads``, about 2
+the store's, finds the needle's chunk (``search``: ``memstack.evals.heads.search_heads``, about 3
 minutes). ``--heldout`` measures the ``--run`` stack's loss on held-out
 text before and after training (``heldout.json``).
 

@@ -633,6 +633,8 @@ def test_search_heads_rank_each_heads_own_search_by_the_needles_reciprocal_rank(
             ids, (a, e) = calibration_prompt(tok, length, 0.05 + 0.9 * i / (prompts - 1), seed + i)
             model(torch.tensor([ids]))
             end = length - question
+            needle = {t // chunk - 1 for t in range(a, e)}
+            last = range(length - window, length)
             for layer in range(2):
                 attn, h = model.model.layers[layer].self_attn, inputs[layer][0]
                 q = attn.q_proj(h).view(length, H, D)
@@ -641,11 +643,9 @@ def test_search_heads_rank_each_heads_own_search_by_the_needles_reciprocal_rank(
                     best: dict[int, float] = {}
                     for t in range(chunk, end):
                         c = t // chunk - 1
-                        last = range(length - window, length)
                         dot = max(float(q[u, head] @ k[t, head // GROUP]) for u in last)
                         best[c] = max(best.get(c, -math.inf), dot)
                     ranking = sorted(best, key=lambda c: (-best[c], c))
-                    needle = {t // chunk - 1 for t in range(a, e)}
                     total[layer, head] += 1.0 / (1 + next(r for r, c in enumerate(ranking) if c in needle))
     mean = total / prompts
     assert len({round(float(m), 6) for m in mean.flatten()}) > 1  # the heads do differ here
