@@ -221,6 +221,18 @@ def test_argument_errors_come_before_the_model_loads(tmp_path, capsys, monkeypat
         assert e.value.code == 2 and why in capsys.readouterr().err, device
 
 
+def test_bf16_on_a_cpu_without_bf16_units_warns_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    for native, warned in ((False, True), (True, False)):
+        monkeypatch.setattr(eval_ruler, "cpu_has_bf16", lambda native=native: native)
+        with pytest.raises(SystemExit) as e:  # the missing heads stop it before the model loads
+            eval_ruler.main(["--bf16", "--rows", "store", "--heads", str(tmp_path), "--out", str(tmp_path)])
+        assert "heads.json is missing" in str(e.value)
+        assert ("without native bf16" in capsys.readouterr().err) is warned, native
+    monkeypatch.setattr(eval_ruler, "cpu_has_bf16", lambda: False)
+    assert eval_ruler.bf16_warning(torch.device("cpu"), bf16=False) is None
+    assert eval_ruler.bf16_warning(torch.device("cuda"), bf16=True) is None  # CUDA's autocast is its own
+
+
 def test_top_k_suffix_rows_sort_after_their_row_pair_among_themselves_and_refuse_fixed_rows(capsys):
     score = {
         "store_near+k16": [1.0, 1.0, 0.0],
