@@ -155,7 +155,9 @@ def test_store_heads_variant_fuses_each_layers_named_heads_over_segments_read_al
     keyer = AttentionKeyer(AttentionReader(_tiny_llama()), byte_tokenize, chunk_len=8)
     text, question = TEXT[:48], "where does the fox run?"
     samples = [Sample(text, question, {c}) for c in range(6)]
-    heads = {0: (1,), 1: (0, 1, 3)}
+    # heads whose per-layer maxima are apart by 0.1 or more: one head of layer 0 alone ties
+    # chunks exactly (the same byte pair wins in each), which float noise then orders either way
+    heads = {0: (0, 1, 3), 1: (1,)}
     rows = eval_attention(keyer, samples, 16, {}, 0, heads, prefix)["fused/store_heads"]
     got = [round(1 / r["mrr"]) for r in rows]
     q_views = keyer.reader(*byte_tokenize([prefix + question])[:2])
@@ -176,7 +178,7 @@ def test_store_heads_variant_fuses_each_layers_named_heads_over_segments_read_al
             fused[c] = fused.get(c, 0.0) + 1 / (1 + r)
     expected = sorted(fused, key=lambda c: (-fused[c], c))
     assert got == [expected.index(c) + 1 for c in range(6)]
-    # float32 keys of the KV heads the named heads read: at layer 0 head 0, at layer 1 heads 0 and 1
+    # float32 keys of the KV heads the named heads read: at layer 0 heads 0 and 1, at layer 1 head 0
     assert rows[0]["bytes_per_token"] == pytest.approx((1 + 2) * 8 * 4 * 48 / 48)
 
 
